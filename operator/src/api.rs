@@ -1,0 +1,516 @@
+//! Custom resources of `walden.dev/v1alpha1` (design §7).
+//!
+//! Validation that the schema can express (types, enums, formats, minimums,
+//! CEL rules) lives here, so `kubectl apply` rejects bad specs before the
+//! operator sees them. What the schema cannot check (cron syntax, a target
+//! outside the recovery window) the controllers report in a condition.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every Walden resource.
+pub const GROUP: &str = "walden.dev";
+
+/// Finalizer that lets the ContinuousBackup controller remove its injection
+/// from the target StatefulSet before the resource goes away.
+pub const CONTINUOUS_BACKUP_FINALIZER: &str = "walden.dev/injection";
+
+/// Protects an existing PostgreSQL StatefulSet: WAL archiving and scheduled
+/// base backups to object storage.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "walden.dev",
+    version = "v1alpha1",
+    kind = "ContinuousBackup",
+    namespaced,
+    shortname = "cb",
+    status = "ContinuousBackupStatus",
+    derive = "PartialEq",
+    doc = "Continuous protection of a PostgreSQL StatefulSet: WAL archiving and scheduled base backups.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Last Backup",
+        type_ = "date",
+        json_path = ".status.lastBackup.stopTime"
+    ),
+    printcolumn(
+        name = "Recoverable From",
+        type_ = "string",
+        json_path = ".status.firstRecoverabilityPoint"
+    ),
+    printcolumn(
+        name = "Archive Lag",
+        type_ = "date",
+        description = "Time since the last WAL segment was archived",
+        json_path = ".status.lastArchivedTime"
+    ),
+    printcolumn(
+        name = "Suspended",
+        type_ = "boolean",
+        json_path = ".spec.suspend",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ContinuousBackupSpec {
+    /// The PostgreSQL StatefulSet to protect.
+    pub target: TargetSpec,
+    /// Where the archive lives.
+    pub storage: StorageSpec,
+    /// zstd compression of WAL and base backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionSpec>,
+    /// Base backup schedule, standard five-field cron syntax (UTC), e.g. "0 3 * * *".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 9))]
+    pub schedule: Option<String>,
+    /// What to do when scheduled backups were missed (operator down): take one now, or skip to the next.
+    #[serde(default)]
+    pub missed_backup_policy: MissedBackupPolicy,
+    /// Which backups the archive keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+    /// PostgreSQL archive_timeout: the longest a committed transaction waits before its WAL is archived.
+    #[serde(default = "default_archive_timeout")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]*(s|min|h)$"))]
+    pub archive_timeout: String,
+    /// Pauses scheduled base backups. WAL archiving continues.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Resources of the walden sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+fn default_archive_timeout() -> String {
+    "60s".to_string()
+}
+
+/// The StatefulSet being protected.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSpec {
+    /// Name of the StatefulSet, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub stateful_set: String,
+    /// Name of the PostgreSQL container in its pod template.
+    #[serde(default = "default_container")]
+    pub container: String,
+    /// Data directory inside that container.
+    #[serde(default = "default_pgdata")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub pgdata: String,
+    /// Port PostgreSQL listens on.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Secret with "username" and "password" keys the sidecar uses to connect (base backups, status).
+    #[schemars(length(min = 1))]
+    pub credentials_secret: String,
+    /// User and group id the sidecar runs as: PGDATA's owner (999 in the official image).
+    #[serde(default = "default_uid")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: i64,
+    /// Take ownership of fields another field manager holds (e.g. the postgres container's args).
+    #[serde(default)]
+    pub force_conflicts: bool,
+}
+
+fn default_container() -> String {
+    "postgres".to_string()
+}
+fn default_pgdata() -> String {
+    "/var/lib/postgresql/data/pgdata".to_string()
+}
+fn default_port() -> i32 {
+    5432
+}
+fn default_uid() -> i64 {
+    999
+}
+
+/// Object storage holding the archive.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// An S3 or S3-compatible bucket.
+    pub s3: S3Spec,
+}
+
+/// An S3 location and how to authenticate to it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.credentials) != (has(self.workloadIdentity) && self.workloadIdentity)").message("set exactly one of credentials or workloadIdentity"))]
+pub struct S3Spec {
+    /// Bucket name.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// Key prefix of this archive inside the bucket; one database per prefix.
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^[^/].*[^/]$|^[^/]?$"))]
+    pub prefix: String,
+    /// AWS region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Custom endpoint for S3-compatible servers, e.g. "https://minio.storage:9000".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(url)]
+    pub endpoint: Option<String>,
+    /// Path-style addressing (most S3-compatible servers need it).
+    #[serde(default)]
+    pub path_style: bool,
+    /// Static credentials from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<S3Credentials>,
+    /// Use the pod's workload identity (IRSA, web identity) instead of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<bool>,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
+}
+
+/// Keys of a Secret holding static S3 credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Credentials {
+    /// Secret name, in the resource's namespace.
+    #[schemars(length(min = 1))]
+    pub secret: String,
+    #[serde(default = "default_access_key_id_key")]
+    pub access_key_id_key: String,
+    #[serde(default = "default_secret_access_key_key")]
+    pub secret_access_key_key: String,
+}
+
+fn default_access_key_id_key() -> String {
+    "AWS_ACCESS_KEY_ID".to_string()
+}
+fn default_secret_access_key_key() -> String {
+    "AWS_SECRET_ACCESS_KEY".to_string()
+}
+
+/// zstd settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompressionSpec {
+    /// zstd level, 1 (fastest) to 19 (smallest).
+    #[serde(default = "default_level")]
+    #[schemars(range(min = 1, max = 19))]
+    pub level: i32,
+}
+
+fn default_level() -> i32 {
+    3
+}
+
+/// Missed-run policy of the backup schedule.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum MissedBackupPolicy {
+    /// Take a single backup at once for all missed runs.
+    #[default]
+    RunOnce,
+    /// Wait for the next scheduled time.
+    Skip,
+}
+
+/// Which backups retention keeps.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.fullBackups) || has(self.recoveryWindow)").message("set fullBackups, recoveryWindow or both"))]
+pub struct RetentionSpec {
+    /// Number of full base backups to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub full_backups: Option<i32>,
+    /// Keep every point in this window restorable, e.g. "7d", "36h".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]*(h|d|w)$"))]
+    pub recovery_window: Option<String>,
+}
+
+/// The walden sidecar's resources.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Observed state of a ContinuousBackup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContinuousBackupStatus {
+    /// Ready, Archiving, BackupSucceeded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupInfo>,
+    /// The backup the operator started and is waiting for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_in_progress: Option<String>,
+    /// The scheduled time the last started backup stood for (missed-run bookkeeping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_backup_time: Option<DateTime<Utc>>,
+    /// Earliest time the archive can restore to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_recoverability_point: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_wal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_time: Option<DateTime<Utc>>,
+    /// The pod whose daemon reported role primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A completed base backup.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupInfo {
+    pub id: String,
+    pub start_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+}
+
+/// Where a Fork or Follower restores from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.continuousBackup) != has(self.storage)").message("set exactly one of continuousBackup or storage"))]
+pub struct SourceSpec {
+    /// A ContinuousBackup in this namespace; its storage and credentials are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuous_backup: Option<String>,
+    /// An archive given directly, e.g. one whose database is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+}
+
+/// Point to recover to. Absent: the end of the archive.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("[has(self.time), has(self.lsn), has(self.name)].filter(x, x).size() <= 1").message("set at most one recovery target: time, lsn or name"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.exclusive) || !self.exclusive || has(self.time) || has(self.lsn)").message("exclusive applies to a time or lsn target"))]
+pub struct RecoveryTarget {
+    /// Recover to this moment (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+    /// Recover to this WAL location, e.g. "0/3000060".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"))]
+    pub lsn: Option<String>,
+    /// Recover to a named restore point (pg_create_restore_point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: Option<String>,
+    /// Base backup to start from; alone, recovery ends at the end of the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{8}T[0-9]{6}Z.*$"))]
+    pub backup_id: Option<String>,
+    /// Stop just before the target instead of just after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive: Option<bool>,
+}
+
+/// The PostgreSQL instance a Fork or Follower runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSpec {
+    /// PostgreSQL image; its major version must match the archive's.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Size of each instance's data volume, e.g. "10Gi".
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub storage_size: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Resources of the postgres container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Resources of the walden sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_resources: Option<ResourceRequirements>,
+    /// Secret with "username" and "password" for the sidecar; defaults to the source ContinuousBackup's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// User and group id of the instance's processes (PGDATA's owner).
+    #[serde(default = "default_uid")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: i64,
+}
+
+/// A byte-for-byte clone of a database at a chosen moment, restored from its archive.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "walden.dev",
+    version = "v1alpha1",
+    kind = "Fork",
+    namespaced,
+    status = "ForkStatus",
+    derive = "PartialEq",
+    doc = "A clone of a database at a chosen point, restored from its archive (read-only on the source).",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Service", type_ = "string", json_path = ".status.service"),
+    printcolumn(
+        name = "Recovered To",
+        type_ = "string",
+        json_path = ".status.recoveredToLsn"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkSpec {
+    pub source: SourceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<RecoveryTarget>,
+    pub instance: InstanceSpec,
+}
+
+/// Lifecycle of a Fork.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ForkPhase {
+    /// Objects created (or waiting for the source); the pod has not started restoring.
+    #[default]
+    Pending,
+    /// `walden restore` is downloading the base backup.
+    Restoring,
+    /// PostgreSQL is replaying WAL towards the target.
+    Recovering,
+    /// Recovery finished; the Service accepts connections.
+    Ready,
+    /// The fork cannot reach its target; see the conditions.
+    Failed,
+}
+
+/// Observed state of a Fork.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkStatus {
+    #[serde(default)]
+    pub phase: ForkPhase,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from_backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_to_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_to_time: Option<DateTime<Utc>>,
+    /// Service to connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Streaming replication on top of archive recovery.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamingSpec {
+    /// Secret holding the primary_conninfo string (it may contain a password).
+    #[schemars(length(min = 1))]
+    pub primary_conninfo_secret: String,
+    #[serde(default = "default_conninfo_key")]
+    pub key: String,
+}
+
+fn default_conninfo_key() -> String {
+    "primary_conninfo".to_string()
+}
+
+/// Read-only replicas bootstrapped from an archive that keep following it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "walden.dev",
+    version = "v1alpha1",
+    kind = "Follower",
+    namespaced,
+    status = "FollowerStatus",
+    derive = "PartialEq",
+    doc = "Read-only replicas that follow an archive (and optionally stream from the primary).",
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Promoted", type_ = "boolean", json_path = ".status.promoted"),
+    printcolumn(name = "Service", type_ = "string", json_path = ".status.service")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowerSpec {
+    pub source: SourceSpec,
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 32))]
+    pub replicas: i32,
+    /// Optional primary_conninfo; the archive is always the fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<StreamingSpec>,
+    pub instance: InstanceSpec,
+    /// Promote to a standalone primary (manual failover). Needs replicas = 1.
+    #[serde(default)]
+    pub promote: bool,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// Replay position of one follower pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
+}
+
+/// Observed state of a Follower.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowerStatus {
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+    #[serde(default)]
+    pub promoted: bool,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The CRDs as YAML documents, what `walden-operator crdgen` prints and `crds/` holds.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let mut out = String::new();
+    for crd in [ContinuousBackup::crd(), Fork::crd(), Follower::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", walden_operator::api::crds_yaml().unwrap());
+}

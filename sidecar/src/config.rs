@@ -1,0 +1,106 @@
+//! Settings every command shares, from flags and their environment variables.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::object::SealOptions;
+use crate::retry::RetryPolicy;
+use crate::storage::{self, ReadOnly, S3Settings, Storage, StorageError};
+
+/// Storage, compression and retry settings (flags override the variables).
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Where the archive lives: s3://bucket/prefix or file:///path
+    #[arg(long, env = "WALDEN_STORAGE", value_name = "URL", global = true)]
+    pub storage: Option<String>,
+
+    /// S3 endpoint for S3-compatible servers, e.g. http://127.0.0.1:9000
+    #[arg(long, env = "WALDEN_S3_ENDPOINT", value_name = "URL", global = true)]
+    pub s3_endpoint: Option<String>,
+
+    /// Use path-style S3 addressing (most S3-compatible servers need it)
+    #[arg(long, env = "WALDEN_S3_PATH_STYLE", global = true)]
+    pub s3_path_style: bool,
+
+    /// Size of the parts of a multipart S3 upload, in MiB (at least 5)
+    #[arg(
+        long,
+        env = "WALDEN_S3_PART_SIZE_MB",
+        default_value_t = 8,
+        value_name = "MIB",
+        global = true
+    )]
+    pub s3_part_size_mb: usize,
+
+    /// zstd compression level (1 = fastest, 19 = smallest)
+    #[arg(long, env = "WALDEN_COMPRESSION_LEVEL", default_value_t = 1, value_name = "LEVEL",
+          value_parser = clap::value_parser!(i32).range(1..=22), global = true)]
+    pub compression_level: i32,
+
+    /// Retries of a storage operation after a transient error (network, timeout, 5xx)
+    #[arg(
+        long,
+        env = "WALDEN_RETRIES",
+        default_value_t = 4,
+        value_name = "N",
+        global = true
+    )]
+    pub retries: u32,
+
+    /// Delay before the first retry in milliseconds; doubles each time, at most 10 s
+    #[arg(
+        long,
+        env = "WALDEN_RETRY_DELAY_MS",
+        default_value_t = 200,
+        value_name = "MS",
+        global = true
+    )]
+    pub retry_delay_ms: u64,
+
+    /// Refuse every write to storage (forks and followers reading a source archive)
+    #[arg(long, env = "WALDEN_READ_ONLY", global = true)]
+    pub read_only: bool,
+}
+
+impl Settings {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            retries: self.retries,
+            base_delay: Duration::from_millis(self.retry_delay_ms),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+
+    pub fn seal_options(&self) -> SealOptions {
+        SealOptions {
+            level: self.compression_level,
+            workers: 0,
+        }
+    }
+
+    pub fn s3_settings(&self) -> S3Settings {
+        S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            path_style: self.s3_path_style,
+            part_size: self.s3_part_size_mb.saturating_mul(1 << 20),
+            ..S3Settings::default()
+        }
+    }
+
+    /// Opens the configured storage (read-only when asked).
+    pub async fn open_storage(&self) -> Result<Arc<dyn Storage>, StorageError> {
+        let url = self.storage.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
+            StorageError::config(
+                "no storage configured: set WALDEN_STORAGE or --storage to s3://bucket/prefix or file:///path".into(),
+            )
+        })?;
+        let inner = storage::open(url, &self.s3_settings()).await?;
+        Ok(if self.read_only {
+            Arc::new(ReadOnly(inner))
+        } else {
+            inner
+        })
+    }
+}

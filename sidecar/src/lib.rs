@@ -1,0 +1,15 @@
+//! Walden's engine: WAL archiving and restore to object storage.
+//!
+//! The binary (`walden`) is a thin layer over these modules:
+//! - [`storage`]: where bytes live (`file://`, `s3://`), behind one small async trait;
+//! - [`object`]: how every stored object is sealed (zstd + a checksum trailer) and verified;
+//! - [`repo`]: the repository identity (`walden.json`) that ties a prefix to one database;
+//! - [`wal`]: WAL file names, segment headers, and the push/fetch operations;
+//! - [`retry`]: bounded retries with backoff for transient storage errors.
+
+pub mod config;
+pub mod object;
+pub mod repo;
+pub mod retry;
+pub mod storage;
+pub mod wal;

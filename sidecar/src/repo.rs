@@ -1,0 +1,165 @@
+//! The repository identity, `walden.json`: which database a prefix belongs to.
+//!
+//! It is created by the first WAL push and never rewritten. Every later push
+//! compares its segment's system identifier with it, so two databases can
+//! never share a prefix (safety invariant 3), and every reader checks the
+//! format version so that an unknown layout is refused rather than misread.
+
+use std::io::Cursor;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::storage::{Created, Storage, StorageError};
+use crate::wal::header::PageHeader;
+
+/// The storage format this build reads and writes.
+pub const FORMAT: u32 = 1;
+/// Key of the identity document under the prefix.
+pub const IDENTITY_KEY: &str = "walden.json";
+/// The identity document is tiny; refuse to read more than this.
+const MAX_IDENTITY_BYTES: u64 = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoIdentity {
+    pub format: u32,
+    /// PostgreSQL's database system identifier, as a decimal string
+    /// (a u64 does not survive JSON tools that use doubles).
+    pub system_identifier: String,
+    /// PostgreSQL major version, from the WAL page magic, when known.
+    pub pg_version: Option<u32>,
+    pub wal_segment_size: u32,
+    /// WAL page magic of the first pushed segment, e.g. `0xD110`.
+    pub wal_page_magic: String,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_fingerprint: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{url}/{IDENTITY_KEY} is not a valid repository identity: {reason}")]
+    Malformed { url: String, reason: String },
+    #[error(
+        "{url} uses storage format {found}, but this walden understands format {FORMAT} only; \
+         use a walden release that supports format {found}"
+    )]
+    UnsupportedFormat { url: String, found: u32 },
+    #[error(
+        "refusing {what}: it belongs to the database with system identifier {found}, but {url} \
+         holds the archive of database {expected} (see {IDENTITY_KEY}). Two databases must never \
+         share a prefix: give this one its own storage prefix"
+    )]
+    SystemIdMismatch {
+        what: String,
+        url: String,
+        found: String,
+        expected: String,
+    },
+    #[error("no Walden repository at {url}: {IDENTITY_KEY} does not exist (nothing was ever archived there, or the URL is wrong)")]
+    Missing { url: String },
+}
+
+impl RepoError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RepoError::Storage(e) if e.is_transient())
+    }
+}
+
+impl RepoIdentity {
+    pub fn from_header(header: &PageHeader) -> Self {
+        Self {
+            format: FORMAT,
+            system_identifier: header.system_identifier.to_string(),
+            pg_version: header.pg_version(),
+            wal_segment_size: header.segment_size,
+            wal_page_magic: format!("0x{:04X}", header.magic),
+            created_at: Utc::now(),
+            created_by: format!("walden {}", env!("CARGO_PKG_VERSION")),
+            encryption_key_fingerprint: None,
+        }
+    }
+}
+
+/// Reads `walden.json`; `None` when the prefix holds no repository yet.
+pub async fn load(storage: &dyn Storage) -> Result<Option<RepoIdentity>, RepoError> {
+    let url = storage.url();
+    let download = match storage.get(IDENTITY_KEY).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut bytes = Vec::new();
+    download
+        .body
+        .take(MAX_IDENTITY_BYTES)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| StorageError::io("read", format!("{url}/{IDENTITY_KEY}"), e))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| RepoError::Malformed {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+    let found = value.get("format").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
+    if found != FORMAT {
+        return Err(RepoError::UnsupportedFormat { url, found });
+    }
+    let id = serde_json::from_value(value).map_err(|e| RepoError::Malformed {
+        url,
+        reason: e.to_string(),
+    })?;
+    Ok(Some(id))
+}
+
+/// Reads `walden.json`, failing when the repository does not exist.
+pub async fn require(storage: &dyn Storage) -> Result<RepoIdentity, RepoError> {
+    load(storage)
+        .await?
+        .ok_or_else(|| RepoError::Missing { url: storage.url() })
+}
+
+/// Returns the identity, creating it from `header` on the first push, and
+/// refuses a segment of another database.
+pub async fn ensure(
+    storage: &dyn Storage,
+    header: &PageHeader,
+    what: &str,
+) -> Result<RepoIdentity, RepoError> {
+    let identity = match load(storage).await? {
+        Some(id) => id,
+        None => {
+            let fresh = RepoIdentity::from_header(header);
+            let mut json = serde_json::to_vec_pretty(&fresh).map_err(|e| RepoError::Malformed {
+                url: storage.url(),
+                reason: e.to_string(),
+            })?;
+            json.push(b'\n');
+            match storage
+                .create(IDENTITY_KEY, Box::pin(Cursor::new(json)))
+                .await?
+            {
+                Created::Created => {
+                    tracing::info!(storage = %storage.url(), system_identifier = %fresh.system_identifier, "created repository");
+                    fresh
+                }
+                // Another server created it first: its identity is the one that counts.
+                Created::AlreadyExists => require(storage).await?,
+            }
+        }
+    };
+    let found = header.system_identifier.to_string();
+    if identity.system_identifier != found {
+        return Err(RepoError::SystemIdMismatch {
+            what: what.to_string(),
+            url: storage.url(),
+            found,
+            expected: identity.system_identifier,
+        });
+    }
+    Ok(identity)
+}

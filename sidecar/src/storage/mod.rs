@@ -1,0 +1,188 @@
+//! Object storage behind one small async trait.
+//!
+//! Every object Walden writes is written once and never rewritten, so the only
+//! write is [`Storage::create`], which refuses to replace an existing object.
+
+mod error;
+mod file;
+mod s3;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+pub use error::{ErrorKind, StorageError};
+pub use file::FileStorage;
+pub use s3::{S3Settings, S3Storage};
+
+/// A stream of bytes going to or coming from storage.
+pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// One stored object, as a listing reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the repository prefix, `/`-separated.
+    pub key: String,
+    pub size: u64,
+}
+
+/// What [`Storage::create`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// The object did not exist and now holds the body.
+    Created,
+    /// An object already existed under that key; it was left untouched.
+    AlreadyExists,
+}
+
+/// A download: the body and its exact stored length.
+pub struct Download {
+    pub body: Reader,
+    pub size: u64,
+}
+
+/// Object storage as Walden needs it: write-once objects under a prefix.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// The storage URL, for messages (`s3://bucket/prefix`, `file:///path`).
+    fn url(&self) -> String;
+
+    /// Stores `body` under `key` unless an object already exists there.
+    /// Returns only once the object is durable (fsynced, or acknowledged by S3).
+    async fn create(&self, key: &str, body: Reader) -> Result<Created, StorageError>;
+
+    /// Opens an object for reading. A missing object is [`ErrorKind::NotFound`].
+    async fn get(&self, key: &str) -> Result<Download, StorageError>;
+
+    /// Reads the last `len` bytes of an object (or all of it, if shorter).
+    async fn get_tail(&self, key: &str, len: u64) -> Result<Vec<u8>, StorageError>;
+
+    /// The object's size, or `None` when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError>;
+
+    /// Every object whose key starts with `prefix`, in key order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    /// Deletes the objects; keys that do not exist are not an error.
+    async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
+}
+
+/// Opens the storage a URL names: `file:///path` or `s3://bucket/prefix`.
+pub async fn open(url: &str, s3: &S3Settings) -> Result<Arc<dyn Storage>, StorageError> {
+    let parsed = url::Url::parse(url).map_err(|e| {
+        StorageError::config(format!(
+            "storage URL {url:?} is not a URL ({e}); expected s3://bucket/prefix or file:///path"
+        ))
+    })?;
+    match parsed.scheme() {
+        "file" => {
+            if parsed
+                .host_str()
+                .is_some_and(|h| !h.is_empty() && h != "localhost")
+            {
+                return Err(StorageError::config(format!(
+                    "storage URL {url:?} names a host; a file URL needs three slashes: file:///path"
+                )));
+            }
+            let path = parsed.to_file_path().map_err(|()| {
+                StorageError::config(format!("storage URL {url:?} is not an absolute file path"))
+            })?;
+            Ok(Arc::new(FileStorage::new(path)))
+        }
+        "s3" => {
+            let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+                StorageError::config(format!(
+                    "storage URL {url:?} has no bucket: s3://bucket/prefix"
+                ))
+            })?;
+            let prefix = parsed.path().trim_matches('/');
+            Ok(Arc::new(S3Storage::connect(bucket, prefix, s3).await?))
+        }
+        other => Err(StorageError::config(format!(
+            "storage URL {url:?} has scheme {other:?}; supported: s3://bucket/prefix, file:///path"
+        ))),
+    }
+}
+
+/// Refuses every write: the storage of a fork or follower, which must never
+/// modify its source's archive (safety invariant 6).
+#[derive(Debug)]
+pub struct ReadOnly(pub Arc<dyn Storage>);
+
+#[async_trait]
+impl Storage for ReadOnly {
+    fn url(&self) -> String {
+        self.0.url()
+    }
+    async fn create(&self, key: &str, _body: Reader) -> Result<Created, StorageError> {
+        Err(StorageError::read_only("create", &self.0.url(), key))
+    }
+    async fn get(&self, key: &str) -> Result<Download, StorageError> {
+        self.0.get(key).await
+    }
+    async fn get_tail(&self, key: &str, len: u64) -> Result<Vec<u8>, StorageError> {
+        self.0.get_tail(key, len).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        self.0.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.0.list(prefix).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        let first = keys.first().map(String::as_str).unwrap_or("");
+        Err(StorageError::read_only("delete", &self.0.url(), first))
+    }
+}
+
+/// Joins a repository prefix and a key with exactly one `/`.
+pub(crate) fn join_key(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_rejects_bad_urls_with_specific_messages() {
+        let s3 = S3Settings::default();
+        for (url, needle) in [
+            ("not a url", "is not a URL"),
+            ("ftp://host/x", "scheme \"ftp\""),
+            ("file://host/x", "three slashes"),
+            ("s3:///prefix", "no bucket"),
+        ] {
+            let err = open(url, &s3).await.expect_err(url).to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_only_refuses_writes_and_passes_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path().to_path_buf()));
+        let body: Reader = Box::pin(&b"abc"[..]);
+        inner.create("a", body).await.unwrap();
+        let ro = ReadOnly(inner);
+        let body: Reader = Box::pin(&b"xyz"[..]);
+        let err = ro.create("b", body).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::ReadOnly);
+        assert!(ro.delete(&["a".into()]).await.is_err());
+        assert_eq!(ro.head("a").await.unwrap().unwrap().size, 3);
+        assert!(!dir.path().join("b").exists());
+    }
+
+    #[test]
+    fn join_key_handles_empty_prefix() {
+        assert_eq!(join_key("", "wal/x"), "wal/x");
+        assert_eq!(join_key("db1", "wal/x"), "db1/wal/x");
+    }
+}

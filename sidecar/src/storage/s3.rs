@@ -1,0 +1,466 @@
+//! `s3://bucket/prefix`: Amazon S3 and S3-compatible servers through `aws-sdk-s3`.
+//!
+//! Credentials and region come from the standard AWS chain (environment,
+//! profile, web identity / IRSA, instance metadata). Retries are done by the
+//! callers around whole operations, so the SDK's own retries are off: the
+//! retry budget a user configures is the one that applies.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use aws_smithy_runtime_api::http::Response as HttpResponse;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
+
+use super::{join_key, Created, Download, ErrorKind, ObjectInfo, Reader, Storage, StorageError};
+
+/// S3 connection settings beyond what the AWS chain provides.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// Custom endpoint for S3-compatible servers (`WALDEN_S3_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`WALDEN_S3_PATH_STYLE`), needed by most S3-compatible servers.
+    pub path_style: bool,
+    /// Objects larger than this are sent as multipart uploads of this part size.
+    pub part_size: usize,
+    /// Parts of one object uploaded at once.
+    pub upload_concurrency: usize,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            path_style: false,
+            part_size: 8 << 20,
+            upload_concurrency: 2,
+        }
+    }
+}
+
+/// S3 rejects multipart parts smaller than this (except the last).
+const MIN_PART_SIZE: usize = 5 << 20;
+/// DeleteObjects takes at most this many keys.
+const DELETE_BATCH: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    part_size: usize,
+    upload_concurrency: usize,
+}
+
+impl S3Storage {
+    pub async fn connect(
+        bucket: &str,
+        prefix: &str,
+        settings: &S3Settings,
+    ) -> Result<Self, StorageError> {
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.path_style)
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(60))
+                    .build(),
+            );
+        if let Some(endpoint) = settings.endpoint.as_deref().filter(|e| !e.is_empty()) {
+            url::Url::parse(endpoint).map_err(|e| {
+                StorageError::config(format!(
+                    "S3 endpoint {endpoint:?} is not a URL ({e}); e.g. http://127.0.0.1:9000"
+                ))
+            })?;
+            conf = conf.endpoint_url(endpoint);
+        }
+        if shared.region().is_none() {
+            // S3-compatible servers rarely care; AWS itself needs AWS_REGION set.
+            conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
+        }
+        let part_size = settings.part_size.max(MIN_PART_SIZE);
+        Ok(Self {
+            client: Client::from_conf(conf.build()),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            part_size,
+            upload_concurrency: settings.upload_concurrency.max(1),
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        join_key(&self.prefix, key)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, self.full_key(key))
+    }
+
+    async fn upload_multipart(
+        &self,
+        key: &str,
+        first: BytesMut,
+        body: &mut Reader,
+    ) -> Result<Created, StorageError> {
+        let loc = self.location(key);
+        let full = self.full_key(key);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify("start multipart upload", &loc, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let result = self.upload_parts(key, &upload_id, first, body).await;
+        let result = match result {
+            Ok(parts) => {
+                let done = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .if_none_match("*")
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send()
+                    .await;
+                match done {
+                    Ok(_) => Ok(Created::Created),
+                    Err(e) if is_precondition_failed(&e) => Ok(Created::AlreadyExists),
+                    Err(e) => Err(classify("complete multipart upload", &loc, e)),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if !matches!(result, Ok(Created::Created)) {
+            if let Err(e) = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(object = %loc, error = %DisplayErrorContext(&e), "could not abort multipart upload");
+            }
+        }
+        result
+    }
+
+    /// Reads the body part by part, keeping at most `upload_concurrency` parts in flight.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        first: BytesMut,
+        body: &mut Reader,
+    ) -> Result<Vec<CompletedPart>, StorageError> {
+        let loc = self.location(key);
+        let mut inflight = JoinSet::new();
+        let mut parts = Vec::new();
+        let mut next = Some(first);
+        let mut number = 0i32;
+        loop {
+            while inflight.len() >= self.upload_concurrency {
+                parts.push(join_part(&mut inflight, &loc).await?);
+            }
+            let chunk = match next.take() {
+                Some(c) => c,
+                None => read_chunk(body, self.part_size)
+                    .await
+                    .map_err(|e| StorageError::io("read upload body for", &loc, e))?,
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            let last = chunk.len() < self.part_size;
+            number += 1;
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(ByteStream::from(chunk.freeze()));
+            let loc = loc.clone();
+            inflight.spawn(async move {
+                let out = req
+                    .send()
+                    .await
+                    .map_err(|e| classify("upload part of", &loc, e))?;
+                Ok::<_, StorageError>(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                        .set_checksum_crc32_c(out.checksum_crc32_c().map(str::to_string))
+                        .set_checksum_sha256(out.checksum_sha256().map(str::to_string))
+                        .build(),
+                )
+            });
+            if last {
+                break;
+            }
+        }
+        while !inflight.is_empty() {
+            parts.push(join_part(&mut inflight, &loc).await?);
+        }
+        parts.sort_by_key(|p| p.part_number());
+        Ok(parts)
+    }
+}
+
+async fn join_part(
+    set: &mut JoinSet<Result<CompletedPart, StorageError>>,
+    loc: &str,
+) -> Result<CompletedPart, StorageError> {
+    match set.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(StorageError::new(
+            ErrorKind::Transient,
+            "upload part of",
+            loc,
+            e,
+        )),
+        None => Err(StorageError::new(
+            ErrorKind::Transient,
+            "upload part of",
+            loc,
+            "no part in flight",
+        )),
+    }
+}
+
+/// Fills a buffer of up to `size` bytes; shorter only at the end of the body.
+async fn read_chunk(body: &mut Reader, size: usize) -> std::io::Result<BytesMut> {
+    let mut buf = BytesMut::with_capacity(size);
+    while buf.len() < size {
+        if body.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+    }
+    Ok(buf)
+}
+
+fn is_precondition_failed<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    matches!(err, SdkError::ServiceError(s) if s.err().code() == Some("PreconditionFailed"))
+        || status_of(err) == Some(412)
+}
+
+fn status_of<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Maps an SDK error to a storage error: 404 is NotFound; network failures,
+/// timeouts, throttling and 5xx are transient; the rest (403, bad requests) is permanent.
+fn classify<E>(op: &'static str, object: &str, err: SdkError<E, HttpResponse>) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = status_of(&err);
+    let kind = match &err {
+        SdkError::ConstructionFailure(_) => ErrorKind::Permanent,
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => match status {
+            Some(404) => ErrorKind::NotFound,
+            Some(s) if s >= 500 || s == 429 || s == 408 || s == 409 => ErrorKind::Transient,
+            Some(_) => ErrorKind::Permanent,
+            None => ErrorKind::Transient,
+        },
+        _ => ErrorKind::Transient,
+    };
+    let message = match (status, kind) {
+        (_, ErrorKind::NotFound) => "object not found".to_string(),
+        (Some(s), _) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
+        (None, _) => DisplayErrorContext(&err).to_string(),
+    };
+    StorageError::new(kind, op, object, message)
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    async fn create(&self, key: &str, mut body: Reader) -> Result<Created, StorageError> {
+        let loc = self.location(key);
+        let first = read_chunk(&mut body, self.part_size)
+            .await
+            .map_err(|e| StorageError::io("read upload body for", &loc, e))?;
+        if first.len() == self.part_size {
+            return self.upload_multipart(key, first, &mut body).await;
+        }
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .if_none_match("*")
+            .body(ByteStream::from(first.freeze()))
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(Created::Created),
+            Err(e) if is_precondition_failed(&e) => Ok(Created::AlreadyExists),
+            Err(e) => Err(classify("upload", &loc, e)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Download, StorageError> {
+        let loc = self.location(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| classify("download", &loc, e))?;
+        let size = out.content_length().unwrap_or_default().max(0) as u64;
+        Ok(Download {
+            body: Box::pin(out.body.into_async_read()),
+            size,
+        })
+    }
+
+    async fn get_tail(&self, key: &str, len: u64) -> Result<Vec<u8>, StorageError> {
+        let loc = self.location(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .range(format!("bytes=-{len}"))
+            .send()
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            // An empty object has no satisfiable range.
+            Err(e) if status_of(&e) == Some(416) => return Ok(Vec::new()),
+            Err(e) => return Err(classify("download", &loc, e)),
+        };
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::new(ErrorKind::Transient, "download", &loc, e))?;
+        Ok(bytes.into_bytes().to_vec())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        let loc = self.location(key);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(o) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: o.content_length().unwrap_or_default().max(0) as u64,
+            })),
+            Err(e) => {
+                let err = classify("stat", &loc, e);
+                if err.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let loc = self.location(prefix);
+        let full = self.full_key(prefix);
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("list", &loc, e))?;
+            for obj in page.contents() {
+                let Some(k) = obj.key() else { continue };
+                let Some(rel) = k.strip_prefix(&strip) else {
+                    continue;
+                };
+                out.push(ObjectInfo {
+                    key: rel.to_string(),
+                    size: obj.size().unwrap_or_default().max(0) as u64,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        for batch in keys.chunks(DELETE_BATCH) {
+            let ids = batch
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StorageError::new(ErrorKind::Permanent, "delete", self.url(), e))?;
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| StorageError::new(ErrorKind::Permanent, "delete", self.url(), e))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify("delete", &self.location(&batch[0]), e))?;
+            if let Some(failed) = out.errors().first() {
+                return Err(StorageError::new(
+                    ErrorKind::Transient,
+                    "delete",
+                    format!("s3://{}/{}", self.bucket, failed.key().unwrap_or_default()),
+                    format!(
+                        "{} ({} of {} keys failed)",
+                        failed.message().unwrap_or("error"),
+                        out.errors().len(),
+                        batch.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
