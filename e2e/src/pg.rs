@@ -1,0 +1,263 @@
+//! A real PostgreSQL 15 cluster, run as the `postgres` OS user on 127.0.0.1.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::sys::{as_pg, chown_pg, free_port, pg_bin, run, wait_for};
+
+pub struct PgCluster {
+    pub data: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    env: Vec<(String, String)>,
+    running: bool,
+}
+
+impl PgCluster {
+    /// `initdb` a new cluster in `<work>/<name>` (trust auth, loopback only).
+    pub fn init(work: &Path, name: &str) -> Self {
+        let data = work.join(name);
+        std::fs::create_dir_all(&data).expect("mkdir data");
+        chown_pg(&data);
+        run(as_pg(pg_bin("initdb")).args(["-D"]).arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+        ]));
+        Self::adopt(work, data)
+    }
+
+    /// Wraps an existing data directory (a base backup or a restore) with its own port.
+    pub fn adopt(work: &Path, data: PathBuf) -> Self {
+        chown_pg(&data);
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod data");
+        let name = data
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let c = Self {
+            log: work.join(format!("{name}.log")),
+            data,
+            port: free_port(),
+            env: Vec::new(),
+            running: false,
+        };
+        c.set(&[
+            ("listen_addresses", "'127.0.0.1'".to_string()),
+            ("port", c.port.to_string()),
+            ("unix_socket_directories", "''".to_string()),
+            ("fsync", "off".to_string()),
+            ("max_wal_size", "'256MB'".to_string()),
+        ]);
+        c
+    }
+
+    /// Appends settings to postgresql.conf (later lines win).
+    pub fn set(&self, settings: &[(&str, String)]) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))
+            .expect("open conf");
+        for (k, v) in settings {
+            writeln!(f, "{k} = {v}").expect("write conf");
+        }
+    }
+
+    /// Environment for the server and so for archive_command / restore_command.
+    pub fn with_env(&mut self, env: Vec<(String, String)>) -> &mut Self {
+        self.env = env;
+        self
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut cmd = as_pg(pg_bin("pg_ctl"));
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(self.env.clone());
+        cmd.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(args);
+        cmd
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&mut self) {
+        let _ = std::fs::File::create(&self.log);
+        chown_pg(&self.log);
+        let out = self.try_start(Duration::from_secs(180));
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        self.running = true;
+    }
+
+    /// `pg_ctl start -w`: the caller inspects the outcome (a server may refuse to come up).
+    pub fn try_start(&mut self, timeout: Duration) -> Output {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log);
+        chown_pg(&self.log);
+        let out = self
+            .pg_ctl(&["-w", "-t", &timeout.as_secs().to_string(), "start"])
+            .output()
+            .expect("pg_ctl");
+        self.running = out.status.success();
+        out
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.pg_ctl(&["-w", "-m", "fast", "stop"]).output();
+        self.running = false;
+    }
+
+    /// Whether a postmaster is running on the data directory.
+    pub fn is_running(&self) -> bool {
+        self.pg_ctl(&["status"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs SQL and returns the unaligned, tuples-only output.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.try_sql(sql).unwrap_or_else(|e| {
+            panic!(
+                "SQL {sql:?} failed: {e}\nlog tail:\n{}",
+                tail(&self.log_text())
+            )
+        });
+        out
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new(pg_bin("psql"))
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    pub fn pgbench(&self, args: &[&str]) {
+        run(Command::new(pg_bin("pgbench"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args(args)
+            .arg("postgres"));
+    }
+
+    /// Switches to a new WAL segment and returns the name of the one just completed.
+    pub fn switch_wal(&self) -> String {
+        self.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    }
+
+    /// Waits until `segment` (and so every earlier one) has been archived.
+    pub fn wait_archived(&self, segment: &str, timeout: Duration) {
+        wait_for(&format!("{segment} to be archived"), timeout, || {
+            let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            (last.len() == 24 && last.as_str() >= segment).then_some(())
+        });
+    }
+
+    /// Waits until the server has finished recovery and accepts writes.
+    pub fn wait_promoted(&self, timeout: Duration) {
+        wait_for("recovery to finish", timeout, || {
+            (self.try_sql("SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+        });
+    }
+
+    /// pg_stat_archiver's (archived_count, failed_count).
+    pub fn archiver_counts(&self) -> (u64, u64) {
+        let row = self.sql("SELECT archived_count || ',' || failed_count FROM pg_stat_archiver");
+        let (a, f) = row.split_once(',').expect("two columns");
+        (a.parse().expect("count"), f.parse().expect("count"))
+    }
+
+    /// Names of segments waiting in archive_status with the given suffix (`ready` or `done`).
+    pub fn archive_status(&self, suffix: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.data.join("pg_wal/archive_status"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_suffix(&format!(".{suffix}")).map(str::to_string))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// `pg_basebackup` into `<work>/<name>` without WAL: recovery must take it from the archive.
+    pub fn base_backup(&self, work: &Path, name: &str) -> PathBuf {
+        let dest = work.join(name);
+        std::fs::create_dir_all(&dest).expect("mkdir backup");
+        chown_pg(&dest);
+        run(as_pg(pg_bin("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &self.port.to_string(),
+                "-X",
+                "none",
+                "-c",
+                "fast",
+                "-D",
+            ])
+            .arg(&dest));
+        dest
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running || self.is_running() {
+            let _ = self.pg_ctl(&["-w", "-m", "immediate", "stop"]).output();
+        }
+    }
+}
