@@ -21,7 +21,7 @@ pub struct Settings {
     pub s3_endpoint: Option<String>,
 
     /// Use path-style S3 addressing (most S3-compatible servers need it)
-    #[arg(long, env = "WALDEN_S3_PATH_STYLE", global = true)]
+    #[arg(long, env = "WALDEN_S3_PATH_STYLE", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub s3_path_style: bool,
 
     /// Size of the parts of a multipart S3 upload, in MiB (at least 5)
@@ -60,7 +60,7 @@ pub struct Settings {
     pub retry_delay_ms: u64,
 
     /// Refuse every write to storage (forks and followers reading a source archive)
-    #[arg(long, env = "WALDEN_READ_ONLY", global = true)]
+    #[arg(long, env = "WALDEN_READ_ONLY", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub read_only: bool,
 }
 
