@@ -133,6 +133,16 @@ impl PgCluster {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// libpq settings that reach this server.
+    pub fn libpq_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), "127.0.0.1".into()),
+            ("PGPORT".into(), self.port.to_string()),
+            ("PGUSER".into(), "postgres".into()),
+            ("PGDATABASE".into(), "postgres".into()),
+        ]
+    }
+
     /// Runs SQL and returns the unaligned, tuples-only output.
     pub fn sql(&self, sql: &str) -> String {
         let out = self.try_sql(sql).unwrap_or_else(|e| {
@@ -189,8 +199,12 @@ impl PgCluster {
     /// Waits until `segment` (and so every earlier one) has been archived.
     pub fn wait_archived(&self, segment: &str, timeout: Duration) {
         wait_for(&format!("{segment} to be archived"), timeout, || {
+            // last_archived_wal may also be a history or .backup file: compare its segment part.
             let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-            (last.len() == 24 && last.as_str() >= segment).then_some(())
+            let seg = last
+                .get(..24)
+                .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit()));
+            seg.is_some_and(|s| s >= segment).then_some(())
         });
     }
 

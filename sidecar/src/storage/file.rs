@@ -181,7 +181,11 @@ impl Storage for FileStorage {
             Err(e) => return Err(StorageError::io("list", loc, e)),
         };
         let mut out = Vec::new();
-        while let Some(entry) = entries.next_entry().await.map_err(|e| StorageError::io("list", loc.clone(), e))? {
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| StorageError::io("list", loc.clone(), e))?
+        {
             let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
             if is_dir {
                 out.push(entry.file_name().to_string_lossy().into_owned());
