@@ -44,7 +44,7 @@ struct Primary {
     batches: Vec<Batch>,
 }
 
-fn start_primary(work: &Workdir, archive: &Archive, name: &str) -> PgCluster {
+fn start_primary(work: &Workdir, archive: &Archive, name: &str) -> Primary {
     let mut pg = PgCluster::init(work.path(), name);
     pg.set(&[
         ("archive_mode", "on".into()),
@@ -56,7 +56,10 @@ fn start_primary(work: &Workdir, archive: &Archive, name: &str) -> PgCluster {
     ]);
     pg.with_env(archive.env()).start();
     pg.sql("CREATE TABLE ledger (id serial PRIMARY KEY, batch int NOT NULL, note text)");
-    pg
+    Primary {
+        pg,
+        batches: Vec::new(),
+    }
 }
 
 impl Primary {
@@ -150,40 +153,8 @@ fn backup_push(archive: &Archive, pg: &PgCluster, extra: &[&str]) -> String {
         archive.walden_pg(pg, &args).output().expect("backup-push"),
         "backup-push",
     );
-    let manifest: serde_json_lite::Value =
-        serde_json_lite::parse(&String::from_utf8_lossy(&out.stdout));
-    manifest.get("id").expect("id in manifest").to_string()
-}
-
-/// A tiny JSON reader for the test's needs (ids and arrays of ids).
-mod serde_json_lite {
-    pub struct Value(pub String);
-    pub fn parse(s: &str) -> Value {
-        Value(s.to_string())
-    }
-    impl Value {
-        /// The string value of the first `"key": "value"` in the document.
-        pub fn get(&self, key: &str) -> Option<&str> {
-            let pat = format!("\"{key}\": \"");
-            let start = self.0.find(&pat)? + pat.len();
-            let end = self.0[start..].find('"')? + start;
-            Some(&self.0[start..end])
-        }
-        /// Every string value of `"key": "value"` pairs, in order.
-        pub fn all(&self, key: &str) -> Vec<String> {
-            let pat = format!("\"{key}\": \"");
-            let mut out = Vec::new();
-            let mut rest = self.0.as_str();
-            while let Some(i) = rest.find(&pat) {
-                rest = &rest[i + pat.len()..];
-                if let Some(end) = rest.find('"') {
-                    out.push(rest[..end].to_string());
-                    rest = &rest[end..];
-                }
-            }
-            out
-        }
-    }
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest JSON");
+    manifest["id"].as_str().expect("id in manifest").to_string()
 }
 
 fn listed_ids(archive: &Archive, pg: &PgCluster) -> Vec<String> {
@@ -194,7 +165,13 @@ fn listed_ids(archive: &Archive, pg: &PgCluster) -> Vec<String> {
             .unwrap(),
         "backup-list",
     );
-    serde_json_lite::parse(&String::from_utf8_lossy(&out.stdout)).all("id")
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("backup-list JSON");
+    list["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| b["id"].as_str().expect("id").to_string())
+        .collect()
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -209,11 +186,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 fn point_in_time_restores_are_exact_to_the_transaction() {
     let work = Workdir::new("pitr");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary");
-    let mut p = Primary {
-        pg,
-        batches: Vec::new(),
-    };
+    let mut p = start_primary(&work, &archive, "primary");
     let backup_a = backup_push(&archive, &p.pg, &[]);
     for b in 0..9u32 {
         p.commit_batch(b);
@@ -289,11 +262,7 @@ fn point_in_time_restores_are_exact_to_the_transaction() {
 fn bad_restore_requests_fail_clearly_and_write_nothing() {
     let work = Workdir::new("badrestore");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary");
-    let mut p = Primary {
-        pg,
-        batches: Vec::new(),
-    };
+    let mut p = start_primary(&work, &archive, "primary");
     p.commit_batch(0);
     let before_backup = as_rfc3339(&p.pg, &p.batches[0].commit_time);
     let id = backup_push(&archive, &p.pg, &[]);
@@ -379,11 +348,7 @@ fn bad_restore_requests_fail_clearly_and_write_nothing() {
 fn corrupt_backup_part_fails_the_restore_and_leaves_nothing_startable() {
     let work = Workdir::new("corruptpart");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary");
-    let mut p = Primary {
-        pg,
-        batches: Vec::new(),
-    };
+    let mut p = start_primary(&work, &archive, "primary");
     p.commit_batch(0);
     let id = backup_push(&archive, &p.pg, &["--part-size-mb", "1"]);
     p.archive_everything();
@@ -420,11 +385,7 @@ fn corrupt_backup_part_fails_the_restore_and_leaves_nothing_startable() {
 fn timelines_restore_exactly_on_either_side_of_a_promotion() {
     let work = Workdir::new("timelines");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary");
-    let mut p = Primary {
-        pg,
-        batches: Vec::new(),
-    };
+    let mut p = start_primary(&work, &archive, "primary");
     backup_push(&archive, &p.pg, &[]);
     for b in 0..4 {
         p.commit_batch(b);
@@ -509,11 +470,7 @@ fn timelines_restore_exactly_on_either_side_of_a_promotion() {
 fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
     let work = Workdir::new("killbackup");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary");
-    let mut p = Primary {
-        pg,
-        batches: Vec::new(),
-    };
+    let mut p = start_primary(&work, &archive, "primary");
     p.pg.pgbench(&["-i", "-s", "5", "-q"]);
     let first = backup_push(&archive, &p.pg, &[]);
     let (archived_before, failed_before) = p.pg.archiver_counts();
@@ -567,7 +524,7 @@ fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
 fn backup_and_restore_memory_stays_bounded() {
     let work = Workdir::new("memory");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary");
+    let pg = start_primary(&work, &archive, "primary").pg;
     let mut figures = Vec::new();
     let measure = |label: &str, figures: &mut Vec<String>| {
         let mut cmd = archive.walden_pg(&pg, &["backup-push"]);

@@ -107,6 +107,10 @@ enum Command {
             value_name = "SECONDS"
         )]
         wal_wait: u64,
+        /// Do not check that the backup's WAL reached this archive (only when WAL is
+        /// archived somewhere else: such a backup cannot be restored from this archive alone)
+        #[arg(long, env = "WALDEN_BACKUP_NO_ARCHIVE_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
+        no_archive_check: bool,
         /// Print the new backup's manifest as JSON on stdout
         #[arg(long)]
         json: bool,
@@ -275,6 +279,7 @@ async fn run(cli: Cli) -> ExitCode {
             parallelism,
             part_size_mb,
             wal_wait,
+            no_archive_check,
             json,
         } => {
             let result = async {
@@ -285,7 +290,7 @@ async fn run(cli: Cli) -> ExitCode {
                     part_size: part_size_mb.max(1) << 20,
                     parallelism,
                     seal: settings.seal_options(),
-                    wal_wait: Duration::from_secs(wal_wait),
+                    wal_wait: (!no_archive_check).then(|| Duration::from_secs(wal_wait)),
                 };
                 backup::push(storage, &opts)
                     .await

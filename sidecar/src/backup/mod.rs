@@ -60,8 +60,9 @@ pub struct BackupOptions {
     pub part_size: u64,
     pub parallelism: usize,
     pub seal: SealOptions,
-    /// How long to wait for the backup's last WAL segment to reach the archive.
-    pub wal_wait: Duration,
+    /// How long to wait for the backup's last WAL segment to reach the archive;
+    /// `None` skips the check (WAL archived elsewhere).
+    pub wal_wait: Option<Duration>,
 }
 
 /// The system identifier at the start of `global/pg_control`, to be sure the
@@ -204,7 +205,10 @@ pub async fn push(
             parse_label(&backup_label).ok_or_else(|| unexpected(format!("a backup label without a start: {backup_label:?}")))?;
         let stop_wal = SegmentName::holding_end(timeline, stop_lsn.0, info.segment_size).to_string();
 
-        wait_for_wal(storage.as_ref(), &stop_wal, opts.wal_wait).await?;
+        match opts.wal_wait {
+            Some(wait) => wait_for_wal(storage.as_ref(), &stop_wal, wait).await?,
+            None => tracing::warn!(segment = %stop_wal, "not checking that the backup's WAL is archived here (--no-archive-check)"),
+        }
 
         let stored_size = parts.iter().map(|p| p.stored_size).sum();
         let manifest = BackupManifest {
