@@ -187,6 +187,7 @@ impl Cluster {
     }
 
     fn client(&self, token: &str) -> Client {
+        walden_operator::install_crypto_provider();
         let url = self.url.parse().expect("url");
         let mut config = Config::new(url);
         let pem = std::fs::read(self.dir.path().join("certs/apiserver.crt")).expect("serving cert");
