@@ -139,11 +139,13 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let open = socket::Open::default();
     let socket_task = tokio::spawn(socket::serve(
         listener,
         args.socket.clone(),
         archiver.clone(),
         prefetcher.clone(),
+        open.clone(),
         stop_rx.clone(),
     ));
     let mut http_stop = stop_rx.clone();
@@ -167,6 +169,11 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     archiver
         .shutdown(Duration::from_secs(args.shutdown_timeout))
         .await;
+    // Let the requests whose uploads finished hear so (PostgreSQL then marks them done).
+    let left = open.drain(Duration::from_secs(2)).await;
+    if left > 0 {
+        tracing::warn!(requests = left, "closing unanswered requests; their clients fail and PostgreSQL retries");
+    }
     prefetcher.clear();
     catalog_task.abort();
     watch_task.abort();

@@ -3,7 +3,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -50,12 +52,39 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     Ok(listener)
 }
 
+/// Requests being answered, so that shutdown can let them finish.
+#[derive(Debug, Default, Clone)]
+pub struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    /// Waits until no request is open, or `timeout` passed; returns how many are left.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let started = Instant::now();
+        loop {
+            let n = self.0.load(Ordering::SeqCst);
+            if n == 0 || started.elapsed() >= timeout {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Serves connections until `stop` turns true; each connection runs on its own task.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     archiver: Arc<Archiver>,
     prefetcher: Arc<Prefetcher>,
+    open: Open,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -65,7 +94,10 @@ pub async fn serve(
                 Ok((conn, _)) => {
                     let archiver = archiver.clone();
                     let prefetcher = prefetcher.clone();
+                    open.0.fetch_add(1, Ordering::SeqCst);
+                    let guard = OpenGuard(open.0.clone());
                     tokio::spawn(async move {
+                        let _guard = guard;
                         if let Err(e) = handle(conn, archiver, prefetcher).await {
                             tracing::warn!(error = %e, "socket connection failed");
                         }
