@@ -62,7 +62,10 @@ impl Daemon {
             .env("WALDEN_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("WALDEN_TOKEN_FILE", &self.token_file)
             .env("WALDEN_STATE_DIR", &self.state_dir)
-            .env("WALDEN_LOG", "info,walden=debug,aws_config=warn,aws_smithy_runtime=warn")
+            .env(
+                "WALDEN_LOG",
+                "info,walden=debug,aws_config=warn,aws_smithy_runtime=warn",
+            )
             .arg("daemon")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -75,7 +78,11 @@ impl Daemon {
             &format!("walden daemon {} to answer", self.name),
             Duration::from_secs(60),
             || {
-                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
                     panic!("walden daemon exited with {status}:\n{}", self.log_text());
                 }
                 (self.socket.exists() && http(port, "GET", "/healthz", None).ok()?.0 == 200)
@@ -181,10 +188,15 @@ pub fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
 }
 
@@ -214,44 +226,79 @@ impl Metrics {
         let mut types = BTreeMap::new();
         assert!(text.trim_end().ends_with("# EOF"), "no # EOF terminator");
         for line in text.lines() {
-            if line.is_empty() || line == "# EOF" || line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            if line.is_empty()
+                || line == "# EOF"
+                || line.starts_with("# HELP ")
+                || line.starts_with("# UNIT ")
+            {
                 continue;
             }
             if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+                let (name, kind) = rest
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
                 assert!(
-                    ["counter", "gauge", "histogram", "info", "unknown", "summary", "stateset", "gaugehistogram"].contains(&kind),
+                    [
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "info",
+                        "unknown",
+                        "summary",
+                        "stateset",
+                        "gaugehistogram"
+                    ]
+                    .contains(&kind),
                     "unknown metric type in {line:?}"
                 );
                 types.insert(name.to_string(), kind.to_string());
                 continue;
             }
             assert!(!line.starts_with('#'), "unexpected comment {line:?}");
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value in {line:?}"));
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("no value in {line:?}"));
             let name_end = series.find('{').unwrap_or(series.len());
             let name = &series[..name_end];
             assert!(
                 !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
                     && !name.starts_with(|c: char| c.is_ascii_digit()),
                 "bad metric name in {line:?}"
             );
             if name_end < series.len() {
                 let labels = &series[name_end..];
                 assert!(labels.ends_with('}'), "unterminated labels in {line:?}");
-                for pair in labels[1..labels.len() - 1].split(',').filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label in {line:?}"));
-                    assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad label name in {line:?}");
-                    assert!(v.len() >= 2 && v.starts_with('"') && v.ends_with('"'), "unquoted label value in {line:?}");
+                for pair in labels[1..labels.len() - 1]
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "bad label name in {line:?}"
+                    );
+                    assert!(
+                        v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
+                        "unquoted label value in {line:?}"
+                    );
                 }
             }
             let v: f64 = match value {
                 "+Inf" => f64::INFINITY,
                 "-Inf" => f64::NEG_INFINITY,
                 "NaN" => f64::NAN,
-                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
             };
-            let family_known = types.keys().any(|t| name == t || name.starts_with(&format!("{t}_")));
+            let family_known = types
+                .keys()
+                .any(|t| name == t || name.starts_with(&format!("{t}_")));
             assert!(family_known, "sample {name} before its # TYPE line");
             samples.insert(series.to_string(), v);
         }

@@ -2,8 +2,8 @@
 //! request with HTTP 503, or refuse service by closing connections.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -58,7 +58,10 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     let mut pg = PgCluster::init(work.path(), "primary");
     pg.set(&[
         ("archive_mode", "on".into()),
-        ("archive_command", format!("'{} wal-push %p'", walden_bin().display())),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden_bin().display()),
+        ),
     ]);
     let mut env = archive.env();
     env.extend(pg.libpq_env());
@@ -84,7 +87,10 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             assert_eq!(code, 401, "{method} {path} with {token:?}: {body}");
         }
     }
-    assert!(!jobs.join("ids").exists(), "a refused POST /v1/backups started a backup");
+    assert!(
+        !jobs.join("ids").exists(),
+        "a refused POST /v1/backups started a backup"
+    );
     assert!(pg.sql("SELECT pg_is_in_recovery()") == "f");
 
     // The right token: the status, in exactly the operator's shape.
@@ -95,20 +101,40 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     assert_eq!(code, 200, "{status}");
     assert_eq!(
         keys(&status),
-        sorted(&["role", "archiving", "lastBackup", "backupInProgress", "recoveryWindow", "replay"])
+        sorted(&[
+            "role",
+            "archiving",
+            "lastBackup",
+            "backupInProgress",
+            "recoveryWindow",
+            "replay"
+        ])
     );
     assert_eq!(
         keys(&status["archiving"]),
         sorted(&[
-            "lastArchivedWal", "lastArchivedTime", "lastFailedWal", "lastFailedTime", "lastError",
-            "archivedCount", "failedCount", "readyCount"
+            "lastArchivedWal",
+            "lastArchivedTime",
+            "lastFailedWal",
+            "lastFailedTime",
+            "lastError",
+            "archivedCount",
+            "failedCount",
+            "readyCount"
         ])
     );
     assert_eq!(status["role"], "primary");
     assert_eq!(status["archiving"]["lastArchivedWal"], seg.as_str());
-    let t = status["archiving"]["lastArchivedTime"].as_str().expect("time");
+    let t = status["archiving"]["lastArchivedTime"]
+        .as_str()
+        .expect("time");
     chrono::DateTime::parse_from_rfc3339(t).expect("RFC 3339 time");
-    assert!(status["archiving"]["archivedCount"].as_u64().expect("count") >= 1);
+    assert!(
+        status["archiving"]["archivedCount"]
+            .as_u64()
+            .expect("count")
+            >= 1
+    );
     assert_eq!(status["archiving"]["failedCount"], 0);
     assert!(status["archiving"]["lastError"].is_null());
     assert!(status["backupInProgress"].is_null());
@@ -136,7 +162,10 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     assert!(status["backupInProgress"]["startTime"].is_string());
     let (code, job) = daemon.api("GET", &format!("/v1/backups/{id}"));
     assert_eq!(code, 200);
-    assert_eq!(keys(&job), sorted(&["id", "state", "error", "startTime", "stopTime"]));
+    assert_eq!(
+        keys(&job),
+        sorted(&["id", "state", "error", "startTime", "stopTime"])
+    );
     assert_eq!(job["state"], "running");
     assert!(job["stopTime"].is_null());
     assert_eq!(daemon.metrics().get("walden_backup_running"), 1.0);
@@ -158,7 +187,11 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
         "{job}"
     );
     let ids = std::fs::read_to_string(jobs.join("ids")).expect("ids");
-    assert_eq!(ids.lines().collect::<Vec<_>>(), vec![id.as_str(), id3.as_str()], "each backup ran once with its id");
+    assert_eq!(
+        ids.lines().collect::<Vec<_>>(),
+        vec![id.as_str(), id3.as_str()],
+        "each backup ran once with its id"
+    );
     let (code, _) = daemon.api("GET", "/v1/backups/19990101T000000Z");
     assert_eq!(code, 404);
 
@@ -166,10 +199,16 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     let m = daemon.metrics();
     assert_eq!(m.get("walden_backups_total{result=\"succeeded\"}"), 1.0);
     assert_eq!(m.get("walden_backups_total{result=\"failed\"}"), 1.0);
-    assert_eq!(m.get("walden_backup_duration_seconds_count{result=\"succeeded\"}"), 1.0);
+    assert_eq!(
+        m.get("walden_backup_duration_seconds_count{result=\"succeeded\"}"),
+        1.0
+    );
     assert_eq!(m.get("walden_backup_running"), 0.0);
     assert!(m.get("walden_backup_last_success_timestamp_seconds") > 1.7e9);
     assert!(m.get("walden_wal_archived_total") > m0.get("walden_wal_archived_total"));
-    assert!(m.get("walden_storage_uploaded_bytes_total") > m0.get("walden_storage_uploaded_bytes_total"));
+    assert!(
+        m.get("walden_storage_uploaded_bytes_total")
+            > m0.get("walden_storage_uploaded_bytes_total")
+    );
     assert_eq!(m.get("walden_postgres_in_recovery"), 0.0);
 }

@@ -33,7 +33,10 @@ fn primary(work: &Workdir, daemon_env: &mut Vec<(String, String)>) -> PgCluster 
     let pg = PgCluster::init(work.path(), "primary");
     pg.set(&[
         ("archive_mode", "on".into()),
-        ("archive_command", format!("'{} wal-push %p'", walden_bin().display())),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden_bin().display()),
+        ),
         ("wal_level", "replica".into()),
         ("max_wal_size", "'1GB'".into()),
     ]);
@@ -46,7 +49,11 @@ fn stored_segments(archive: &Archive) -> BTreeSet<String> {
     block_on(archive.keys())
         .into_iter()
         .filter_map(|k| {
-            let name = k.strip_prefix("wal/")?.split('/').nth(1)?.strip_suffix(".zst")?;
+            let name = k
+                .strip_prefix("wal/")?
+                .split('/')
+                .nth(1)?
+                .strip_suffix(".zst")?;
             (name.len() == 24).then(|| name.to_string())
         })
         .collect()
@@ -54,14 +61,23 @@ fn stored_segments(archive: &Archive) -> BTreeSet<String> {
 
 /// Every segment from the first stored through `last` is stored (no gap), and
 /// each one still in pg_wal comes back (verified, through the daemon) byte for byte.
-fn assert_archive_complete(pg: &PgCluster, archive: &Archive, daemon: &Daemon, work: &Path, last: &str) -> usize {
+fn assert_archive_complete(
+    pg: &PgCluster,
+    archive: &Archive,
+    daemon: &Daemon,
+    work: &Path,
+    last: &str,
+) -> usize {
     let stored = stored_segments(archive);
     let first = stored.iter().next().expect("no segment stored").clone();
     let mut seg = SegmentName::parse(&first).expect("segment name");
     let last_seg = SegmentName::parse(last).expect("segment name");
     let mut count = 0;
     while seg <= last_seg {
-        assert!(stored.contains(&seg.to_string()), "{seg} missing from the archive (stored: {stored:?})");
+        assert!(
+            stored.contains(&seg.to_string()),
+            "{seg} missing from the archive (stored: {stored:?})"
+        );
         seg = seg.next(SEGMENT_SIZE);
         count += 1;
     }
@@ -76,7 +92,11 @@ fn assert_archive_complete(pg: &PgCluster, archive: &Archive, daemon: &Daemon, w
             .args(["wal-fetch", name, dest.to_str().expect("utf-8")])
             .output()
             .expect("wal-fetch");
-        assert!(out.status.success(), "{name} does not restore: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name} does not restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got = std::fs::read(&dest).expect("restored");
         assert_eq!(got.len(), SEGMENT_SIZE as usize, "{name}: wrong size");
         if pg.archive_status("done").contains(name) {
@@ -126,24 +146,50 @@ fn archive_keeps_up_with_pgbench_through_the_daemon_on_s3() {
     eprintln!(
         "pgbench load: {load_secs:.1} s, {archived} files archived, all archived after {drained:.1} s, max .ready backlog {max_ready}"
     );
-    assert_eq!(failed, 0, "archive failures under load:\n{}", daemon.log_text());
-    assert!(archived >= 10, "only {archived} files archived; the load is too small to prove anything");
-    wait_for("the .ready backlog to drain", LONG, || pg.archive_status("ready").is_empty().then_some(()));
+    assert_eq!(
+        failed,
+        0,
+        "archive failures under load:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        archived >= 10,
+        "only {archived} files archived; the load is too small to prove anything"
+    );
+    wait_for("the .ready backlog to drain", LONG, || {
+        pg.archive_status("ready").is_empty().then_some(())
+    });
 
     let count = assert_archive_complete(&pg, &archive, &daemon, work.path(), &last);
     assert!(count as u64 >= archived.saturating_sub(1));
 
     // The metrics moved with the work, and parallel archiving answered from memory.
     let m = daemon.metrics();
-    assert!(m.get("walden_wal_archived_total") >= archived as f64, "{:?}", m.0);
-    assert!(m.get("walden_wal_push_answers_total{answer=\"remembered\"}") > 0.0, "no push was answered from memory: {:?}", m.0);
+    assert!(
+        m.get("walden_wal_archived_total") >= archived as f64,
+        "{:?}",
+        m.0
+    );
+    assert!(
+        m.get("walden_wal_push_answers_total{answer=\"remembered\"}") > 0.0,
+        "no push was answered from memory: {:?}",
+        m.0
+    );
     assert_eq!(m.get("walden_wal_archive_failures_total"), 0.0);
     assert_eq!(m.get("walden_wal_ready_files"), 0.0);
     assert!(m.get("walden_storage_uploaded_bytes_total") > 1e6);
     assert!(m.get("walden_wal_last_archived_timestamp_seconds") > 1.7e9);
-    assert_eq!(m.get(&format!("walden_wal_last_archived{{wal=\"{last}\"}}")), 1.0, "{:?}", m.0);
+    assert_eq!(
+        m.get(&format!("walden_wal_last_archived{{wal=\"{last}\"}}")),
+        1.0,
+        "{:?}",
+        m.0
+    );
     assert!(m.get("walden_wal_fetches_total{result=\"restored\"}") >= count as f64);
-    assert!(m.get("walden_prefetch_hits_total") > 0.0, "verification fetches never hit the prefetch");
+    assert!(
+        m.get("walden_prefetch_hits_total") > 0.0,
+        "verification fetches never hit the prefetch"
+    );
     assert!(m.get("walden_wal_fetch_duration_seconds_count{source=\"prefetch\"}") > 0.0);
     // /v1/status agrees with PostgreSQL.
     let (code, status) = daemon.api("GET", "/v1/status");
@@ -180,17 +226,27 @@ fn kill_9_during_parallel_uploads_loses_nothing_and_reports_nothing_early() {
     let reported = pg.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
     let stored = stored_segments(&archive);
     for name in &done {
-        assert!(stored.contains(name), "{name} reported archived to PostgreSQL but not stored");
+        assert!(
+            stored.contains(name),
+            "{name} reported archived to PostgreSQL but not stored"
+        );
     }
     if reported.len() == 24 {
-        assert!(stored.contains(&reported), "pg_stat_archiver says {reported} but it is not stored");
+        assert!(
+            stored.contains(&reported),
+            "pg_stat_archiver says {reported} but it is not stored"
+        );
     }
-    let remembered = std::fs::read_to_string(daemon.state_dir.join("archived.jsonl")).unwrap_or_default();
+    let remembered =
+        std::fs::read_to_string(daemon.state_dir.join("archived.jsonl")).unwrap_or_default();
     let mut remembered_count = 0;
     for line in remembered.lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("archive log line");
         let name = v["name"].as_str().expect("name");
-        assert!(stored.contains(name), "the archive log remembers {name}, which is not stored");
+        assert!(
+            stored.contains(name),
+            "the archive log remembers {name}, which is not stored"
+        );
         remembered_count += 1;
     }
     let ready_at_kill = pg.archive_status("ready");
@@ -200,7 +256,10 @@ fn kill_9_during_parallel_uploads_loses_nothing_and_reports_nothing_early() {
         ready_at_kill.len(),
         stored.len()
     );
-    assert!(!ready_at_kill.is_empty(), "nothing was left to archive at the kill; the test proves nothing");
+    assert!(
+        !ready_at_kill.is_empty(),
+        "nothing was left to archive at the kill; the test proves nothing"
+    );
 
     // Restart: PostgreSQL retries, everything ends up stored exactly once in content.
     archive.proxy().pass();
@@ -210,7 +269,10 @@ fn kill_9_during_parallel_uploads_loses_nothing_and_reports_nothing_early() {
     pg.wait_archived(&last, LONG);
     assert_archive_complete(&pg, &archive, &daemon, work.path(), &last);
     let log = daemon.log_text() + &pg.log_text();
-    assert!(!log.contains("refusing to overwrite"), "a conflicting re-push:\n{log}");
+    assert!(
+        !log.contains("refusing to overwrite"),
+        "a conflicting re-push:\n{log}"
+    );
     let m = daemon.metrics();
     eprintln!(
         "after restart: push answers remembered={} uploaded={}",

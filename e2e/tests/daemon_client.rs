@@ -50,7 +50,10 @@ fn real_segments(work: &Workdir, n: usize) -> Vec<PathBuf> {
     std::fs::create_dir_all(&out).expect("mkdir");
     let mut paths = Vec::new();
     for i in 0..n {
-        pg.sql(&format!("INSERT INTO t SELECT md5(g::text) FROM generate_series(1, {}) g", 2000 * (i + 1)));
+        pg.sql(&format!(
+            "INSERT INTO t SELECT md5(g::text) FROM generate_series(1, {}) g",
+            2000 * (i + 1)
+        ));
         let name = pg.switch_wal();
         let dest = out.join(&name);
         std::fs::copy(pg.data.join("pg_wal").join(&name), &dest).expect("copy segment");
@@ -66,14 +69,22 @@ fn assert_push_failed(o: &Output, what: &str) {
 }
 
 fn assert_fetch_failed(o: &Output, dest: &Path, what: &str) {
-    assert_eq!(code(o), 254, "{what}: wal-fetch must exit 254: {}", stderr(o));
+    assert_eq!(
+        code(o),
+        254,
+        "{what}: wal-fetch must exit 254: {}",
+        stderr(o)
+    );
     assert!(!dest.exists(), "{what}: {} was written", dest.display());
     let leftovers: Vec<_> = std::fs::read_dir(dest.parent().expect("parent"))
         .expect("read_dir")
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains("walden-tmp"))
         .collect();
-    assert!(leftovers.is_empty(), "{what}: temporary files left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "{what}: temporary files left: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -88,8 +99,15 @@ fn thin_client_without_a_daemon_fails_safely() {
     let missing = work.path().join("nowhere").join("walden.sock");
     let o = out(thin(&missing, &["wal-push", s(&seg)]));
     assert_push_failed(&o, "no socket");
-    assert!(stderr(&o).contains("cannot reach the walden daemon"), "{}", stderr(&o));
-    let o = out(thin(&missing, &["wal-fetch", "000000010000000000000001", s(&dest)]));
+    assert!(
+        stderr(&o).contains("cannot reach the walden daemon"),
+        "{}",
+        stderr(&o)
+    );
+    let o = out(thin(
+        &missing,
+        &["wal-fetch", "000000010000000000000001", s(&dest)],
+    ));
     assert_fetch_failed(&o, &dest, "no socket");
 
     // A stale socket file nobody listens on (the daemon crashed).
@@ -98,7 +116,10 @@ fn thin_client_without_a_daemon_fails_safely() {
     assert!(stale.exists());
     let o = out(thin(&stale, &["wal-push", s(&seg)]));
     assert_push_failed(&o, "stale socket");
-    let o = out(thin(&stale, &["wal-fetch", "000000010000000000000001", s(&dest)]));
+    let o = out(thin(
+        &stale,
+        &["wal-fetch", "000000010000000000000001", s(&dest)],
+    ));
     assert_fetch_failed(&o, &dest, "stale socket");
 }
 
@@ -138,20 +159,29 @@ fn thin_client_fails_safely_when_the_daemon_dies_mid_request() {
     let server = fake_daemon(
         &socket,
         vec![
-            Vec::new(),                                                  // push: closes without answering
-            Vec::new(),                                                  // fetch: closes without answering
-            b"{\"status\":\"ok\",\"len\":1000}\n0123456789".to_vec(),  // fetch: dies mid-body
-            b"{\"status\":\"ok\"\n".to_vec(),                           // fetch: garbage
+            Vec::new(),                                               // push: closes without answering
+            Vec::new(), // fetch: closes without answering
+            b"{\"status\":\"ok\",\"len\":1000}\n0123456789".to_vec(), // fetch: dies mid-body
+            b"{\"status\":\"ok\"\n".to_vec(), // fetch: garbage
             b"{\"status\":\"error\",\"message\":\"storage down\"}\n".to_vec(), // fetch: error
-            b"{\"status\":\"not-found\",\"message\":\"absent\"}\n".to_vec(),   // fetch: definitive absence
-            ok_answer,                                                   // fetch: complete
-            b"{\"status\":\"ok\"}\n".to_vec(),                          // push: archived
+            b"{\"status\":\"not-found\",\"message\":\"absent\"}\n".to_vec(), // fetch: definitive absence
+            ok_answer,                                                       // fetch: complete
+            b"{\"status\":\"ok\"}\n".to_vec(),                               // push: archived
         ],
     );
     let o = out(thin(&socket, &["wal-push", s(&seg)]));
     assert_push_failed(&o, "daemon closed before answering a push");
-    assert!(stderr(&o).contains("closed the connection"), "{}", stderr(&o));
-    for what in ["closed before answering", "died mid-body", "garbage answer", "error answer"] {
+    assert!(
+        stderr(&o).contains("closed the connection"),
+        "{}",
+        stderr(&o)
+    );
+    for what in [
+        "closed before answering",
+        "died mid-body",
+        "garbage answer",
+        "error answer",
+    ] {
         let o = out(thin(&socket, &["wal-fetch", name, s(&dest)]));
         assert_fetch_failed(&o, &dest, what);
     }
@@ -178,9 +208,11 @@ fn thin_client_fails_safely_when_the_daemon_dies_mid_request() {
 
 /// Waits until the daemon's storage traffic counter passes `bytes`.
 fn wait_traffic(daemon: &Daemon, metric: &str, bytes: f64) {
-    wait_for(&format!("{metric} > {bytes}"), Duration::from_secs(120), || {
-        (daemon.metrics().get(metric) > bytes).then_some(())
-    });
+    wait_for(
+        &format!("{metric} > {bytes}"),
+        Duration::from_secs(120),
+        || (daemon.metrics().get(metric) > bytes).then_some(()),
+    );
 }
 
 fn key_of(seg: &Path) -> String {
@@ -212,10 +244,16 @@ fn real_daemon_killed_mid_request_and_graceful_shutdown() {
     wait_traffic(&daemon, "walden_storage_uploaded_bytes_total", 2048.0);
     daemon.kill9();
     let status = child.wait().expect("wait wal-push");
-    assert!(!status.success(), "wal-push succeeded although the daemon died mid-upload");
+    assert!(
+        !status.success(),
+        "wal-push succeeded although the daemon died mid-upload"
+    );
     proxy.pass();
     let keys = block_on(archive.keys());
-    assert!(!keys.contains(&key_of(&segs[0])), "a push killed mid-upload left {keys:?}");
+    assert!(
+        !keys.contains(&key_of(&segs[0])),
+        "a push killed mid-upload left {keys:?}"
+    );
 
     // After a restart the same push succeeds.
     daemon.restart();
@@ -229,12 +267,18 @@ fn real_daemon_killed_mid_request_and_graceful_shutdown() {
     let dest = dest_dir.join("RECOVERYXLOG");
     daemon.restart();
     proxy.throttle(16 << 10);
-    let before = daemon.metrics().get("walden_storage_downloaded_bytes_total");
+    let before = daemon
+        .metrics()
+        .get("walden_storage_downloaded_bytes_total");
     let name = segs[0].file_name().and_then(|n| n.to_str()).expect("name");
     let child = thin(&daemon.socket, &["wal-fetch", name, s(&dest)])
         .spawn()
         .expect("spawn wal-fetch");
-    wait_traffic(&daemon, "walden_storage_downloaded_bytes_total", before + 4096.0);
+    wait_traffic(
+        &daemon,
+        "walden_storage_downloaded_bytes_total",
+        before + 4096.0,
+    );
     daemon.kill9();
     let o = child.wait_with_output().expect("wait wal-fetch");
     assert_fetch_failed(&o, &dest, "daemon killed mid-fetch");
@@ -250,9 +294,18 @@ fn real_daemon_killed_mid_request_and_graceful_shutdown() {
         .expect("spawn wal-push");
     wait_traffic(&daemon, "walden_storage_uploaded_bytes_total", 1024.0);
     let status = daemon.terminate(Duration::from_secs(180));
-    assert!(status.success(), "daemon exit after SIGTERM: {status}\n{}", daemon.log_text());
+    assert!(
+        status.success(),
+        "daemon exit after SIGTERM: {status}\n{}",
+        daemon.log_text()
+    );
     let o = child.wait_with_output().expect("wait");
-    assert_eq!(code(&o), 0, "upload in flight at SIGTERM was not let finish: {}", stderr(&o));
+    assert_eq!(
+        code(&o),
+        0,
+        "upload in flight at SIGTERM was not let finish: {}",
+        stderr(&o)
+    );
     assert!(block_on(archive.keys()).contains(&key_of(&segs[1])));
     assert!(!daemon.socket.exists(), "socket left behind after shutdown");
 

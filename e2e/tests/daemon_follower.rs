@@ -42,9 +42,11 @@ fn insert_batch(pg: &PgCluster, batch: u32) {
 }
 
 fn wait_same_rows(follower: &PgCluster, primary_digest: &str, how: &str) {
-    wait_for(&format!("the follower to catch up through {how}"), LONG, || {
-        (digest(follower).ok()? == primary_digest).then_some(())
-    });
+    wait_for(
+        &format!("the follower to catch up through {how}"),
+        LONG,
+        || (digest(follower).ok()? == primary_digest).then_some(()),
+    );
 }
 
 #[test]
@@ -57,7 +59,10 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     let mut primary = PgCluster::init(work.path(), "primary");
     primary.set(&[
         ("archive_mode", "on".into()),
-        ("archive_command", format!("'{} wal-push %p'", walden.display())),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden.display()),
+        ),
         ("wal_level", "replica".into()),
     ]);
     let mut env = archive.env();
@@ -80,10 +85,16 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     let mut follower = PgCluster::adopt(work.path(), base);
     follower.set(&[
         ("hot_standby", "on".into()),
-        ("restore_command", format!("'{} wal-fetch %f %p'", walden.display())),
+        (
+            "restore_command",
+            format!("'{} wal-fetch %f %p'", walden.display()),
+        ),
         ("recovery_target_timeline", "'latest'".into()),
         ("archive_mode", "on".into()),
-        ("archive_command", format!("'{} wal-push %p'", walden.display())),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden.display()),
+        ),
     ]);
     let signal = follower.data.join("standby.signal");
     std::fs::write(&signal, "").expect("standby.signal");
@@ -99,17 +110,32 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     let archived_rows = digest(&primary).expect("digest");
     wait_same_rows(&follower, &archived_rows, "archive replay");
     assert_eq!(follower.sql("SELECT pg_is_in_recovery()"), "t");
-    assert_eq!(follower.sql("SELECT count(*) FROM pg_stat_wal_receiver"), "0", "streaming without primary_conninfo?");
-    assert!(follower.log_text().contains("restored log file"), "{}", follower.log_text());
+    assert_eq!(
+        follower.sql("SELECT count(*) FROM pg_stat_wal_receiver"),
+        "0",
+        "streaming without primary_conninfo?"
+    );
+    assert!(
+        follower.log_text().contains("restored log file"),
+        "{}",
+        follower.log_text()
+    );
     let m = follower_daemon.metrics();
-    assert!(m.get("walden_prefetch_hits_total") > 0.0, "archive replay never used the prefetch: {:?}", m.0);
+    assert!(
+        m.get("walden_prefetch_hits_total") > 0.0,
+        "archive replay never used the prefetch: {:?}",
+        m.0
+    );
     assert!(m.get("walden_wal_fetches_total{result=\"restored\"}") >= 8.0);
     assert_eq!(m.get("walden_wal_fetches_total{result=\"failed\"}"), 0.0);
 
     // 2. Streaming: point the follower at the primary; new rows are not archived yet.
     follower.set(&[(
         "primary_conninfo",
-        format!("'host=127.0.0.1 port={} user=postgres application_name=follower'", primary.port),
+        format!(
+            "'host=127.0.0.1 port={} user=postgres application_name=follower'",
+            primary.port
+        ),
     )]);
     follower.sql("SELECT pg_reload_conf()");
     insert_batch(&primary, 9);
@@ -118,7 +144,9 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     wait_same_rows(&follower, &latest, "streaming");
     assert_eq!(follower.sql("SELECT v FROM t WHERE id = 7"), "latest");
     wait_for("the wal receiver to stream", LONG, || {
-        (follower.sql("SELECT coalesce(string_agg(status, ','), '') FROM pg_stat_wal_receiver") == "streaming").then_some(())
+        (follower.sql("SELECT coalesce(string_agg(status, ','), '') FROM pg_stat_wal_receiver")
+            == "streaming")
+            .then_some(())
     });
     let (code, status) = follower_daemon.api("GET", "/v1/status");
     assert_eq!(code, 200);
@@ -127,7 +155,10 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     assert!(lsn.contains('/'), "{status}");
     assert!(status["replay"]["lagBytes"].is_u64());
     assert!(status["replay"]["lagSeconds"].is_f64());
-    assert_eq!(follower_daemon.metrics().get("walden_postgres_in_recovery"), 1.0);
+    assert_eq!(
+        follower_daemon.metrics().get("walden_postgres_in_recovery"),
+        1.0
+    );
 
     // The source goes away with its archive complete; from here on nothing may change in it.
     primary.wait_archived(&primary.switch_wal(), LONG);
@@ -143,17 +174,30 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     let (code, _) = follower_daemon.api("POST", "/v1/promote");
     assert_eq!(code, 409, "promoting a primary again must be refused");
     follower.sql("INSERT INTO t VALUES (-1, 'written after promotion')");
-    assert_eq!(follower.sql("SELECT v FROM t WHERE id = -1"), "written after promotion");
+    assert_eq!(
+        follower.sql("SELECT v FROM t WHERE id = -1"),
+        "written after promotion"
+    );
     follower.switch_wal();
 
     // It tries to archive its new timeline into the source: refused, nothing written.
-    wait_for("the promoted follower's archiving to be refused", LONG, || {
-        let (_, s) = follower_daemon.api("GET", "/v1/status");
-        s["archiving"]["lastError"].as_str().filter(|e| e.contains("read-only")).map(|_| ())
-    });
+    wait_for(
+        "the promoted follower's archiving to be refused",
+        LONG,
+        || {
+            let (_, s) = follower_daemon.api("GET", "/v1/status");
+            s["archiving"]["lastError"]
+                .as_str()
+                .filter(|e| e.contains("read-only"))
+                .map(|_| ())
+        },
+    );
     assert!(follower.archiver_counts().1 >= 1);
     let after = objects(&archive);
-    assert_eq!(before, after, "the follower wrote into its source's archive");
+    assert_eq!(
+        before, after,
+        "the follower wrote into its source's archive"
+    );
     let (_, status) = follower_daemon.api("GET", "/v1/status");
     assert_eq!(status["role"], "primary");
     assert_eq!(status["archiving"]["archivedCount"], 0);

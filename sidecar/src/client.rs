@@ -40,9 +40,13 @@ pub enum ClientError {
     },
     #[error("the walden daemon at {socket} closed the connection before answering (did it stop?)")]
     NoAnswer { socket: String },
-    #[error("the walden daemon at {socket} sent an answer this client does not understand: {reason}")]
+    #[error(
+        "the walden daemon at {socket} sent an answer this client does not understand: {reason}"
+    )]
     BadAnswer { socket: String, reason: String },
-    #[error("the walden daemon at {socket} sent {got} of {expected} bytes of {name}, then stopped")]
+    #[error(
+        "the walden daemon at {socket} sent {got} of {expected} bytes of {name}, then stopped"
+    )]
     ShortBody {
         socket: String,
         name: String,
@@ -62,7 +66,9 @@ pub enum ClientError {
 /// What a delegated fetch ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchOutcome {
-    Restored { len: u64 },
+    Restored {
+        len: u64,
+    },
     /// The daemon said the file is definitively not in the archive.
     NotFound,
 }
@@ -153,9 +159,11 @@ pub fn push(opts: &ClientOptions, path: &Path) -> Result<(), ClientError> {
     let (_, resp) = opts.call(&req)?;
     match resp.status {
         Status::Ok => Ok(()),
-        _ => Err(ClientError::Daemon(resp.message.unwrap_or_else(|| {
-            "the daemon refused without a reason".into()
-        }))),
+        _ => {
+            Err(ClientError::Daemon(resp.message.unwrap_or_else(|| {
+                "the daemon refused without a reason".into()
+            })))
+        }
     }
 }
 

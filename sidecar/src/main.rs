@@ -74,14 +74,12 @@ enum Command {
         client: ClientArgs,
     },
     /// Run the sidecar: unix socket for wal-push/wal-fetch, parallel archiving, prefetch, HTTP API
-    #[command(
-        long_about = "Run the sidecar daemon.\n\n\
+    #[command(long_about = "Run the sidecar daemon.\n\n\
         wal-push and wal-fetch delegate to it when WALDEN_SOCKET is set. On a push it also uploads the \
         next .ready segments in parallel and remembers what it stored (WALDEN_STATE_DIR), so PostgreSQL's \
         next calls return at once; on a fetch it downloads the next segments of the same timeline ahead. \
         The HTTP API (WALDEN_LISTEN) serves /healthz, /metrics and, with the bearer token of \
-        WALDEN_TOKEN_FILE, /v1/status, /v1/backups and /v1/promote. SIGTERM lets running uploads finish."
-    )]
+        WALDEN_TOKEN_FILE, /v1/status, /v1/backups and /v1/promote. SIGTERM lets running uploads finish.")]
     Daemon(DaemonArgs),
     /// Copy this walden binary into a directory (used by the init container of pods)
     Install {

@@ -95,7 +95,10 @@ impl Backups {
 
     pub fn running(&self) -> Option<Job> {
         let jobs = lock(&self.jobs);
-        jobs.running.as_ref().and_then(|id| jobs.map.get(id)).cloned()
+        jobs.running
+            .as_ref()
+            .and_then(|id| jobs.map.get(id))
+            .cloned()
     }
 
     pub fn catalog(&self) -> Catalog {
@@ -192,14 +195,19 @@ impl Backups {
         let error = match status {
             Ok(s) if s.success() => None,
             Ok(s) => {
-                let tail = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(ERROR_TAIL)..])
-                    .trim()
-                    .to_string();
+                let tail =
+                    String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(ERROR_TAIL)..])
+                        .trim()
+                        .to_string();
                 Some(format!("backup-push exited with {s}: {tail}"))
             }
             Err(e) => Some(format!("waiting for backup-push: {e}")),
         };
-        let result = if error.is_none() { "succeeded" } else { "failed" };
+        let result = if error.is_none() {
+            "succeeded"
+        } else {
+            "failed"
+        };
         let secs = started.elapsed().as_secs_f64();
         self.metrics
             .backups
@@ -290,17 +298,14 @@ fn parse_catalog(json: &[u8]) -> Result<Catalog, String> {
         }
         Value::Object(o)
     };
-    let last_backup = v
-        .get("backups")
-        .and_then(Value::as_array)
-        .and_then(|bs| {
-            bs.iter()
-                .max_by(|a, b| {
-                    let key = |x: &Value| x.get("stopTime").and_then(Value::as_str).map(String::from);
-                    key(a).cmp(&key(b))
-                })
-                .map(pick)
-        });
+    let last_backup = v.get("backups").and_then(Value::as_array).and_then(|bs| {
+        bs.iter()
+            .max_by(|a, b| {
+                let key = |x: &Value| x.get("stopTime").and_then(Value::as_str).map(String::from);
+                key(a).cmp(&key(b))
+            })
+            .map(pick)
+    });
     let window = v.get("window").filter(|w| !w.is_null()).map(|w| {
         let mut o = serde_json::Map::new();
         for k in ["firstPoint", "firstLsn", "lastArchivedWal"] {

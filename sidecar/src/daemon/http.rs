@@ -50,7 +50,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// Constant-time comparison of the presented token with the file's content.
 /// The file is read on every request, so a rotated Secret takes effect at once.
-async fn authorize(State(api): State<Arc<Api>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn authorize(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -82,10 +87,15 @@ async fn authorize(State(api): State<Arc<Api>>, headers: HeaderMap, req: Request
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
-    api.archiver.ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal"))).await;
+    api.archiver
+        .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
+        .await;
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &api.registry) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}"));
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        );
     }
     (
         [(
@@ -111,7 +121,9 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         .unwrap_or(0);
     let (role, replay) = match api.pg.probe().await {
         Ok(p) => {
-            api.metrics.postgres_in_recovery.set(i64::from(p.in_recovery));
+            api.metrics
+                .postgres_in_recovery
+                .set(i64::from(p.in_recovery));
             let replay = p.replay.map(|r| {
                 api.metrics.replay_lag_seconds.set(r.lag_seconds);
                 api.metrics.replay_lag_bytes.set(r.lag_bytes as i64);

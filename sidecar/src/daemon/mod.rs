@@ -109,7 +109,12 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
         prefetch_dir.clone(),
         metrics.clone(),
     )
-    .with_context(|| format!("preparing the prefetch directory {}", prefetch_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "preparing the prefetch directory {}",
+            prefetch_dir.display()
+        )
+    })?;
     let backups = backup::Backups::new(args.backup_command.clone(), metrics.clone());
     if args.token_file.is_none() {
         tracing::warn!("no WALDEN_TOKEN_FILE: every /v1 request will be refused with 401");
@@ -172,7 +177,10 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     // Let the requests whose uploads finished hear so (PostgreSQL then marks them done).
     let left = open.drain(Duration::from_secs(2)).await;
     if left > 0 {
-        tracing::warn!(requests = left, "closing unanswered requests; their clients fail and PostgreSQL retries");
+        tracing::warn!(
+            requests = left,
+            "closing unanswered requests; their clients fail and PostgreSQL retries"
+        );
     }
     prefetcher.clear();
     catalog_task.abort();

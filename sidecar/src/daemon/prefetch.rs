@@ -197,7 +197,9 @@ impl Prefetcher {
                     .map(|id| id.wal_segment_size)
             })
             .await
-            .map_err(|e| tracing::warn!(error = %e, "cannot read the segment size; not prefetching"))
+            .map_err(
+                |e| tracing::warn!(error = %e, "cannot read the segment size; not prefetching"),
+            )
             .ok()
             .copied()
     }
@@ -343,10 +345,7 @@ mod tests {
             .unwrap();
         for name in names {
             let key = WalFile::parse(name).unwrap().object_key();
-            let body = Sealer::new(
-                std::io::Cursor::new(content(name)),
-                SealOptions::default(),
-            );
+            let body = Sealer::new(std::io::Cursor::new(content(name)), SealOptions::default());
             storage.create(&key, Box::pin(body)).await.unwrap();
         }
         storage
@@ -379,7 +378,11 @@ mod tests {
         .unwrap();
 
         let check = |served: &Served, name: &str| {
-            assert_eq!(std::fs::read(&served.path).unwrap(), content(name), "{name}");
+            assert_eq!(
+                std::fs::read(&served.path).unwrap(),
+                content(name),
+                "{name}"
+            );
             assert_eq!(served.len, content(name).len() as u64);
         };
         let first = p.fetch(&seg(1, 1)).await.unwrap();

@@ -146,7 +146,8 @@ async fn handle(
                     write
                         .write_all(&Response::content(served.len).to_line())
                         .await?;
-                    let sent = tokio::io::copy(&mut (&mut file).take(served.len), &mut write).await?;
+                    let sent =
+                        tokio::io::copy(&mut (&mut file).take(served.len), &mut write).await?;
                     if sent != served.len {
                         // The client sees a short body and fails; never a wrong file.
                         tracing::error!(file = %name, sent, len = served.len, "restored file shrank while being sent");

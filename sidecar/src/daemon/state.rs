@@ -174,7 +174,9 @@ impl ArchivedLog {
         let mut line = serde_json::to_vec(&record)
             .map_err(|e| err("encode a record for", &path)(std::io::Error::other(e)))?;
         line.push(b'\n');
-        self.file.write_all(&line).map_err(err("append to", &path))?;
+        self.file
+            .write_all(&line)
+            .map_err(err("append to", &path))?;
         self.file.sync_data().map_err(err("fsync", &path))?;
         self.lines += 1;
         if self
