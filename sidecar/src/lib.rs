@@ -1,19 +1,28 @@
-//! Walden's engine: WAL archiving and restore to object storage.
+//! Walden's engine: WAL archiving, base backups and restores to object storage.
 //!
 //! The binary (`walden`) is a thin layer over these modules:
 //! - [`storage`]: where bytes live (`file://`, `s3://`), behind one small async trait;
 //! - [`object`]: how every stored object is sealed (zstd + a checksum trailer) and verified;
 //! - [`repo`]: the repository identity (`walden.json`) that ties a prefix to one database;
 //! - [`wal`]: WAL file names, segment headers, and the push/fetch operations;
+//! - [`backup`]: hot base backups (`pg_backup_start`, PGDATA as tar parts, `pg_backup_stop`);
+//! - [`catalog`]: the backups that exist, the recovery window, which backup fits a target;
+//! - [`restore`]: a backup unpacked into an empty directory with its recovery settings;
+//! - [`pg`]: the connection to the protected server; [`lsn`]: log positions;
 //! - [`retry`]: bounded retries with backoff for transient storage errors;
 //! - [`daemon`]: `walden daemon`, the sidecar (socket, parallel archiving, prefetch, HTTP API);
 //! - [`client`]: the thin `wal-push`/`wal-fetch` client that delegates to the daemon.
 
+pub mod backup;
+pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod lsn;
 pub mod object;
+pub mod pg;
 pub mod repo;
+pub mod restore;
 pub mod retry;
 pub mod storage;
 pub mod wal;

@@ -4,9 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use walden::backup::{self, BackupOptions};
+use walden::catalog;
 use walden::client::{self, ClientArgs, FetchOutcome};
 use walden::config::Settings;
 use walden::daemon::DaemonArgs;
+use walden::restore::{self, settings::RecoverySettings, RestoreOptions};
 use walden::wal::{self, FetchOptions, PushOptions};
 
 /// Exit status of `wal-fetch` when the file is definitively not in the archive:
@@ -81,6 +86,85 @@ enum Command {
         The HTTP API (WALDEN_LISTEN) serves /healthz, /metrics and, with the bearer token of \
         WALDEN_TOKEN_FILE, /v1/status, /v1/backups and /v1/promote. SIGTERM lets running uploads finish.")]
     Daemon(DaemonArgs),
+    /// Take a base backup of a running server (pg_backup_start/stop over libpq)
+    #[command(long_about = "Take a hot base backup of a running PostgreSQL server.\n\n\
+        Connects with the libpq settings (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) or --pg-conninfo, \
+        runs pg_backup_start, streams the data directory as compressed tar parts to storage in parallel, \
+        runs pg_backup_stop, waits until the WAL that makes the backup consistent is archived, and only \
+        then writes backup.json: a backup is listed only when it can be restored. Must run where the \
+        data directory is mounted (read-only is enough).")]
+    BackupPush {
+        /// The server's data directory on disk [default: the server's data_directory]
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: Option<PathBuf>,
+        /// libpq connection string, e.g. "host=127.0.0.1 port=5432 user=postgres"
+        #[arg(long, env = "WALDEN_PG_CONNINFO", value_name = "CONNINFO")]
+        pg_conninfo: Option<String>,
+        /// Parts built and uploaded at once
+        #[arg(long, env = "WALDEN_BACKUP_PARALLELISM", default_value_t = default_parallelism(), value_name = "N")]
+        parallelism: usize,
+        /// Uncompressed size at which a part is closed, in MiB
+        #[arg(long, env = "WALDEN_BACKUP_PART_SIZE_MB", default_value_t = 256, value_name = "MIB")]
+        part_size_mb: u64,
+        /// How long to wait for the backup's last WAL segment to be archived, in seconds
+        #[arg(long, env = "WALDEN_BACKUP_WAL_WAIT", default_value_t = 300, value_name = "SECONDS")]
+        wal_wait: u64,
+        /// Print the new backup's manifest as JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// List base backups and the recoverable window
+    BackupList {
+        /// Stable JSON output: {"backups":[...],"window":{...}}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a base backup into an empty directory, set up to recover to a target
+    #[command(long_about = "Restore a base backup into an empty directory, ready for `pg_ctl start`.\n\n\
+        Picks the newest backup that can reach the target (or the one given with --backup), downloads and \
+        unpacks its parts in parallel, verifies every checksum, and writes the recovery settings: \
+        recovery.signal (or standby.signal with --standby), restore_command using walden wal-fetch, \
+        recovery_target_* and recovery_target_timeline. Without a target, recovery replays the whole archive.")]
+    Restore {
+        /// The new data directory (must be empty or absent)
+        dest: PathBuf,
+        /// Backup id, or LATEST for the newest that fits the target
+        #[arg(long, value_name = "ID|LATEST")]
+        backup: Option<String>,
+        /// Recover up to this time, e.g. 2026-11-24T01:30:00Z (a time zone is required)
+        #[arg(long, value_name = "TIME", group = "target")]
+        target_time: Option<String>,
+        /// Recover up to this WAL position, e.g. 0/3000060
+        #[arg(long, value_name = "LSN", group = "target")]
+        target_lsn: Option<String>,
+        /// Recover up to this restore point (pg_create_restore_point)
+        #[arg(long, value_name = "NAME", group = "target")]
+        target_name: Option<String>,
+        /// Stop just before the target instead of just after it
+        #[arg(long)]
+        target_exclusive: bool,
+        /// Timeline to follow: latest, current, or a number
+        #[arg(long, default_value = "latest", value_name = "TIMELINE")]
+        target_timeline: String,
+        /// What to do at the target
+        #[arg(long, default_value = "promote", value_parser = ["promote", "pause", "shutdown"])]
+        target_action: String,
+        /// Set up a standby (follower) instead of a one-off recovery
+        #[arg(long)]
+        standby: bool,
+        /// primary_conninfo for a streaming standby
+        #[arg(long, value_name = "CONNINFO", requires = "standby")]
+        primary_conninfo: Option<String>,
+        /// Restore the tablespace at OLDDIR into NEWDIR (repeatable)
+        #[arg(long, value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
+        tablespace_mapping: Vec<(String, String)>,
+        /// restore_command to write [default: this walden binary with the storage settings]
+        #[arg(long, value_name = "COMMAND")]
+        restore_command: Option<String>,
+        /// Parts downloaded and unpacked at once
+        #[arg(long, env = "WALDEN_RESTORE_PARALLELISM", default_value_t = default_parallelism(), value_name = "N")]
+        parallelism: usize,
+    },
     /// Copy this walden binary into a directory (used by the init container of pods)
     Install {
         /// Directory to copy the binary into, as <dir>/walden
@@ -195,6 +279,104 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::BackupPush { pgdata, pg_conninfo, parallelism, part_size_mb, wal_wait, json } => {
+            let result = async {
+                let storage = settings.open_storage().await?;
+                let opts = BackupOptions {
+                    pgdata,
+                    conninfo: pg_conninfo,
+                    part_size: part_size_mb.max(1) << 20,
+                    parallelism,
+                    seal: settings.seal_options(),
+                    wal_wait: Duration::from_secs(wal_wait),
+                };
+                backup::push(storage, &opts).await.map_err(anyhow::Error::from)
+            }
+            .await;
+            match result {
+                Ok(m) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+                    } else {
+                        println!(
+                            "backup {} complete: {} files, {} read, {} stored in {} parts, LSN {} .. {}",
+                            m.id, m.file_count, human(m.logical_size), human(m.stored_size), m.parts.len(), m.start_lsn, m.stop_lsn
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("backup-push", e),
+            }
+        }
+        Command::BackupList { json } => match backup_list(&settings, json).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("backup-list", e),
+        },
+        Command::Restore {
+            dest,
+            backup,
+            target_time,
+            target_lsn,
+            target_name,
+            target_exclusive,
+            target_timeline,
+            target_action,
+            standby,
+            primary_conninfo,
+            tablespace_mapping,
+            restore_command,
+            parallelism,
+        } => {
+            let result = async {
+                let target = restore::target_from(target_time.as_deref(), target_lsn.as_deref(), target_name.as_deref())
+                    .map_err(anyhow::Error::msg)?;
+                let storage = settings.open_storage().await?;
+                let restore_command = match restore_command {
+                    Some(c) => c,
+                    None => restore::default_restore_command(
+                        &std::env::current_exe()?,
+                        &storage.url(),
+                        settings.s3_endpoint.as_deref(),
+                        settings.s3_path_style,
+                    ),
+                };
+                let opts = RestoreOptions {
+                    dest,
+                    backup,
+                    recovery: RecoverySettings {
+                        restore_command,
+                        target,
+                        inclusive: !target_exclusive,
+                        timeline: target_timeline,
+                        action: target_action,
+                        standby,
+                        primary_conninfo,
+                    },
+                    tablespace_mapping,
+                    parallelism,
+                    retry: settings.retry_policy(),
+                };
+                restore::restore(storage, &opts).await.map_err(anyhow::Error::from).map(|r| (r, opts))
+            }
+            .await;
+            match result {
+                Ok((r, opts)) => {
+                    println!(
+                        "restored backup {} into {}: {} files, {} in {:.1}s; {} written, recovery target: {}. Start it with: pg_ctl -D {} start",
+                        r.backup.id,
+                        opts.dest.display(),
+                        r.files,
+                        human(r.bytes),
+                        r.seconds,
+                        opts.recovery.signal_file(),
+                        opts.recovery.target,
+                        opts.dest.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("restore", e),
+            }
+        }
         Command::Install { dir } => match install(&dir) {
             Ok(dest) => {
                 tracing::info!("installed {}", dest.display());
@@ -240,6 +422,119 @@ fn delegate(command: &Command) -> Option<ExitCode> {
         }
         _ => None,
     }
+}
+
+fn fail(what: &str, e: anyhow::Error) -> ExitCode {
+    tracing::error!("{what}: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
+}
+
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if a.starts_with('/') && b.starts_with('/') => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("{s:?} is not OLDDIR=NEWDIR with absolute paths")),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The stable JSON of `backup-list --json`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BackupListJson {
+    backups: Vec<BackupJson>,
+    window: Option<catalog::RecoveryWindow>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BackupJson {
+    id: String,
+    start_time: chrono::DateTime<chrono::Utc>,
+    stop_time: chrono::DateTime<chrono::Utc>,
+    start_lsn: String,
+    stop_lsn: String,
+    timeline: u32,
+    logical_size: u64,
+    stored_size: u64,
+    files: u64,
+    parts: usize,
+    pg_version_num: u32,
+}
+
+async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let storage = settings.open_storage().await?;
+    let backups = catalog::list_backups(storage.as_ref()).await?;
+    let window = catalog::recovery_window(storage.as_ref(), &backups).await?;
+    if json {
+        let out = BackupListJson {
+            backups: backups
+                .iter()
+                .map(|b| BackupJson {
+                    id: b.id.clone(),
+                    start_time: b.start_time,
+                    stop_time: b.stop_time,
+                    start_lsn: b.start_lsn.to_string(),
+                    stop_lsn: b.stop_lsn.to_string(),
+                    timeline: b.timeline,
+                    logical_size: b.logical_size,
+                    stored_size: b.stored_size,
+                    files: b.file_count,
+                    parts: b.parts.len(),
+                    pg_version_num: b.pg_version_num,
+                })
+                .collect(),
+            window,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if backups.is_empty() {
+        println!("no base backups in {}", storage.url());
+    } else {
+        println!("{:<20} {:<25} {:<25} {:>12} {:>12} {:>3} {:>10} {:>10}", "ID", "START", "STOP", "START LSN", "STOP LSN", "TL", "SIZE", "STORED");
+        for b in &backups {
+            println!(
+                "{:<20} {:<25} {:<25} {:>12} {:>12} {:>3} {:>10} {:>10}",
+                b.id,
+                b.start_time.format("%Y-%m-%d %H:%M:%S%.3fZ"),
+                b.stop_time.format("%Y-%m-%d %H:%M:%S%.3fZ"),
+                b.start_lsn.to_string(),
+                b.stop_lsn.to_string(),
+                b.timeline,
+                human(b.logical_size),
+                human(b.stored_size)
+            );
+        }
+    }
+    match window {
+        Some(w) => println!(
+            "recoverable: from {} (LSN {}) to the end of the archive, last segment {} archived {}",
+            w.first_point.to_rfc3339(),
+            w.first_lsn,
+            w.last_archived_wal.as_deref().unwrap_or("none yet"),
+            w.last_archived_time.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
+        ),
+        None => println!("recoverable window: none (no base backup)"),
+    }
+    Ok(())
 }
 
 /// Copies the running binary to `<dir>/walden` atomically, executable by all.

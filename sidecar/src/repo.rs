@@ -30,8 +30,10 @@ pub struct RepoIdentity {
     /// PostgreSQL major version, from the WAL page magic, when known.
     pub pg_version: Option<u32>,
     pub wal_segment_size: u32,
-    /// WAL page magic of the first pushed segment, e.g. `0xD110`.
-    pub wal_page_magic: String,
+    /// WAL page magic of the first pushed segment, e.g. `0xD110` (absent when
+    /// the repository was created by a base backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_page_magic: Option<String>,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,11 +75,18 @@ impl RepoError {
 impl RepoIdentity {
     pub fn from_header(header: &PageHeader) -> Self {
         Self {
+            wal_page_magic: Some(format!("0x{:04X}", header.magic)),
+            ..Self::new(header.system_identifier, header.pg_version(), header.segment_size)
+        }
+    }
+
+    pub fn new(system_identifier: u64, pg_version: Option<u32>, wal_segment_size: u32) -> Self {
+        Self {
             format: FORMAT,
-            system_identifier: header.system_identifier.to_string(),
-            pg_version: header.pg_version(),
-            wal_segment_size: header.segment_size,
-            wal_page_magic: format!("0x{:04X}", header.magic),
+            system_identifier: system_identifier.to_string(),
+            pg_version,
+            wal_segment_size,
+            wal_page_magic: None,
             created_at: Utc::now(),
             created_by: format!("walden {}", env!("CARGO_PKG_VERSION")),
             encryption_key_fingerprint: None,
@@ -125,24 +134,21 @@ pub async fn require(storage: &dyn Storage) -> Result<RepoIdentity, RepoError> {
 
 /// Returns the identity, creating it from `header` on the first push, and
 /// refuses a segment of another database.
-pub async fn ensure(
-    storage: &dyn Storage,
-    header: &PageHeader,
-    what: &str,
-) -> Result<RepoIdentity, RepoError> {
+pub async fn ensure(storage: &dyn Storage, header: &PageHeader, what: &str) -> Result<RepoIdentity, RepoError> {
+    ensure_identity(storage, RepoIdentity::from_header(header), what).await
+}
+
+/// Returns the stored identity (creating it from `fresh` if the prefix is new)
+/// and refuses `what` unless it belongs to the same database.
+pub async fn ensure_identity(storage: &dyn Storage, fresh: RepoIdentity, what: &str) -> Result<RepoIdentity, RepoError> {
+    let found = fresh.system_identifier.clone();
     let identity = match load(storage).await? {
         Some(id) => id,
         None => {
-            let fresh = RepoIdentity::from_header(header);
-            let mut json = serde_json::to_vec_pretty(&fresh).map_err(|e| RepoError::Malformed {
-                url: storage.url(),
-                reason: e.to_string(),
-            })?;
+            let mut json = serde_json::to_vec_pretty(&fresh)
+                .map_err(|e| RepoError::Malformed { url: storage.url(), reason: e.to_string() })?;
             json.push(b'\n');
-            match storage
-                .create(IDENTITY_KEY, Box::pin(Cursor::new(json)))
-                .await?
-            {
+            match storage.create(IDENTITY_KEY, Box::pin(Cursor::new(json))).await? {
                 Created::Created => {
                     tracing::info!(storage = %storage.url(), system_identifier = %fresh.system_identifier, "created repository");
                     fresh
@@ -152,7 +158,6 @@ pub async fn ensure(
             }
         }
     };
-    let found = header.system_identifier.to_string();
     if identity.system_identifier != found {
         return Err(RepoError::SystemIdMismatch {
             what: what.to_string(),

@@ -75,6 +75,9 @@ impl Storage for Metered {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.inner.list(prefix).await
     }
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.inner.list_folders(prefix).await
+    }
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         self.inner.delete(keys).await
     }

@@ -3,80 +3,36 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 
+use crate::pg::{self, PgError};
+
+/// Status and promotion must answer quickly, whatever PGCONNECT_TIMEOUT says.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    #[error("connecting to PostgreSQL ({target}): {source}")]
-    Connect {
-        target: String,
-        source: tokio_postgres::Error,
-    },
-    #[error("connecting to PostgreSQL ({target}): timed out after {CONNECT_TIMEOUT:?}")]
-    Timeout { target: String },
-    #[error("{what}: {source}")]
-    Query {
-        what: &'static str,
-        source: tokio_postgres::Error,
-    },
-}
-
-/// Where and as whom to connect, from `PGHOST`, `PGPORT`, `PGUSER`,
-/// `PGPASSWORD`, `PGDATABASE` (libpq's names and defaults; no TLS: the
-/// daemon talks to the server in its own pod).
+/// Where and as whom to connect: the libpq variables (`PGHOST`, `PGPORT`,
+/// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, ...) as [`crate::pg`] reads them.
 #[derive(Debug, Clone)]
 pub struct PgTarget {
-    config: Config,
-    describe: String,
+    config: Result<Config, String>,
 }
 
 impl PgTarget {
     pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let host = var("PGHOST").unwrap_or_else(|| "localhost".into());
-        let port = var("PGPORT")
-            .and_then(|p| p.parse::<u16>().ok())
-            .unwrap_or(5432);
-        let user = var("PGUSER").unwrap_or_else(|| "postgres".into());
-        let dbname = var("PGDATABASE").unwrap_or_else(|| user.clone());
-        let mut config = Config::new();
-        for h in host.split(',') {
-            config.host(h);
-        }
-        config
-            .port(port)
-            .user(&user)
-            .dbname(&dbname)
-            .application_name("walden-daemon")
-            .connect_timeout(CONNECT_TIMEOUT);
-        if let Some(pw) = var("PGPASSWORD") {
-            config.password(pw);
-        }
         Self {
-            config,
-            describe: format!("host={host} port={port} user={user} dbname={dbname}"),
+            config: pg::config(None).map_err(|e| e.to_string()),
         }
     }
 
     async fn connect(&self) -> Result<Client, PgError> {
-        let connecting = self.config.connect(NoTls);
-        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let config = self.config.as_ref().map_err(|e| PgError::Config(e.clone()))?;
+        tokio::time::timeout(CONNECT_TIMEOUT, pg::connect(config))
             .await
-            .map_err(|_| PgError::Timeout {
-                target: self.describe.clone(),
+            .map_err(|_| {
+                PgError::Config(format!(
+                    "connecting to PostgreSQL timed out after {CONNECT_TIMEOUT:?}"
+                ))
             })?
-            .map_err(|source| PgError::Connect {
-                target: self.describe.clone(),
-                source,
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL connection ended");
-            }
-        });
-        Ok(client)
     }
 
     /// Role and, on a standby, replay position and lag.

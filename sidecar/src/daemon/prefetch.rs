@@ -316,7 +316,6 @@ fn clear_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::object::{SealOptions, Sealer};
-    use crate::repo::RepoIdentity;
     use crate::storage::FileStorage;
     use prometheus_client::registry::Registry;
 
@@ -328,16 +327,14 @@ mod tests {
 
     async fn archive(dir: &Path, names: &[String]) -> Arc<dyn Storage> {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.to_path_buf()));
-        let id = RepoIdentity {
-            format: repo::FORMAT,
-            system_identifier: "1".into(),
-            pg_version: Some(15),
-            wal_segment_size: SIZE,
-            wal_page_magic: "0xD110".into(),
-            created_at: chrono::Utc::now(),
-            created_by: "test".into(),
-            encryption_key_fingerprint: None,
-        };
+        let id = serde_json::json!({
+            "format": repo::FORMAT,
+            "system_identifier": "1",
+            "pg_version": 15,
+            "wal_segment_size": SIZE,
+            "created_at": chrono::Utc::now(),
+            "created_by": "test",
+        });
         let json = serde_json::to_vec(&id).unwrap();
         storage
             .create(repo::IDENTITY_KEY, Box::pin(std::io::Cursor::new(json)))

@@ -154,6 +154,7 @@ impl Storage for FileStorage {
             Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
                 key: key.to_string(),
                 size: m.len(),
+                modified: m.modified().ok().map(Into::into),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -169,6 +170,25 @@ impl Storage for FileStorage {
             .await
             .map_err(|e| StorageError::new(ErrorKind::Transient, "list", loc.clone(), e))?
             .map_err(|e| StorageError::io("list", loc, e))
+    }
+
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let dir = self.path("list", prefix.trim_end_matches('/'))?;
+        let loc = self.location(prefix);
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StorageError::io("list", loc, e)),
+        };
+        let mut out = Vec::new();
+        while let Some(entry) = entries.next_entry().await.map_err(|e| StorageError::io("list", loc.clone(), e))? {
+            let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir {
+                out.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
@@ -228,9 +248,11 @@ fn list_blocking(root: &Path, prefix: &str) -> std::io::Result<Vec<ObjectInfo>> 
                     stack.push(path);
                 }
             } else if ft.is_file() && key.starts_with(prefix) {
+                let meta = entry.metadata()?;
                 out.push(ObjectInfo {
                     key,
-                    size: entry.metadata()?.len(),
+                    size: meta.len(),
+                    modified: meta.modified().ok().map(Into::into),
                 });
             }
         }
@@ -314,6 +336,9 @@ mod tests {
         assert_eq!(keys(s.list("wal/a").await.unwrap()), ["wal/a/1", "wal/a/3"]);
         assert_eq!(keys(s.list("wal").await.unwrap()).len(), 4);
         assert_eq!(s.list("nothing/").await.unwrap(), vec![]);
+        assert_eq!(s.list_folders("wal/").await.unwrap(), ["a", "b"]);
+        assert_eq!(s.list_folders("").await.unwrap(), ["backups", "wal"]);
+        assert!(s.list_folders("nothing/").await.unwrap().is_empty());
         assert_eq!(s.get_tail("wal/a/1", 1).await.unwrap(), b"2");
         assert_eq!(s.get_tail("wal/a/1", 10).await.unwrap(), b"12");
     }

@@ -27,6 +27,8 @@ pub struct ObjectInfo {
     /// Key relative to the repository prefix, `/`-separated.
     pub key: String,
     pub size: u64,
+    /// When the object was stored, where the backend reports it.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What [`Storage::create`] did.
@@ -65,6 +67,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Every object whose key starts with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    /// The names of the "folders" directly under `prefix` (which ends with `/`),
+    /// sorted: a delimiter listing, so callers can find the newest WAL folder
+    /// without listing every segment.
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
 
     /// Deletes the objects; keys that do not exist are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
@@ -131,6 +138,9 @@ impl Storage for ReadOnly {
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.0.list(prefix).await
+    }
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.0.list_folders(prefix).await
     }
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         let first = keys.first().map(String::as_str).unwrap_or("");

@@ -269,6 +269,10 @@ fn status_of<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())
 }
 
+fn to_utc(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
 /// Maps an SDK error to a storage error: 404 is NotFound; network failures,
 /// timeouts, throttling and 5xx are transient; the rest (403, bad requests) is permanent.
 fn classify<E>(op: &'static str, object: &str, err: SdkError<E, HttpResponse>) -> StorageError
@@ -382,6 +386,7 @@ impl Storage for S3Storage {
             Ok(o) => Ok(Some(ObjectInfo {
                 key: key.to_string(),
                 size: o.content_length().unwrap_or_default().max(0) as u64,
+                modified: o.last_modified().and_then(to_utc),
             })),
             Err(e) => {
                 let err = classify("stat", &loc, e);
@@ -420,10 +425,28 @@ impl Storage for S3Storage {
                 out.push(ObjectInfo {
                     key: rel.to_string(),
                     size: obj.size().unwrap_or_default().max(0) as u64,
+                    modified: obj.last_modified().and_then(to_utc),
                 });
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let loc = self.location(prefix);
+        let full = format!("{}/", self.full_key(prefix.trim_end_matches('/')));
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).delimiter("/").into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("list", &loc, e))?;
+            for p in page.common_prefixes() {
+                if let Some(name) = p.prefix().and_then(|p| p.strip_prefix(&full)) {
+                    out.push(name.trim_end_matches('/').to_string());
+                }
+            }
+        }
+        out.sort();
         Ok(out)
     }
 

@@ -1,0 +1,268 @@
+//! `backup-push`: a hot base backup of a running server, the way WAL-E and
+//! WAL-G take them: `pg_backup_start` over a libpq connection, PGDATA read
+//! from disk and streamed as tar parts through zstd to storage in parallel,
+//! `pg_backup_stop`, then `backup.json` written last, only once every part is
+//! stored and the WAL that makes the backup consistent is in the archive.
+
+pub mod parts;
+pub mod walk;
+
+use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::catalog::{BackupManifest, CatalogError, Compression};
+use crate::lsn::Lsn;
+use crate::object::SealOptions;
+use crate::pg::{self, PgError};
+use crate::repo::{self, RepoError, RepoIdentity};
+use crate::storage::{Created, Storage, StorageError};
+use crate::wal::{SegmentName, WalFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{path}: {source}")]
+    Local { path: String, source: io::Error },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BackupError {
+    /// The tar side stopped because the upload had already failed.
+    pub fn is_upload_aborted(&self) -> bool {
+        matches!(self, BackupError::Local { source, .. } if source.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The data directory on disk; by default the server's `data_directory`.
+    pub pgdata: Option<PathBuf>,
+    /// A libpq connection string; by default the `PG*` environment.
+    pub conninfo: Option<String>,
+    pub part_size: u64,
+    pub parallelism: usize,
+    pub seal: SealOptions,
+    /// How long to wait for the backup's last WAL segment to reach the archive.
+    pub wal_wait: Duration,
+}
+
+/// The system identifier at the start of `global/pg_control`, to be sure the
+/// directory read is the data directory of the server being backed up.
+fn control_system_identifier(pgdata: &Path) -> io::Result<u64> {
+    let bytes = std::fs::read(pgdata.join("global/pg_control"))?;
+    let head: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| io::Error::other("pg_control is too short"))?;
+    Ok(u64::from_le_bytes(head))
+}
+
+/// Parses `START WAL LOCATION: 0/2000028 (file 000000010000000000000002)` and
+/// `START TIMELINE: 1` out of a backup label.
+pub fn parse_label(label: &str) -> Option<(Lsn, String, u32)> {
+    let mut lsn = None;
+    let mut file = None;
+    let mut timeline = None;
+    for line in label.lines() {
+        if let Some(rest) = line.strip_prefix("START WAL LOCATION: ") {
+            let (l, f) = rest.split_once(" (file ")?;
+            lsn = l.trim().parse().ok();
+            file = Some(f.trim_end_matches(')').to_string());
+        } else if let Some(t) = line.strip_prefix("START TIMELINE: ") {
+            timeline = t.trim().parse().ok();
+        }
+    }
+    Some((lsn?, file?, timeline?))
+}
+
+async fn choose_id(storage: &dyn Storage, start: DateTime<Utc>) -> Result<String, BackupError> {
+    let base = start.format("%Y%m%dT%H%M%SZ").to_string();
+    for n in 1..100 {
+        let id = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        if storage.list(&BackupManifest::prefix(&id)).await?.is_empty() {
+            return Ok(id);
+        }
+    }
+    Err(BackupError::Conflict(format!("too many backups started at {base}")))
+}
+
+/// Takes a base backup; returns its manifest once `backup.json` is stored.
+pub async fn push(storage: Arc<dyn Storage>, opts: &BackupOptions) -> Result<BackupManifest, BackupError> {
+    let started = Instant::now();
+    let cfg = pg::config(opts.conninfo.as_deref())?;
+    let client = pg::connect(&cfg).await?;
+    let info = pg::server_info(&client).await?;
+    let identity = RepoIdentity::new(info.system_identifier, Some(info.version_num / 10000), info.segment_size);
+    repo::ensure_identity(
+        storage.as_ref(),
+        identity,
+        &format!("a base backup of the database with system identifier {}", info.system_identifier),
+    )
+    .await?;
+
+    let pgdata = opts.pgdata.clone().unwrap_or_else(|| PathBuf::from(&info.data_directory));
+    match control_system_identifier(&pgdata) {
+        Ok(id) if id == info.system_identifier => {}
+        Ok(id) => {
+            return Err(BackupError::Invalid(format!(
+                "{} holds the data of database {id}, but the server connected to is database {}: \
+                 give --pgdata the data directory of that server",
+                pgdata.display(),
+                info.system_identifier
+            )))
+        }
+        Err(e) => {
+            return Err(BackupError::Invalid(format!(
+                "cannot read {}/global/pg_control ({e}): backup-push must run where the server's data directory \
+                 is mounted; give it with --pgdata or PGDATA",
+                pgdata.display()
+            )))
+        }
+    }
+
+    let modern = info.version_num >= 150000;
+    let start_sql = if modern {
+        "SELECT pg_backup_start($1, true)::text, clock_timestamp()"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text, clock_timestamp()"
+    };
+    let now = Utc::now();
+    let id = choose_id(storage.as_ref(), now).await?;
+    let label = format!("walden {id}");
+    let span = tracing::info_span!("backup_push", id = %id);
+    async {
+        let row = client
+            .query_one(start_sql, &[&label])
+            .await
+            .map_err(|source| PgError::Query { what: "pg_backup_start", source })?;
+        let start_time: DateTime<Utc> = row.get(1);
+        tracing::info!(pgdata = %pgdata.display(), "backup started");
+
+        let (tx, rx) = mpsc::channel(1024);
+        let root = pgdata.clone();
+        let walker = tokio::task::spawn_blocking(move || walk::walk(&root, tx));
+        let part_opts = parts::PartOptions { part_size: opts.part_size, parallelism: opts.parallelism, seal: opts.seal };
+        let uploaded = parts::upload(storage.clone(), BackupManifest::prefix(&id), rx, part_opts).await;
+        let walked = walker.await.map_err(|e| BackupError::Internal(format!("walker failed: {e}")))?;
+        let (parts, totals) = uploaded?;
+        let tablespaces =
+            walked.map_err(|source| BackupError::Local { path: pgdata.display().to_string(), source })?;
+
+        let stop_sql = if modern {
+            "SELECT lsn::text, labelfile, spcmapfile, clock_timestamp() FROM pg_backup_stop(false)"
+        } else {
+            "SELECT lsn::text, labelfile, spcmapfile, clock_timestamp() FROM pg_stop_backup(false, false)"
+        };
+        let row = client
+            .query_one(stop_sql, &[])
+            .await
+            .map_err(|source| PgError::Query { what: "pg_backup_stop", source })?;
+        let stop_lsn: String = row.get(0);
+        let backup_label: String = row.get(1);
+        let tablespace_map: Option<String> = row.get(2);
+        let stop_time: DateTime<Utc> = row.get(3);
+        let unexpected = |detail: String| PgError::Unexpected { what: "pg_backup_stop", detail };
+        let stop_lsn: Lsn = stop_lsn.parse().map_err(unexpected)?;
+        let (start_lsn, start_wal, timeline) =
+            parse_label(&backup_label).ok_or_else(|| unexpected(format!("a backup label without a start: {backup_label:?}")))?;
+        let stop_wal = SegmentName::holding_end(timeline, stop_lsn.0, info.segment_size).to_string();
+
+        wait_for_wal(storage.as_ref(), &stop_wal, opts.wal_wait).await?;
+
+        let stored_size = parts.iter().map(|p| p.stored_size).sum();
+        let manifest = BackupManifest {
+            format: repo::FORMAT,
+            id: id.clone(),
+            label,
+            system_identifier: info.system_identifier.to_string(),
+            pg_version_num: info.version_num,
+            timeline,
+            start_lsn,
+            stop_lsn,
+            start_wal,
+            stop_wal,
+            start_time,
+            stop_time,
+            backup_label,
+            tablespace_map: tablespace_map.filter(|m| !m.is_empty()),
+            tablespaces,
+            parts,
+            file_count: totals.files,
+            logical_size: totals.logical,
+            stored_size,
+            compression: Compression { algorithm: "zstd".into(), level: opts.seal.level },
+            encryption: None,
+            created_by: format!("walden {}", env!("CARGO_PKG_VERSION")),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Internal(e.to_string()))?;
+        match storage.create(&BackupManifest::key(&id), Box::pin(Cursor::new(json))).await? {
+            Created::Created => {}
+            Created::AlreadyExists => {
+                return Err(BackupError::Conflict(format!("{}/{} already exists", storage.url(), BackupManifest::key(&id))))
+            }
+        }
+        tracing::info!(
+            files = manifest.file_count,
+            bytes = manifest.logical_size,
+            stored = manifest.stored_size,
+            parts = manifest.parts.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "backup complete"
+        );
+        Ok(manifest)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits until the segment that completes the backup is archived: without it
+/// the backup cannot be restored, so it is not listed.
+async fn wait_for_wal(storage: &dyn Storage, segment: &str, wait: Duration) -> Result<(), BackupError> {
+    let key = WalFile::parse(segment)
+        .map(|f| f.object_key())
+        .ok_or_else(|| BackupError::Internal(format!("bad segment name {segment}")))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        if storage.head(&key).await?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(BackupError::Invalid(format!(
+                "WAL segment {segment}, which this backup needs to be consistent, did not reach {} within {}s: \
+                 is archive_command = 'walden wal-push %p' set up with this storage? The backup is not listed",
+                storage.url(),
+                wait.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_backup_labels() {
+        let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
+                     CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\n\
+                     START TIME: 2026-11-24 01:00:00 UTC\nLABEL: walden x\nSTART TIMELINE: 3\n";
+        assert_eq!(parse_label(label), Some((Lsn(0x200_0028), "000000010000000000000002".into(), 3)));
+        assert_eq!(parse_label("garbage"), None);
+    }
+}
