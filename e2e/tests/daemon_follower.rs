@@ -1,8 +1,10 @@
-//! A follower at process level, run the way the operator's pod runs it: a
-//! base backup of the primary (`pg_basebackup -X none`: every WAL byte must
-//! come from the archive), `standby.signal`, `restore_command` through its own
-//! read-only `walden daemon` (prefetching), then `primary_conninfo` for
-//! streaming. It catches up through archive replay, then through streaming,
+//! A follower at process level, run the way the operator's pod runs it:
+//! `walden backup-push` on the source, then for the follower `walden restore
+//! --standby --primary-conninfo ...` (read-only storage), its own read-only
+//! `walden daemon` (prefetching) serving `restore_command`, and `pg_ctl start`.
+//! The primary is reached through a TCP proxy that first refuses connections
+//! (the primary is unreachable: the follower must replay from the archive)
+//! and then passes them (it must stream). It catches up through both,
 //! answers reads with the primary's latest rows, is promoted through
 //! `POST /v1/promote`, accepts writes — and never writes into the source's
 //! archive (invariant 6: the object list is identical before and after, even
@@ -11,8 +13,8 @@
 use std::time::Duration;
 
 use walden::storage::ObjectInfo;
-use walden_e2e::sys::{chown_pg, wait_for};
-use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
+use walden_e2e::sys::{run, wait_for};
+use walden_e2e::{walden_bin, Archive, Daemon, FaultProxy, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -71,7 +73,9 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     primary.with_env(source_daemon.client_env()).start();
     primary.sql("CREATE TABLE t (id int PRIMARY KEY, v text)");
     insert_batch(&primary, 0);
-    let base = primary.base_backup(work.path(), "follower");
+    let mut backup = archive.walden(&["backup-push"]);
+    backup.envs(primary.libpq_env());
+    run(&mut backup);
 
     // Written after the base backup and archived: the follower must replay it from the archive.
     for batch in 1..=8 {
@@ -81,24 +85,34 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     let last = primary.switch_wal();
     primary.wait_archived(&last, LONG);
 
-    // The follower: its own daemon, read-only on the source's archive.
-    let mut follower = PgCluster::adopt(work.path(), base);
+    // The follower, as its pod builds it: restore (read-only), then its own read-only daemon.
+    let to_primary = FaultProxy::start(primary.port);
+    to_primary.drop_connections();
+    let dest = work.path().join("follower");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres application_name=follower",
+        to_primary.port
+    );
+    let restore_command = format!("{} wal-fetch %f %p", walden.display());
+    let mut restore = archive.walden(&[
+        "restore",
+        dest.to_str().expect("utf-8"),
+        "--standby",
+        "--primary-conninfo",
+        &conninfo,
+        "--restore-command",
+        &restore_command,
+    ]);
+    restore.env("WALDEN_READ_ONLY", "true");
+    run(&mut restore);
+    run(std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dest));
+    assert!(dest.join("standby.signal").exists(), "restore --standby wrote no standby.signal");
+    let mut follower = PgCluster::adopt(work.path(), dest);
     follower.set(&[
         ("hot_standby", "on".into()),
-        (
-            "restore_command",
-            format!("'{} wal-fetch %f %p'", walden.display()),
-        ),
-        ("recovery_target_timeline", "'latest'".into()),
         ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden.display()),
-        ),
+        ("archive_command", format!("'{} wal-push %p'", walden.display())),
     ]);
-    let signal = follower.data.join("standby.signal");
-    std::fs::write(&signal, "").expect("standby.signal");
-    chown_pg(&signal);
     let mut env = archive.env();
     env.extend(follower.libpq_env());
     env.push(("WALDEN_READ_ONLY".into(), "true".into()));
@@ -106,7 +120,7 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     let follower_daemon = Daemon::start(work.path(), "follower", env);
     follower.with_env(follower_daemon.client_env()).start();
 
-    // 1. Archive replay (no primary_conninfo yet).
+    // 1. Archive replay: the primary is unreachable.
     let archived_rows = digest(&primary).expect("digest");
     wait_same_rows(&follower, &archived_rows, "archive replay");
     assert_eq!(follower.sql("SELECT pg_is_in_recovery()"), "t");
@@ -129,15 +143,8 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     assert!(m.get("walden_wal_fetches_total{result=\"restored\"}") >= 8.0);
     assert_eq!(m.get("walden_wal_fetches_total{result=\"failed\"}"), 0.0);
 
-    // 2. Streaming: point the follower at the primary; new rows are not archived yet.
-    follower.set(&[(
-        "primary_conninfo",
-        format!(
-            "'host=127.0.0.1 port={} user=postgres application_name=follower'",
-            primary.port
-        ),
-    )]);
-    follower.sql("SELECT pg_reload_conf()");
+    // 2. Streaming: the primary becomes reachable; new rows are not archived yet.
+    to_primary.pass();
     insert_batch(&primary, 9);
     primary.sql("UPDATE t SET v = 'latest' WHERE id = 7");
     let latest = digest(&primary).expect("digest");
