@@ -139,7 +139,7 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     assert!(status["archiving"]["lastError"].is_null());
     assert!(status["backupInProgress"].is_null());
     assert!(status["replay"].is_null());
-    // backup-list is not part of this build yet: no last backup, no window, rather than guesses.
+    // No base backup exists yet (the backup command here is a stand-in): no last backup, no window.
     assert!(status["lastBackup"].is_null());
     assert!(status["recoveryWindow"].is_null());
 
@@ -211,4 +211,54 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             > m0.get("walden_storage_uploaded_bytes_total")
     );
     assert_eq!(m.get("walden_postgres_in_recovery"), 0.0);
+}
+
+/// Without an override, `POST /v1/backups` runs `walden backup-push` as a
+/// child with the daemon's environment; afterwards the status reports the
+/// backup and the recovery window from `walden backup-list --json`.
+#[test]
+fn api_backup_runs_backup_push_and_status_reports_the_catalog() {
+    let work = Workdir::new("daemon-api-backup");
+    let archive = Archive::new(StorageKind::S3, work.path(), "db");
+    let mut pg = PgCluster::init(work.path(), "primary");
+    pg.set(&[
+        ("archive_mode", "on".into()),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden_bin().display()),
+        ),
+        ("wal_level", "replica".into()),
+    ]);
+    let mut env = archive.env();
+    env.extend(pg.libpq_env());
+    let daemon = Daemon::start(work.path(), "api", env);
+    pg.with_env(daemon.client_env()).start();
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+
+    let (code, started) = daemon.api("POST", "/v1/backups");
+    assert_eq!(code, 202, "{started}");
+    let id = started["id"].as_str().expect("id").to_string();
+    let job = wait_job(&daemon, &id, "succeeded");
+    assert!(job["error"].is_null(), "{job}\n{}", daemon.log_text());
+
+    let (code, status) = daemon.api("GET", "/v1/status");
+    assert_eq!(code, 200);
+    let last = &status["lastBackup"];
+    assert_eq!(
+        keys(last),
+        sorted(&["id", "startTime", "stopTime", "startLsn", "stopLsn"]),
+        "{status}"
+    );
+    assert!(last["stopLsn"].as_str().expect("stopLsn").contains('/'));
+    let window = &status["recoveryWindow"];
+    assert_eq!(
+        keys(window),
+        sorted(&["firstPoint", "firstLsn", "lastArchivedWal"]),
+        "{status}"
+    );
+    assert!(window["lastArchivedWal"].is_string(), "{status}");
+    assert!(status["backupInProgress"].is_null());
+    let m = daemon.metrics();
+    assert_eq!(m.get("walden_backups_total{result=\"succeeded\"}"), 1.0);
+    assert!(m.get("walden_backup_duration_seconds_sum{result=\"succeeded\"}") > 0.0);
 }

@@ -105,13 +105,21 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
     ]);
     restore.env("WALDEN_READ_ONLY", "true");
     run(&mut restore);
-    run(std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dest));
-    assert!(dest.join("standby.signal").exists(), "restore --standby wrote no standby.signal");
+    run(std::process::Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&dest));
+    assert!(
+        dest.join("standby.signal").exists(),
+        "restore --standby wrote no standby.signal"
+    );
     let mut follower = PgCluster::adopt(work.path(), dest);
     follower.set(&[
         ("hot_standby", "on".into()),
         ("archive_mode", "on".into()),
-        ("archive_command", format!("'{} wal-push %p'", walden.display())),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden.display()),
+        ),
     ]);
     let mut env = archive.env();
     env.extend(follower.libpq_env());
