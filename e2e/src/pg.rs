@@ -144,16 +144,6 @@ impl PgCluster {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// libpq settings that reach this server.
-    pub fn libpq_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("PGHOST".into(), "127.0.0.1".into()),
-            ("PGPORT".into(), self.port.to_string()),
-            ("PGUSER".into(), "postgres".into()),
-            ("PGDATABASE".into(), "postgres".into()),
-        ]
-    }
-
     /// Runs SQL and returns the unaligned, tuples-only output.
     pub fn sql(&self, sql: &str) -> String {
         let out = self.try_sql(sql).unwrap_or_else(|e| {
