@@ -724,6 +724,8 @@ async fn operator_on_a_real_apiserver() {
             "/usr/local/bin/walden",
             "restore",
             "/var/lib/postgresql/data/pgdata",
+            "--restore-command",
+            "/walden/bin/walden wal-fetch %f %p",
             "--target-time",
             "2025-05-01T09:59:00Z",
             "--target-exclusive"
@@ -832,6 +834,8 @@ async fn operator_on_a_real_apiserver() {
             "/usr/local/bin/walden",
             "restore",
             "/var/lib/postgresql/data/pgdata",
+            "--restore-command",
+            "/walden/bin/walden wal-fetch %f %p",
             "--standby",
             "--primary-conninfo",
             "$(WALDEN_PRIMARY_CONNINFO)"

@@ -9,11 +9,15 @@
 //! - [`catalog`]: the backups that exist, the recovery window, which backup fits a target;
 //! - [`restore`]: a backup unpacked into an empty directory with its recovery settings;
 //! - [`pg`]: the connection to the protected server; [`lsn`]: log positions;
-//! - [`retry`]: bounded retries with backoff for transient storage errors.
+//! - [`retry`]: bounded retries with backoff for transient storage errors;
+//! - [`daemon`]: `walden daemon`, the sidecar (socket, parallel archiving, prefetch, HTTP API);
+//! - [`client`]: the thin `wal-push`/`wal-fetch` client that delegates to the daemon.
 
 pub mod backup;
 pub mod catalog;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod lsn;
 pub mod object;
 pub mod pg;
