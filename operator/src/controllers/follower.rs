@@ -179,6 +179,8 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
         let mut replicas = Vec::new();
         let mut ready = 0;
         let mut first_endpoint = None;
+        // Replicas whose daemon did not answer: reported, not just logged.
+        let mut unreachable: Vec<String> = Vec::new();
         for i in 0..f.spec.replicas {
             let pod_name = format!("{name}-{i}");
             let Some(pod) = pods
@@ -215,7 +217,10 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
                             first_endpoint = Some((ep, d.role));
                         }
                     }
-                    Err(e) => warn!(pod = %replica.pod, error = %e, "daemon status unavailable"),
+                    Err(e) => {
+                        warn!(pod = %replica.pod, error = %e, "daemon status unavailable");
+                        unreachable.push(format!("{}: {e}", replica.pod));
+                    }
                 }
             }
             replicas.push(replica);
@@ -245,6 +250,38 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             now,
         ) {
             events.push(PendingEvent::normal(reason, "Observe", msg));
+        }
+
+        let (reach_status, reason, msg) = if unreachable.is_empty() {
+            (
+                Status::True,
+                "DaemonsReachable",
+                "every running replica's walden daemon answered".to_string(),
+            )
+        } else {
+            (
+                Status::False,
+                "DaemonUnreachable",
+                format!(
+                    "no answer from the walden daemon of {}",
+                    unreachable.join("; ")
+                ),
+            )
+        };
+        if set_condition(
+            &mut status.conditions,
+            "DaemonsReachable",
+            reach_status,
+            reason,
+            &msg,
+            generation,
+            now,
+        ) {
+            events.push(if unreachable.is_empty() {
+                PendingEvent::normal(reason, "Observe", msg)
+            } else {
+                PendingEvent::warning(reason, "Observe", msg)
+            });
         }
 
         if f.spec.promote && !status.promoted {
@@ -528,6 +565,51 @@ mod tests {
                 .role
                 .as_deref(),
             Some("primary")
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_daemon_is_a_condition_and_a_warning_event() {
+        let api = setup(2, false);
+        api.insert(pod(NS, "r-0", "10.0.1.1", labels(), true));
+        api.insert(pod(NS, "r-1", "10.0.1.2", labels(), true));
+        let daemon = Arc::new(FakeDaemon::default());
+        // Only r-0's daemon answers.
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert("http://10.0.1.1:8008".into(), standby_status("0/1", 0.0, 0));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T12:00:00Z"));
+        reconcile(stored(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let (status, reason, message) = cond(&stored(&api), "DaemonsReachable");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "DaemonUnreachable")
+        );
+        assert!(
+            message.contains("r-1") && !message.contains("r-0"),
+            "{message}"
+        );
+        assert!(api
+            .event_reasons()
+            .contains(&"DaemonUnreachable".to_string()));
+
+        // Once it answers, the condition recovers.
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert("http://10.0.1.2:8008".into(), standby_status("0/1", 0.0, 0));
+        reconcile(stored(&api), ctx)
+            .await
+            .expect("second reconcile");
+        let (status, reason, _) = cond(&stored(&api), "DaemonsReachable");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("True", "DaemonsReachable")
         );
     }
 
