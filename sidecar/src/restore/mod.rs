@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tokio_util::io::SyncIoBridge;
 use tracing::Instrument;
 
@@ -219,22 +219,37 @@ async fn unpack(
         bytes = backup.logical_size,
         "restoring"
     );
-    let totals: Vec<extract::Extracted> = futures::stream::iter(backup.parts.iter())
-        .map(|part| {
-            let storage = storage.clone();
-            let layout = layout.clone();
-            let id = backup.id.clone();
-            async move {
-                opts.retry
-                    .run("restoring a part", RestoreError::is_transient, || {
-                        restore_part(storage.clone(), &id, part, layout.clone())
-                    })
-                    .await
-            }
-        })
-        .buffer_unordered(opts.parallelism.max(1))
-        .try_collect()
-        .await?;
+    // After a failure no new part starts, and every part already started is
+    // waited for: its unpacking thread must be done before the caller cleans up.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<extract::Extracted, RestoreError>> =
+        futures::stream::iter(backup.parts.iter())
+            .map(|part| {
+                let storage = storage.clone();
+                let layout = layout.clone();
+                let id = backup.id.clone();
+                let failed = &failed;
+                async move {
+                    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Ok(None);
+                    }
+                    let res = opts
+                        .retry
+                        .run("restoring a part", RestoreError::is_transient, || {
+                            restore_part(storage.clone(), &id, part, layout.clone())
+                        })
+                        .await;
+                    if res.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    res.map(Some)
+                }
+            })
+            .buffer_unordered(opts.parallelism.max(1))
+            .filter_map(|r| async move { r.transpose() })
+            .collect()
+            .await;
+    let totals = results.into_iter().collect::<Result<Vec<_>, _>>()?;
 
     finish(backup, layout, &opts.recovery)?;
     Ok((
