@@ -25,7 +25,10 @@ impl PgTarget {
     }
 
     async fn connect(&self) -> Result<Client, PgError> {
-        let config = self.config.as_ref().map_err(|e| PgError::Config(e.clone()))?;
+        let config = self
+            .config
+            .as_ref()
+            .map_err(|e| PgError::Config(e.clone()))?;
         tokio::time::timeout(CONNECT_TIMEOUT, pg::connect(config))
             .await
             .map_err(|_| {
