@@ -59,6 +59,9 @@ pub struct Archiver {
     inner: Mutex<Inner>,
     metrics: Metrics,
     stopping: AtomicBool,
+    /// Set once an upload succeeded: the repository identity (`walden.json`)
+    /// exists, so parallel uploads no longer race to create it.
+    stored_once: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,7 @@ impl Archiver {
         log: ArchivedLog,
         metrics: Metrics,
     ) -> Arc<Self> {
+        let stored_once = AtomicBool::new(!log.is_empty());
         let mut status = ArchiveStatus::default();
         if let Some(r) = log.newest_segment() {
             status.last_archived_wal = Some(r.name.clone());
@@ -120,6 +124,7 @@ impl Archiver {
             }),
             metrics,
             stopping: AtomicBool::new(false),
+            stored_once,
         })
     }
 
@@ -199,6 +204,7 @@ impl Archiver {
             async move {
                 let outcome = me.store(&path, before).await;
                 if outcome.is_ok() {
+                    me.stored_once.store(true, Ordering::SeqCst);
                     // Durable in storage: the waiting client may hear so now. The
                     // name stays in flight until it is remembered, so no second
                     // upload of it starts meanwhile.
@@ -289,7 +295,7 @@ impl Archiver {
 
     /// Starts uploads of `.ready` files in `pg_wal` up to the parallelism.
     async fn fill(self: &Arc<Self>, pg_wal: &Path) {
-        if self.stopping.load(Ordering::SeqCst) {
+        if self.stopping.load(Ordering::SeqCst) || !self.stored_once.load(Ordering::SeqCst) {
             return;
         }
         let ready = match ready_files(pg_wal).await {
