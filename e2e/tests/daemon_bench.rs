@@ -182,3 +182,69 @@ fn measure_daemon_archive_and_fetch_throughput_on_s3() {
         );
     }
 }
+
+/// Runs the archiving test's pgbench load (`-i -s $WALDEN_BENCH_SCALE`,
+/// default 20, then 4 clients × 5000 transactions) with `archive_command` direct or through a daemon;
+/// prints the largest `.ready` backlog seen and the daemon's RSS.
+fn backlog_run(through_daemon: bool) {
+    let tag = if through_daemon { "daemon" } else { "direct" };
+    let scale = std::env::var("WALDEN_BENCH_SCALE").unwrap_or_else(|_| "20".into());
+    let work = Workdir::new(&format!("bench-backlog-{tag}"));
+    let archive = Archive::new(StorageKind::S3, work.path(), "db");
+    let mut pg = PgCluster::init(work.path(), "primary");
+    pg.set(&[
+        ("archive_mode", "on".into()),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden_bin().display()),
+        ),
+        ("wal_level", "replica".into()),
+        ("max_wal_size", "'1GB'".into()),
+    ]);
+    let mut env = direct_env(&archive);
+    env.extend(pg.libpq_env());
+    let daemon = through_daemon.then(|| Daemon::start(work.path(), "primary", env.clone()));
+    match &daemon {
+        Some(d) => pg.with_env(d.client_env()),
+        None => pg.with_env(env),
+    };
+    pg.start();
+    let started = Instant::now();
+    let mut max_ready = 0;
+    let mut peak_rss = 0;
+    std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            pg.pgbench(&["-i", "-s", &scale, "-q"]);
+            pg.pgbench(&["-n", "-c", "4", "-j", "2", "-t", "5000"]);
+        });
+        while !load.is_finished() {
+            max_ready = max_ready.max(pg.archive_status("ready").len());
+            if let Some(d) = &daemon {
+                peak_rss = peak_rss.max(daemon_peak(d));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        load.join().expect("pgbench");
+    });
+    let load_secs = started.elapsed().as_secs_f64();
+    let last = pg.switch_wal();
+    pg.wait_archived(&last, std::time::Duration::from_secs(600));
+    let (archived, failed) = pg.archiver_counts();
+    eprintln!(
+        "pgbench -s {scale} backlog, archive_command {tag:<7}: load {load_secs:5.1} s, all {archived} archived after {:5.1} s, \
+         {failed} failures, max .ready backlog {max_ready}{}",
+        started.elapsed().as_secs_f64(),
+        if through_daemon {
+            format!(", daemon peak RSS {:.1} MiB", peak_rss as f64 / 1024.0)
+        } else {
+            String::new()
+        }
+    );
+}
+
+#[test]
+#[ignore = "measurement; run with --ignored and a release WALDEN_BIN"]
+fn measure_archive_backlog_under_pgbench() {
+    backlog_run(false);
+    backlog_run(true);
+}
