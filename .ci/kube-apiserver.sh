@@ -33,14 +33,17 @@ if [ ! -x "$APISERVER" ] || [ "${#need_pkgs[@]}" -gt 0 ]; then
     # A deb822 twin of the machine's bookworm stanza with Types: deb-src. A
     # one-line deb-src entry would conflict on Signed-By and break apt.
     if [ ! -f "$SRC_LIST" ]; then
+        # The first stanza of the machine's own Debian sources, as Types: deb-src
+        # (same URIs and Signed-By), limited to the release suite.
         log "adding $SRC_LIST"
-        as_root tee "$SRC_LIST" >/dev/null <<'SOURCES'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SOURCES
+        awk 'BEGIN{RS=""; ORS="\n"} NR==1 {
+               n = split($0, lines, "\n")
+               for (i = 1; i <= n; i++) {
+                 if (lines[i] ~ /^Types:/) print "Types: deb-src"
+                 else if (lines[i] ~ /^Suites:/) { split(lines[i], w, " "); print "Suites: " w[2] }
+                 else if (lines[i] !~ /^#/) print lines[i]
+               }
+             }' /etc/apt/sources.list.d/debian.sources | as_root tee "$SRC_LIST" >/dev/null
         as_root apt-get update -qq
     fi
     if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the local default: protect a throwaway PostgreSQL 15 into
-# file:// storage with walden as its archive_command, lose it, and restore it
-# from a base backup with walden as its restore_command. Everything lives in
+# file:// storage (walden as its archive_command, a walden base backup), lose
+# it, and restore it with walden restore (walden as its restore_command). Everything lives in
 # $WALDEN_DEMO_DIR (default /tmp/walden-demo) and listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,12 @@ D=${WALDEN_DEMO_DIR:-/tmp/walden-demo}
 PGBIN=/usr/lib/postgresql/15/bin
 PORT=${WALDEN_DEMO_PORT:-54329}
 export WALDEN_STORAGE="file://$D/archive"
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- env WALDEN_STORAGE="$WALDEN_STORAGE" "$@"; else "$@"; fi; }
+export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then
+    runuser -u postgres -- env WALDEN_STORAGE="$WALDEN_STORAGE" PGHOST="$PGHOST" PGPORT="$PGPORT" PGUSER="$PGUSER" "$@"
+  else "$@"; fi
+}
 psql() { "$PGBIN/psql" -XAtq -h 127.0.0.1 -U postgres -p "$1" -d postgres -c "$2"; }
 say() { printf '\n== %s\n' "$*"; }
 
@@ -34,10 +39,12 @@ archive_mode = on
 archive_command = '$BIN wal-push %p'
 CONF
 as_pg "$PGBIN/pg_ctl" -D "$D/primary" -l "$D/primary.log" -w start >/dev/null
-as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -X none -c fast -D "$D/base"
-
-say "Writing: pgbench -i -s 5, then 2000 transactions"
 "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -i -s 5 -q postgres 2>/dev/null
+
+say "Base backup: walden backup-push"
+as_pg "$BIN" backup-push --pgdata "$D/primary" 2>/dev/null
+
+say "Writing after the backup: 2000 pgbench transactions"
 "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -n -c 2 -t 1000 postgres >/dev/null
 Q="SELECT count(*) || ' accounts, balance ' || sum(abalance) || ', ' || (SELECT count(*) FROM pgbench_history) || ' history rows' FROM pgbench_accounts"
 BEFORE=$(psql "$PORT" "$Q")
@@ -45,19 +52,18 @@ LAST=$(psql "$PORT" "SELECT pg_walfile_name(pg_switch_wal())")
 until [ "$(psql "$PORT" "SELECT last_archived_wal >= '$LAST' FROM pg_stat_archiver")" = t ]; do sleep 0.2; done
 echo "primary:  $BEFORE"
 psql "$PORT" "SELECT 'archived ' || archived_count || ' WAL files, ' || failed_count || ' failures' FROM pg_stat_archiver"
-echo "archive:  $(find "$D/archive" -name '*.zst' | wc -l) objects, $(du -sh "$D/archive" | cut -f1) in $WALDEN_STORAGE"
+"$BIN" backup-list 2>/dev/null
 
 say "Disaster: the primary is gone"
 as_pg "$PGBIN/pg_ctl" -D "$D/primary" -m immediate stop >/dev/null
 
-say "Restore: base backup + restore_command = '$BIN wal-fetch %f %p'"
-mv "$D/base" "$D/restored"
+say "Restore: walden restore (the newest backup, then every archived WAL file via walden wal-fetch)"
+as_pg mkdir -m 700 "$D/restored"
+as_pg "$BIN" restore "$D/restored" 2>/dev/null
 cat >> "$D/restored/postgresql.conf" <<CONF
 port = $((PORT + 1))
 archive_mode = off
-restore_command = '$BIN wal-fetch %f %p'
 CONF
-as_pg touch "$D/restored/recovery.signal"
 as_pg "$PGBIN/pg_ctl" -D "$D/restored" -l "$D/restored.log" -w -t 300 start >/dev/null
 until [ "$(psql $((PORT + 1)) "SELECT pg_is_in_recovery()" 2>/dev/null)" = f ]; do sleep 0.2; done
 AFTER=$(psql $((PORT + 1)) "$Q")

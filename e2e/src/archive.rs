@@ -86,6 +86,18 @@ impl Archive {
         cmd
     }
 
+    /// `walden <args>` as the PostgreSQL OS user, with libpq settings for `pg`
+    /// (how backup-push and restore run next to a server).
+    pub fn walden_pg(&self, pg: &crate::PgCluster, args: &[&str]) -> Command {
+        let mut cmd = crate::sys::as_pg(walden_bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(self.env())
+            .envs(pg.libpq_env())
+            .args(args);
+        cmd
+    }
+
     pub fn walden_output(&self, args: &[&str]) -> Output {
         self.walden(args).output().expect("run walden")
     }

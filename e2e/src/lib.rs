@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod daemon;
 pub mod pg;
+pub mod pod;
 pub mod proxy;
 pub mod s3;
 pub mod sys;

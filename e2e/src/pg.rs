@@ -200,8 +200,12 @@ impl PgCluster {
     /// Waits until `segment` (and so every earlier one) has been archived.
     pub fn wait_archived(&self, segment: &str, timeout: Duration) {
         wait_for(&format!("{segment} to be archived"), timeout, || {
+            // last_archived_wal may also be a history or .backup file: compare its segment part.
             let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-            (last.len() == 24 && last.as_str() >= segment).then_some(())
+            let seg = last
+                .get(..24)
+                .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit()));
+            seg.is_some_and(|s| s >= segment).then_some(())
         });
     }
 

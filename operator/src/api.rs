@@ -31,33 +31,11 @@ pub const CONTINUOUS_BACKUP_FINALIZER: &str = "walden.dev/injection";
     status = "ContinuousBackupStatus",
     derive = "PartialEq",
     doc = "Continuous protection of a PostgreSQL StatefulSet: WAL archiving and scheduled base backups.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Last Backup",
-        type_ = "date",
-        json_path = ".status.lastBackup.stopTime"
-    ),
-    printcolumn(
-        name = "Recoverable From",
-        type_ = "string",
-        json_path = ".status.firstRecoverabilityPoint"
-    ),
-    printcolumn(
-        name = "Archive Lag",
-        type_ = "date",
-        description = "Time since the last WAL segment was archived",
-        json_path = ".status.lastArchivedTime"
-    ),
-    printcolumn(
-        name = "Suspended",
-        type_ = "boolean",
-        json_path = ".spec.suspend",
-        priority = 1
-    )
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Last Backup", "type": "date", "jsonPath": ".status.lastBackup.stopTime"}"#,
+    printcolumn = r#"{"name": "Recoverable From", "type": "string", "jsonPath": ".status.firstRecoverabilityPoint"}"#,
+    printcolumn = r#"{"name": "Archive Lag", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "Time since the last WAL segment was archived"}"#,
+    printcolumn = r#"{"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ContinuousBackupSpec {
@@ -153,10 +131,10 @@ pub struct S3Spec {
     /// Bucket name.
     #[schemars(length(min = 3, max = 63))]
     pub bucket: String,
-    /// Key prefix of this archive inside the bucket; one database per prefix.
-    #[serde(default)]
-    #[schemars(regex(pattern = r"^[^/].*[^/]$|^[^/]?$"))]
-    pub prefix: String,
+    /// Key prefix of this archive inside the bucket (absent: the bucket root); one database per prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[^/](.*[^/])?$"))]
+    pub prefix: Option<String>,
     /// AWS region.
     #[serde(default = "default_region")]
     pub region: String,
@@ -364,18 +342,10 @@ pub struct InstanceSpec {
     status = "ForkStatus",
     derive = "PartialEq",
     doc = "A clone of a database at a chosen point, restored from its archive (read-only on the source).",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Service", type_ = "string", json_path = ".status.service"),
-    printcolumn(
-        name = "Recovered To",
-        type_ = "string",
-        json_path = ".status.recoveredToLsn"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".status.service"}"#,
+    printcolumn = r#"{"name": "Recovered To", "type": "string", "jsonPath": ".status.recoveredToLsn"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ForkSpec {
@@ -447,10 +417,10 @@ fn default_conninfo_key() -> String {
     status = "FollowerStatus",
     derive = "PartialEq",
     doc = "Read-only replicas that follow an archive (and optionally stream from the primary).",
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Promoted", type_ = "boolean", json_path = ".status.promoted"),
-    printcolumn(name = "Service", type_ = "string", json_path = ".status.service")
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
+    printcolumn = r#"{"name": "Promoted", "type": "boolean", "jsonPath": ".status.promoted"}"#,
+    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".status.service"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FollowerSpec {
@@ -513,4 +483,274 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::cel::validate_cel;
+    use kube::CustomResourceExt;
+    use serde_json::{json, Value};
+    use std::path::PathBuf;
+
+    fn repo_file(rel: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(rel)
+    }
+
+    #[test]
+    fn committed_crds_match_crdgen() {
+        let path = repo_file("crds/walden.dev.yaml");
+        let committed = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let generated = crds_yaml().expect("crdgen");
+        assert!(
+            committed == generated,
+            "crds/walden.dev.yaml is stale: run `cargo run -p walden-operator -- crdgen > crds/walden.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn names_subresources_and_columns() {
+        let cb = ContinuousBackup::crd();
+        assert_eq!(cb.spec.names.short_names, Some(vec!["cb".to_string()]));
+        for crd in [ContinuousBackup::crd(), Fork::crd(), Follower::crd()] {
+            assert_eq!(crd.spec.group, "walden.dev");
+            assert_eq!(crd.spec.scope, "Namespaced");
+            let v = &crd.spec.versions[0];
+            assert_eq!(v.name, "v1alpha1");
+            assert!(
+                v.subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some(),
+                "{}",
+                crd.spec.names.kind
+            );
+            assert!(!v
+                .additional_printer_columns
+                .clone()
+                .unwrap_or_default()
+                .is_empty());
+        }
+        let cols: Vec<String> = cb.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        for want in ["Last Backup", "Recoverable From", "Archive Lag"] {
+            assert!(cols.contains(&want.to_string()), "{cols:?}");
+        }
+    }
+
+    fn schema_of<K: CustomResourceExt>() -> Value {
+        let crd = K::crd();
+        serde_json::to_value(
+            &crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .expect("schema")
+                .open_api_v3_schema,
+        )
+        .expect("schema json")
+    }
+
+    #[test]
+    fn schema_validation_keywords_are_present() {
+        let fork = schema_of::<Fork>();
+        let target = &fork["properties"]["spec"]["properties"]["target"];
+        assert_eq!(target["properties"]["time"]["format"], "date-time");
+        assert!(target["properties"]["lsn"]["pattern"].is_string());
+        let rules = target["x-kubernetes-validations"].to_string();
+        assert!(rules.contains("size() <= 1"), "{rules}");
+        let follower = schema_of::<Follower>();
+        assert_eq!(
+            follower["properties"]["spec"]["properties"]["replicas"]["minimum"],
+            1.0
+        );
+        let cb = schema_of::<ContinuousBackup>();
+        let spec = &cb["properties"]["spec"]["properties"];
+        assert_eq!(
+            spec["missedBackupPolicy"]["enum"],
+            json!(["RunOnce", "Skip"])
+        );
+        assert_eq!(spec["compression"]["properties"]["level"]["maximum"], 19.0);
+        assert!(spec["storage"]["properties"]["s3"]["x-kubernetes-validations"].is_array());
+    }
+
+    fn fork_with(extra: Value) -> Fork {
+        let mut spec = json!({
+            "source": {"continuousBackup": "pg"},
+            "instance": {"image": "postgres:16", "storageSize": "1Gi"}
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                s.insert(k.clone(), v.clone());
+            }
+        }
+        Fork::new("f", serde_json::from_value(spec).expect("fork spec"))
+    }
+
+    #[test]
+    fn cel_rules_table() {
+        let cases = [
+            ("no target", json!({}), true),
+            (
+                "time target",
+                json!({"target": {"time": "2025-01-01T00:00:00Z"}}),
+                true,
+            ),
+            (
+                "backup and time",
+                json!({"target": {"backupId": "20250101T000000Z", "time": "2025-01-01T00:00:00Z"}}),
+                true,
+            ),
+            (
+                "time and lsn",
+                json!({"target": {"time": "2025-01-01T00:00:00Z", "lsn": "0/1"}}),
+                false,
+            ),
+            (
+                "lsn and name",
+                json!({"target": {"lsn": "0/1", "name": "x"}}),
+                false,
+            ),
+            (
+                "exclusive with name",
+                json!({"target": {"name": "x", "exclusive": true}}),
+                false,
+            ),
+            (
+                "exclusive with lsn",
+                json!({"target": {"lsn": "0/1", "exclusive": true}}),
+                true,
+            ),
+            (
+                "two sources",
+                json!({"source": {"continuousBackup": "pg", "storage": {"s3": {"bucket": "bkt", "workloadIdentity": true}}}}),
+                false,
+            ),
+            ("no source", json!({"source": {}}), false),
+            (
+                "storage source",
+                json!({"source": {"storage": {"s3": {"bucket": "bkt", "workloadIdentity": true}}}}),
+                true,
+            ),
+            (
+                "storage without auth",
+                json!({"source": {"storage": {"s3": {"bucket": "bkt"}}}}),
+                false,
+            ),
+            (
+                "storage with both auths",
+                json!({"source": {"storage": {"s3": {"bucket": "bkt", "workloadIdentity": true, "credentials": {"secret": "s"}}}}}),
+                false,
+            ),
+        ];
+        for (name, extra, ok) in cases {
+            let result = validate_cel(&fork_with(extra));
+            assert_eq!(result.is_ok(), ok, "{name}: {result:?}");
+        }
+        let mut cb: ContinuousBackup =
+            serde_yaml::from_str(&example("continuousbackup.yaml")).expect("example");
+        assert!(validate_cel(&cb).is_ok());
+        cb.spec.retention = Some(RetentionSpec {
+            full_backups: None,
+            recovery_window: None,
+        });
+        assert!(validate_cel(&cb).is_err(), "empty retention is rejected");
+    }
+
+    fn example(name: &str) -> String {
+        let path = repo_file(&format!("examples/{name}"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    /// Every field of `value` must be declared by `schema`, required fields
+    /// present, enums respected: the examples cannot drift from the CRDs.
+    fn check(value: &Value, schema: &Value, at: &str, problems: &mut Vec<String>) {
+        if let Some(allowed) = schema["enum"].as_array() {
+            if !allowed.contains(value) {
+                problems.push(format!("{at}: {value} not in {allowed:?}"));
+            }
+        }
+        if schema["x-kubernetes-preserve-unknown-fields"] == true
+            || schema["x-kubernetes-int-or-string"] == true
+        {
+            return;
+        }
+        match value {
+            Value::Object(map) => {
+                for req in schema["required"].as_array().into_iter().flatten() {
+                    if let Some(r) = req.as_str() {
+                        if !map.contains_key(r) {
+                            problems.push(format!("{at}: missing required {r}"));
+                        }
+                    }
+                }
+                for (k, v) in map {
+                    if let Some(p) = schema["properties"].get(k) {
+                        check(v, p, &format!("{at}.{k}"), problems);
+                    } else if let Some(ap) =
+                        schema.get("additionalProperties").filter(|a| a.is_object())
+                    {
+                        check(v, ap, &format!("{at}.{k}"), problems);
+                    } else {
+                        problems.push(format!("{at}.{k}: not in the schema"));
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    check(v, &schema["items"], &format!("{at}[{i}]"), problems);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn check_example<K: CustomResourceExt + serde::de::DeserializeOwned + serde::Serialize>(
+        file: &str,
+    ) {
+        let doc: Value = serde_yaml::from_str(&example(file)).expect("example YAML");
+        assert_eq!(doc["kind"], K::crd().spec.names.kind, "{file}");
+        let mut problems = Vec::new();
+        check(
+            &doc["spec"],
+            &schema_of::<K>()["properties"]["spec"],
+            "spec",
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{file}: {problems:#?}");
+        let typed: K = serde_json::from_value(doc).expect("example parses");
+        validate_cel(&typed).unwrap_or_else(|e| panic!("{file}: {e:?}"));
+    }
+
+    #[test]
+    fn examples_match_the_schema() {
+        check_example::<ContinuousBackup>("continuousbackup.yaml");
+        check_example::<Fork>("fork.yaml");
+        check_example::<Follower>("follower.yaml");
+    }
+
+    #[test]
+    fn the_schema_checker_catches_drift() {
+        let mut problems = Vec::new();
+        let bad = json!({"target": {"statefulSet": "pg", "credentialsSecret": "c", "typo": 1},
+                         "storage": {"s3": {"bucket": "b"}}, "missedBackupPolicy": "Always"});
+        check(
+            &bad,
+            &schema_of::<ContinuousBackup>()["properties"]["spec"],
+            "spec",
+            &mut problems,
+        );
+        assert!(problems.iter().any(|p| p.contains("typo")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("Always")),
+            "{problems:?}"
+        );
+    }
 }

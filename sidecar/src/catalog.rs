@@ -99,7 +99,9 @@ impl CatalogError {
 pub async fn list_backups(storage: &dyn Storage) -> Result<Vec<BackupManifest>, CatalogError> {
     let mut out = Vec::new();
     for obj in storage.list("backups/").await? {
-        let Some(dir) = obj.key.strip_suffix(&format!("/{MANIFEST_NAME}")) else { continue };
+        let Some(dir) = obj.key.strip_suffix(&format!("/{MANIFEST_NAME}")) else {
+            continue;
+        };
         if dir.contains('/') && dir.matches('/').count() == 1 {
             out.push(read_manifest(storage, &obj.key).await?);
         }
@@ -108,7 +110,10 @@ pub async fn list_backups(storage: &dyn Storage) -> Result<Vec<BackupManifest>, 
     Ok(out)
 }
 
-pub async fn read_manifest(storage: &dyn Storage, key: &str) -> Result<BackupManifest, CatalogError> {
+pub async fn read_manifest(
+    storage: &dyn Storage,
+    key: &str,
+) -> Result<BackupManifest, CatalogError> {
     let object = format!("{}/{key}", storage.url());
     let download = storage.get(key).await?;
     let mut bytes = Vec::new();
@@ -118,12 +123,17 @@ pub async fn read_manifest(storage: &dyn Storage, key: &str) -> Result<BackupMan
         .read_to_end(&mut bytes)
         .await
         .map_err(|e| StorageError::io("read", object.clone(), e))?;
-    serde_json::from_slice(&bytes).map_err(|e| CatalogError::Malformed { object, reason: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| CatalogError::Malformed {
+        object,
+        reason: e.to_string(),
+    })
 }
 
 /// The newest archived WAL segment and when it was stored, found from the
 /// newest `wal/` folder alone (a delimiter listing, then one folder).
-pub async fn last_archived_segment(storage: &dyn Storage) -> Result<Option<(String, Option<DateTime<Utc>>)>, StorageError> {
+pub async fn last_archived_segment(
+    storage: &dyn Storage,
+) -> Result<Option<(String, Option<DateTime<Utc>>)>, StorageError> {
     let folders = storage.list_folders("wal/").await?;
     for folder in folders.iter().rev() {
         let objects = storage.list(&format!("wal/{folder}/")).await?;
@@ -152,8 +162,13 @@ pub struct RecoveryWindow {
     pub last_archived_time: Option<DateTime<Utc>>,
 }
 
-pub async fn recovery_window(storage: &dyn Storage, backups: &[BackupManifest]) -> Result<Option<RecoveryWindow>, StorageError> {
-    let Some(oldest) = backups.first() else { return Ok(None) };
+pub async fn recovery_window(
+    storage: &dyn Storage,
+    backups: &[BackupManifest],
+) -> Result<Option<RecoveryWindow>, StorageError> {
+    let Some(oldest) = backups.first() else {
+        return Ok(None);
+    };
     let last = last_archived_segment(storage).await?;
     Ok(Some(RecoveryWindow {
         first_point: oldest.stop_time,
@@ -190,14 +205,28 @@ pub enum ChooseError {
     #[error("no base backup in {url}: run `walden backup-push` first")]
     NoBackups { url: String },
     #[error("no backup {id:?} in {url}; available: {available}")]
-    UnknownBackup { id: String, url: String, available: String },
+    UnknownBackup {
+        id: String,
+        url: String,
+        available: String,
+    },
     #[error("backup {id} finished at {stop} (LSN {stop_lsn}), after the target {target}: it cannot reach it")]
-    BackupAfterTarget { id: String, stop: String, stop_lsn: Lsn, target: String },
+    BackupAfterTarget {
+        id: String,
+        stop: String,
+        stop_lsn: Lsn,
+        target: String,
+    },
     #[error(
         "no backup can reach {target}: the oldest backup, {oldest}, finished at {oldest_stop} (LSN {oldest_lsn}); \
          the recoverable window starts there"
     )]
-    BeforeWindow { target: String, oldest: String, oldest_stop: String, oldest_lsn: Lsn },
+    BeforeWindow {
+        target: String,
+        oldest: String,
+        oldest_stop: String,
+        oldest_lsn: Lsn,
+    },
 }
 
 /// Picks the backup a restore starts from: the one asked for, or the newest
@@ -208,7 +237,9 @@ pub fn choose_backup<'a>(
     target: &Target,
     url: &str,
 ) -> Result<&'a BackupManifest, ChooseError> {
-    let oldest = backups.first().ok_or_else(|| ChooseError::NoBackups { url: url.to_string() })?;
+    let oldest = backups.first().ok_or_else(|| ChooseError::NoBackups {
+        url: url.to_string(),
+    })?;
     let reaches = |b: &BackupManifest| match target {
         Target::Time(t) => b.stop_time <= *t,
         Target::Lsn(l) => b.stop_lsn <= *l,
@@ -216,11 +247,19 @@ pub fn choose_backup<'a>(
     };
     match requested.filter(|r| !r.eq_ignore_ascii_case("LATEST")) {
         Some(id) => {
-            let b = backups.iter().find(|b| b.id == id).ok_or_else(|| ChooseError::UnknownBackup {
-                id: id.to_string(),
-                url: url.to_string(),
-                available: backups.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", "),
-            })?;
+            let b =
+                backups
+                    .iter()
+                    .find(|b| b.id == id)
+                    .ok_or_else(|| ChooseError::UnknownBackup {
+                        id: id.to_string(),
+                        url: url.to_string(),
+                        available: backups
+                            .iter()
+                            .map(|b| b.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
             if !reaches(b) {
                 return Err(ChooseError::BackupAfterTarget {
                     id: b.id.clone(),
@@ -231,12 +270,18 @@ pub fn choose_backup<'a>(
             }
             Ok(b)
         }
-        None => backups.iter().rev().find(|b| reaches(b)).ok_or_else(|| ChooseError::BeforeWindow {
-            target: target.to_string(),
-            oldest: oldest.id.clone(),
-            oldest_stop: oldest.stop_time.to_rfc3339(),
-            oldest_lsn: oldest.stop_lsn,
-        }),
+        None => {
+            backups
+                .iter()
+                .rev()
+                .find(|b| reaches(b))
+                .ok_or_else(|| ChooseError::BeforeWindow {
+                    target: target.to_string(),
+                    oldest: oldest.id.clone(),
+                    oldest_stop: oldest.stop_time.to_rfc3339(),
+                    oldest_lsn: oldest.stop_lsn,
+                })
+        }
     }
 }
 
@@ -263,7 +308,10 @@ pub(crate) fn sample_manifest(id: &str, stop_time: &str, stop_lsn: u64) -> Backu
         file_count: 0,
         logical_size: 0,
         stored_size: 0,
-        compression: Compression { algorithm: "zstd".into(), level: 1 },
+        compression: Compression {
+            algorithm: "zstd".into(),
+            level: 1,
+        },
         encryption: None,
         created_by: "test".into(),
     }
@@ -292,15 +340,25 @@ mod tests {
             (None, t("2026-01-01T11:59:59Z"), Ok("A")),
             (None, t("2026-01-01T09:00:00Z"), Err("the oldest backup, A")),
             (None, Target::Lsn(Lsn(0x2fff)), Ok("B")),
-            (None, Target::Lsn(Lsn(0xfff)), Err("recoverable window starts")),
+            (
+                None,
+                Target::Lsn(Lsn(0xfff)),
+                Err("recoverable window starts"),
+            ),
             (None, Target::Name("before-upgrade".into()), Ok("C")),
             (Some("A"), t("2026-01-01T13:00:00Z"), Ok("A")),
-            (Some("C"), t("2026-01-01T13:00:00Z"), Err("after the target")),
+            (
+                Some("C"),
+                t("2026-01-01T13:00:00Z"),
+                Err("after the target"),
+            ),
             (Some("C"), Target::Lsn(Lsn(0x2000)), Err("after the target")),
             (Some("Z"), Target::EndOfArchive, Err("available: A, B, C")),
         ];
         for (requested, target, want) in cases {
-            let got = choose_backup(&backups, requested, &target, "file:///x").map(|b| b.id.as_str()).map_err(|e| e.to_string());
+            let got = choose_backup(&backups, requested, &target, "file:///x")
+                .map(|b| b.id.as_str())
+                .map_err(|e| e.to_string());
             match (got, want) {
                 (Ok(id), Ok(w)) => assert_eq!(id, w, "{requested:?} {target}"),
                 (Err(e), Err(w)) => assert!(e.contains(w), "{requested:?} {target}: {e}"),
@@ -318,13 +376,23 @@ mod tests {
         let put = |k: &'static str, body: Vec<u8>| {
             let s = s.clone();
             async move {
-                s.create(k, Box::pin(std::io::Cursor::new(body))).await.unwrap();
+                s.create(k, Box::pin(std::io::Cursor::new(body)))
+                    .await
+                    .unwrap();
             }
         };
         let b1 = sample_manifest("20260101T100000Z", "2026-01-01T10:00:00Z", 0x1000);
         let b2 = sample_manifest("20260101T120000Z", "2026-01-01T12:00:00Z", 0x2000);
-        put("backups/20260101T120000Z/backup.json", serde_json::to_vec(&b2).unwrap()).await;
-        put("backups/20260101T100000Z/backup.json", serde_json::to_vec(&b1).unwrap()).await;
+        put(
+            "backups/20260101T120000Z/backup.json",
+            serde_json::to_vec(&b2).unwrap(),
+        )
+        .await;
+        put(
+            "backups/20260101T100000Z/backup.json",
+            serde_json::to_vec(&b1).unwrap(),
+        )
+        .await;
         // an interrupted backup: parts but no manifest
         put("backups/20260101T130000Z/part-00001.tar.zst", vec![1]).await;
         for k in [
@@ -337,11 +405,17 @@ mod tests {
             put(k, vec![0]).await;
         }
         let listed = list_backups(&s).await.unwrap();
-        assert_eq!(listed.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["20260101T100000Z", "20260101T120000Z"]);
+        assert_eq!(
+            listed.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+            ["20260101T100000Z", "20260101T120000Z"]
+        );
         let window = recovery_window(&s, &listed).await.unwrap().unwrap();
         assert_eq!(window.first_lsn, Lsn(0x1000));
         // The timeline-2 folder holds no segment yet: the newest segment is on timeline 1.
-        assert_eq!(window.last_archived_wal.as_deref(), Some("000000010000000100000003"));
+        assert_eq!(
+            window.last_archived_wal.as_deref(),
+            Some("000000010000000100000003")
+        );
         assert!(window.last_archived_time.is_some());
     }
 }

@@ -19,7 +19,8 @@ impl FromStr for Lsn {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("{s:?} is not an LSN; expected the form 16/B374D848");
         let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
-        let ok = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        let ok =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
         if !ok(hi) || !ok(lo) {
             return Err(bad());
         }
@@ -48,7 +49,12 @@ mod tests {
 
     #[test]
     fn parses_and_prints_like_postgres() {
-        for (text, value) in [("0/0", 0u64), ("16/B374D848", 0x16_B374_D848), ("0/1000028", 0x100_0028), ("FFFFFFFF/FFFFFFFF", u64::MAX)] {
+        for (text, value) in [
+            ("0/0", 0u64),
+            ("16/B374D848", 0x16_B374_D848),
+            ("0/1000028", 0x100_0028),
+            ("FFFFFFFF/FFFFFFFF", u64::MAX),
+        ] {
             let lsn: Lsn = text.parse().unwrap();
             assert_eq!(lsn.0, value);
             assert_eq!(lsn.to_string(), text);
@@ -58,7 +64,17 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "/", "16", "16/", "/1", "x/1", "1/2/3", "123456789/0", "-1/0"] {
+        for bad in [
+            "",
+            "/",
+            "16",
+            "16/",
+            "/1",
+            "x/1",
+            "1/2/3",
+            "123456789/0",
+            "-1/0",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?}");
         }
     }

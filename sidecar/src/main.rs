@@ -87,12 +87,14 @@ enum Command {
         WALDEN_TOKEN_FILE, /v1/status, /v1/backups and /v1/promote. SIGTERM lets running uploads finish.")]
     Daemon(DaemonArgs),
     /// Take a base backup of a running server (pg_backup_start/stop over libpq)
-    #[command(long_about = "Take a hot base backup of a running PostgreSQL server.\n\n\
+    #[command(
+        long_about = "Take a hot base backup of a running PostgreSQL server.\n\n\
         Connects with the libpq settings (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE) or --pg-conninfo, \
         runs pg_backup_start, streams the data directory as compressed tar parts to storage in parallel, \
         runs pg_backup_stop, waits until the WAL that makes the backup consistent is archived, and only \
         then writes backup.json: a backup is listed only when it can be restored. Must run where the \
-        data directory is mounted (read-only is enough).")]
+        data directory is mounted (read-only is enough)."
+    )]
     BackupPush {
         /// The server's data directory on disk [default: the server's data_directory]
         #[arg(long, env = "PGDATA", value_name = "DIR")]
@@ -104,11 +106,25 @@ enum Command {
         #[arg(long, env = "WALDEN_BACKUP_PARALLELISM", default_value_t = default_parallelism(), value_name = "N")]
         parallelism: usize,
         /// Uncompressed size at which a part is closed, in MiB
-        #[arg(long, env = "WALDEN_BACKUP_PART_SIZE_MB", default_value_t = 256, value_name = "MIB")]
+        #[arg(
+            long,
+            env = "WALDEN_BACKUP_PART_SIZE_MB",
+            default_value_t = 256,
+            value_name = "MIB"
+        )]
         part_size_mb: u64,
         /// How long to wait for the backup's last WAL segment to be archived, in seconds
-        #[arg(long, env = "WALDEN_BACKUP_WAL_WAIT", default_value_t = 300, value_name = "SECONDS")]
+        #[arg(
+            long,
+            env = "WALDEN_BACKUP_WAL_WAIT",
+            default_value_t = 300,
+            value_name = "SECONDS"
+        )]
         wal_wait: u64,
+        /// Do not check that the backup's WAL reached this archive (only when WAL is
+        /// archived somewhere else: such a backup cannot be restored from this archive alone)
+        #[arg(long, env = "WALDEN_BACKUP_NO_ARCHIVE_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
+        no_archive_check: bool,
         /// Print the new backup's manifest as JSON on stdout
         #[arg(long)]
         json: bool,
@@ -120,11 +136,13 @@ enum Command {
         json: bool,
     },
     /// Restore a base backup into an empty directory, set up to recover to a target
-    #[command(long_about = "Restore a base backup into an empty directory, ready for `pg_ctl start`.\n\n\
+    #[command(
+        long_about = "Restore a base backup into an empty directory, ready for `pg_ctl start`.\n\n\
         Picks the newest backup that can reach the target (or the one given with --backup), downloads and \
         unpacks its parts in parallel, verifies every checksum, and writes the recovery settings: \
         recovery.signal (or standby.signal with --standby), restore_command using walden wal-fetch, \
-        recovery_target_* and recovery_target_timeline. Without a target, recovery replays the whole archive.")]
+        recovery_target_* and recovery_target_timeline. Without a target, recovery replays the whole archive."
+    )]
     Restore {
         /// The new data directory (must be empty or absent)
         dest: PathBuf,
@@ -279,7 +297,15 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::BackupPush { pgdata, pg_conninfo, parallelism, part_size_mb, wal_wait, json } => {
+        Command::BackupPush {
+            pgdata,
+            pg_conninfo,
+            parallelism,
+            part_size_mb,
+            wal_wait,
+            no_archive_check,
+            json,
+        } => {
             let result = async {
                 let storage = settings.open_storage().await?;
                 let opts = BackupOptions {
@@ -288,9 +314,11 @@ async fn run(cli: Cli) -> ExitCode {
                     part_size: part_size_mb.max(1) << 20,
                     parallelism,
                     seal: settings.seal_options(),
-                    wal_wait: Duration::from_secs(wal_wait),
+                    wal_wait: (!no_archive_check).then(|| Duration::from_secs(wal_wait)),
                 };
-                backup::push(storage, &opts).await.map_err(anyhow::Error::from)
+                backup::push(storage, &opts)
+                    .await
+                    .map_err(anyhow::Error::from)
             }
             .await;
             match result {
@@ -328,8 +356,12 @@ async fn run(cli: Cli) -> ExitCode {
             parallelism,
         } => {
             let result = async {
-                let target = restore::target_from(target_time.as_deref(), target_lsn.as_deref(), target_name.as_deref())
-                    .map_err(anyhow::Error::msg)?;
+                let target = restore::target_from(
+                    target_time.as_deref(),
+                    target_lsn.as_deref(),
+                    target_name.as_deref(),
+                )
+                .map_err(anyhow::Error::msg)?;
                 let storage = settings.open_storage().await?;
                 let restore_command = match restore_command {
                     Some(c) => c,
@@ -356,7 +388,10 @@ async fn run(cli: Cli) -> ExitCode {
                     parallelism,
                     retry: settings.retry_policy(),
                 };
-                restore::restore(storage, &opts).await.map_err(anyhow::Error::from).map(|r| (r, opts))
+                restore::restore(storage, &opts)
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .map(|r| (r, opts))
             }
             .await;
             match result {
@@ -430,12 +465,17 @@ fn fail(what: &str, e: anyhow::Error) -> ExitCode {
 }
 
 fn default_parallelism() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8)
 }
 
 fn parse_mapping(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((a, b)) if a.starts_with('/') && b.starts_with('/') => Ok((a.to_string(), b.to_string())),
+        Some((a, b)) if a.starts_with('/') && b.starts_with('/') => {
+            Ok((a.to_string(), b.to_string()))
+        }
         _ => Err(format!("{s:?} is not OLDDIR=NEWDIR with absolute paths")),
     }
 }
@@ -509,7 +549,10 @@ async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
     if backups.is_empty() {
         println!("no base backups in {}", storage.url());
     } else {
-        println!("{:<20} {:<25} {:<25} {:>12} {:>12} {:>3} {:>10} {:>10}", "ID", "START", "STOP", "START LSN", "STOP LSN", "TL", "SIZE", "STORED");
+        println!(
+            "{:<20} {:<25} {:<25} {:>12} {:>12} {:>3} {:>10} {:>10}",
+            "ID", "START", "STOP", "START LSN", "STOP LSN", "TL", "SIZE", "STORED"
+        );
         for b in &backups {
             println!(
                 "{:<20} {:<25} {:<25} {:>12} {:>12} {:>3} {:>10} {:>10}",
@@ -525,13 +568,15 @@ async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
         }
     }
     match window {
-        Some(w) => println!(
+        Some(w) => {
+            println!(
             "recoverable: from {} (LSN {}) to the end of the archive, last segment {} archived {}",
             w.first_point.to_rfc3339(),
             w.first_lsn,
             w.last_archived_wal.as_deref().unwrap_or("none yet"),
             w.last_archived_time.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
-        ),
+        )
+        }
         None => println!("recoverable window: none (no base backup)"),
     }
     Ok(())

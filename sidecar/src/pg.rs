@@ -13,9 +13,15 @@ pub enum PgError {
     #[error("invalid PostgreSQL connection settings: {0}")]
     Config(String),
     #[error("cannot connect to PostgreSQL at {target}: {source}")]
-    Connect { target: String, source: tokio_postgres::Error },
+    Connect {
+        target: String,
+        source: tokio_postgres::Error,
+    },
     #[error("PostgreSQL {what} failed: {source}")]
-    Query { what: &'static str, source: tokio_postgres::Error },
+    Query {
+        what: &'static str,
+        source: tokio_postgres::Error,
+    },
     #[error("PostgreSQL returned something unexpected for {what}: {detail}")]
     Unexpected { what: &'static str, detail: String },
 }
@@ -23,36 +29,47 @@ pub enum PgError {
 /// Builds a connection config from a connection string, or else from the
 /// libpq environment variables with libpq's defaults.
 pub fn config(conninfo: Option<&str>) -> Result<Config, PgError> {
-    let mut cfg = match conninfo.filter(|c| !c.trim().is_empty()) {
-        Some(c) => Config::from_str(c).map_err(|e| PgError::Config(e.to_string()))?,
-        None => {
-            let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            let mut cfg = Config::new();
-            let host = var("PGHOST").unwrap_or_else(|| {
-                if Path::new("/var/run/postgresql").is_dir() { "/var/run/postgresql".into() } else { "localhost".into() }
-            });
-            for h in host.split(',') {
-                if h.starts_with('/') {
-                    cfg.host_path(h);
-                } else {
-                    cfg.host(h);
+    let mut cfg =
+        match conninfo.filter(|c| !c.trim().is_empty()) {
+            Some(c) => Config::from_str(c).map_err(|e| PgError::Config(e.to_string()))?,
+            None => {
+                let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                let mut cfg = Config::new();
+                let host = var("PGHOST").unwrap_or_else(|| {
+                    if Path::new("/var/run/postgresql").is_dir() {
+                        "/var/run/postgresql".into()
+                    } else {
+                        "localhost".into()
+                    }
+                });
+                for h in host.split(',') {
+                    if h.starts_with('/') {
+                        cfg.host_path(h);
+                    } else {
+                        cfg.host(h);
+                    }
                 }
+                let port = var("PGPORT").unwrap_or_else(|| "5432".into());
+                cfg.port(port.parse().map_err(|_| {
+                    PgError::Config(format!("PGPORT={port:?} is not a port number"))
+                })?);
+                let user = var("PGUSER")
+                    .or_else(|| var("USER"))
+                    .unwrap_or_else(|| "postgres".into());
+                cfg.dbname(var("PGDATABASE").unwrap_or_else(|| user.clone()));
+                cfg.user(&user);
+                if let Some(pw) = var("PGPASSWORD") {
+                    cfg.password(pw);
+                }
+                if let Some(t) = var("PGCONNECT_TIMEOUT") {
+                    let secs: u64 = t.parse().map_err(|_| {
+                        PgError::Config(format!("PGCONNECT_TIMEOUT={t:?} is not a number"))
+                    })?;
+                    cfg.connect_timeout(Duration::from_secs(secs));
+                }
+                cfg
             }
-            let port = var("PGPORT").unwrap_or_else(|| "5432".into());
-            cfg.port(port.parse().map_err(|_| PgError::Config(format!("PGPORT={port:?} is not a port number")))?);
-            let user = var("PGUSER").or_else(|| var("USER")).unwrap_or_else(|| "postgres".into());
-            cfg.dbname(var("PGDATABASE").unwrap_or_else(|| user.clone()));
-            cfg.user(&user);
-            if let Some(pw) = var("PGPASSWORD") {
-                cfg.password(pw);
-            }
-            if let Some(t) = var("PGCONNECT_TIMEOUT") {
-                let secs: u64 = t.parse().map_err(|_| PgError::Config(format!("PGCONNECT_TIMEOUT={t:?} is not a number")))?;
-                cfg.connect_timeout(Duration::from_secs(secs));
-            }
-            cfg
-        }
-    };
+        };
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(30));
     }
@@ -70,12 +87,22 @@ fn describe(cfg: &Config) -> String {
         })
         .collect();
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!("{} port {port} as {}", hosts.join(","), cfg.get_user().unwrap_or("?"))
+    format!(
+        "{} port {port} as {}",
+        hosts.join(","),
+        cfg.get_user().unwrap_or("?")
+    )
 }
 
 /// Connects, driving the connection on a background task.
 pub async fn connect(cfg: &Config) -> Result<Client, PgError> {
-    let (client, conn) = cfg.connect(NoTls).await.map_err(|source| PgError::Connect { target: describe(cfg), source })?;
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|source| PgError::Connect {
+            target: describe(cfg),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
@@ -110,11 +137,19 @@ pub async fn server_info(client: &Client) -> Result<ServerInfo, PgError> {
     let sysid: String = row.get(0);
     let version: String = row.get(1);
     let seg: String = row.get(2);
-    let unexpected = |detail: String| PgError::Unexpected { what: "server identity", detail };
+    let unexpected = |detail: String| PgError::Unexpected {
+        what: "server identity",
+        detail,
+    };
     Ok(ServerInfo {
-        system_identifier: sysid.parse().map_err(|_| unexpected(format!("system identifier {sysid:?}")))?,
-        version_num: version.parse().map_err(|_| unexpected(format!("server_version_num {version:?}")))?,
-        segment_size: parse_size(&seg).ok_or_else(|| unexpected(format!("wal_segment_size {seg:?}")))?,
+        system_identifier: sysid
+            .parse()
+            .map_err(|_| unexpected(format!("system identifier {sysid:?}")))?,
+        version_num: version
+            .parse()
+            .map_err(|_| unexpected(format!("server_version_num {version:?}")))?,
+        segment_size: parse_size(&seg)
+            .ok_or_else(|| unexpected(format!("wal_segment_size {seg:?}")))?,
         data_directory: row.get(3),
         in_recovery: row.get(4),
     })
@@ -154,7 +189,12 @@ mod tests {
         let cfg = config(Some("host=127.0.0.1 port=5433 user=alice dbname=x")).unwrap();
         assert_eq!(cfg.get_ports(), &[5433]);
         assert_eq!(cfg.get_user(), Some("alice"));
-        let err = config(Some("host=127.0.0.1 port=notaport")).unwrap_err().to_string();
-        assert!(err.contains("invalid PostgreSQL connection settings"), "{err}");
+        let err = config(Some("host=127.0.0.1 port=notaport"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid PostgreSQL connection settings"),
+            "{err}"
+        );
     }
 }

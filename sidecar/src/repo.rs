@@ -76,7 +76,11 @@ impl RepoIdentity {
     pub fn from_header(header: &PageHeader) -> Self {
         Self {
             wal_page_magic: Some(format!("0x{:04X}", header.magic)),
-            ..Self::new(header.system_identifier, header.pg_version(), header.segment_size)
+            ..Self::new(
+                header.system_identifier,
+                header.pg_version(),
+                header.segment_size,
+            )
         }
     }
 
@@ -134,21 +138,34 @@ pub async fn require(storage: &dyn Storage) -> Result<RepoIdentity, RepoError> {
 
 /// Returns the identity, creating it from `header` on the first push, and
 /// refuses a segment of another database.
-pub async fn ensure(storage: &dyn Storage, header: &PageHeader, what: &str) -> Result<RepoIdentity, RepoError> {
+pub async fn ensure(
+    storage: &dyn Storage,
+    header: &PageHeader,
+    what: &str,
+) -> Result<RepoIdentity, RepoError> {
     ensure_identity(storage, RepoIdentity::from_header(header), what).await
 }
 
 /// Returns the stored identity (creating it from `fresh` if the prefix is new)
 /// and refuses `what` unless it belongs to the same database.
-pub async fn ensure_identity(storage: &dyn Storage, fresh: RepoIdentity, what: &str) -> Result<RepoIdentity, RepoError> {
+pub async fn ensure_identity(
+    storage: &dyn Storage,
+    fresh: RepoIdentity,
+    what: &str,
+) -> Result<RepoIdentity, RepoError> {
     let found = fresh.system_identifier.clone();
     let identity = match load(storage).await? {
         Some(id) => id,
         None => {
-            let mut json = serde_json::to_vec_pretty(&fresh)
-                .map_err(|e| RepoError::Malformed { url: storage.url(), reason: e.to_string() })?;
+            let mut json = serde_json::to_vec_pretty(&fresh).map_err(|e| RepoError::Malformed {
+                url: storage.url(),
+                reason: e.to_string(),
+            })?;
             json.push(b'\n');
-            match storage.create(IDENTITY_KEY, Box::pin(Cursor::new(json))).await? {
+            match storage
+                .create(IDENTITY_KEY, Box::pin(Cursor::new(json)))
+                .await?
+            {
                 Created::Created => {
                     tracing::info!(storage = %storage.url(), system_identifier = %fresh.system_identifier, "created repository");
                     fresh

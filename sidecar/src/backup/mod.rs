@@ -60,15 +60,19 @@ pub struct BackupOptions {
     pub part_size: u64,
     pub parallelism: usize,
     pub seal: SealOptions,
-    /// How long to wait for the backup's last WAL segment to reach the archive.
-    pub wal_wait: Duration,
+    /// How long to wait for the backup's last WAL segment to reach the archive;
+    /// `None` skips the check (WAL archived elsewhere).
+    pub wal_wait: Option<Duration>,
 }
 
 /// The system identifier at the start of `global/pg_control`, to be sure the
 /// directory read is the data directory of the server being backed up.
 fn control_system_identifier(pgdata: &Path) -> io::Result<u64> {
     let bytes = std::fs::read(pgdata.join("global/pg_control"))?;
-    let head: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| io::Error::other("pg_control is too short"))?;
+    let head: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| io::Error::other("pg_control is too short"))?;
     Ok(u64::from_le_bytes(head))
 }
 
@@ -93,29 +97,48 @@ pub fn parse_label(label: &str) -> Option<(Lsn, String, u32)> {
 async fn choose_id(storage: &dyn Storage, start: DateTime<Utc>) -> Result<String, BackupError> {
     let base = start.format("%Y%m%dT%H%M%SZ").to_string();
     for n in 1..100 {
-        let id = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        let id = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
         if storage.list(&BackupManifest::prefix(&id)).await?.is_empty() {
             return Ok(id);
         }
     }
-    Err(BackupError::Conflict(format!("too many backups started at {base}")))
+    Err(BackupError::Conflict(format!(
+        "too many backups started at {base}"
+    )))
 }
 
 /// Takes a base backup; returns its manifest once `backup.json` is stored.
-pub async fn push(storage: Arc<dyn Storage>, opts: &BackupOptions) -> Result<BackupManifest, BackupError> {
+pub async fn push(
+    storage: Arc<dyn Storage>,
+    opts: &BackupOptions,
+) -> Result<BackupManifest, BackupError> {
     let started = Instant::now();
     let cfg = pg::config(opts.conninfo.as_deref())?;
     let client = pg::connect(&cfg).await?;
     let info = pg::server_info(&client).await?;
-    let identity = RepoIdentity::new(info.system_identifier, Some(info.version_num / 10000), info.segment_size);
+    let identity = RepoIdentity::new(
+        info.system_identifier,
+        Some(info.version_num / 10000),
+        info.segment_size,
+    );
     repo::ensure_identity(
         storage.as_ref(),
         identity,
-        &format!("a base backup of the database with system identifier {}", info.system_identifier),
+        &format!(
+            "a base backup of the database with system identifier {}",
+            info.system_identifier
+        ),
     )
     .await?;
 
-    let pgdata = opts.pgdata.clone().unwrap_or_else(|| PathBuf::from(&info.data_directory));
+    let pgdata = opts
+        .pgdata
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&info.data_directory));
     match control_system_identifier(&pgdata) {
         Ok(id) if id == info.system_identifier => {}
         Ok(id) => {
@@ -182,7 +205,10 @@ pub async fn push(storage: Arc<dyn Storage>, opts: &BackupOptions) -> Result<Bac
             parse_label(&backup_label).ok_or_else(|| unexpected(format!("a backup label without a start: {backup_label:?}")))?;
         let stop_wal = SegmentName::holding_end(timeline, stop_lsn.0, info.segment_size).to_string();
 
-        wait_for_wal(storage.as_ref(), &stop_wal, opts.wal_wait).await?;
+        match opts.wal_wait {
+            Some(wait) => wait_for_wal(storage.as_ref(), &stop_wal, wait).await?,
+            None => tracing::warn!(segment = %stop_wal, "not checking that the backup's WAL is archived here (--no-archive-check)"),
+        }
 
         let stored_size = parts.iter().map(|p| p.stored_size).sum();
         let manifest = BackupManifest {
@@ -232,7 +258,11 @@ pub async fn push(storage: Arc<dyn Storage>, opts: &BackupOptions) -> Result<Bac
 
 /// Waits until the segment that completes the backup is archived: without it
 /// the backup cannot be restored, so it is not listed.
-async fn wait_for_wal(storage: &dyn Storage, segment: &str, wait: Duration) -> Result<(), BackupError> {
+async fn wait_for_wal(
+    storage: &dyn Storage,
+    segment: &str,
+    wait: Duration,
+) -> Result<(), BackupError> {
     let key = WalFile::parse(segment)
         .map(|f| f.object_key())
         .ok_or_else(|| BackupError::Internal(format!("bad segment name {segment}")))?;
@@ -262,7 +292,10 @@ mod tests {
         let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
                      CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\n\
                      START TIME: 2026-11-24 01:00:00 UTC\nLABEL: walden x\nSTART TIMELINE: 3\n";
-        assert_eq!(parse_label(label), Some((Lsn(0x200_0028), "000000010000000000000002".into(), 3)));
+        assert_eq!(
+            parse_label(label),
+            Some((Lsn(0x200_0028), "000000010000000000000002".into(), 3))
+        );
         assert_eq!(parse_label("garbage"), None);
     }
 }

@@ -54,7 +54,12 @@ pub async fn upload(
     let counter = Arc::new(AtomicU32::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..opts.parallelism.max(1) {
-        let (storage, prefix, entries, counter) = (storage.clone(), prefix.clone(), entries.clone(), counter.clone());
+        let (storage, prefix, entries, counter) = (
+            storage.clone(),
+            prefix.clone(),
+            entries.clone(),
+            counter.clone(),
+        );
         workers.spawn(async move {
             let mut parts = Vec::new();
             let mut totals = Totals::default();
@@ -62,7 +67,15 @@ pub async fn upload(
                 let first = entries.lock().await.recv().await;
                 let Some(first) = first else { break };
                 let number = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                let (part, t) = upload_part(storage.as_ref(), &prefix, number, first, entries.clone(), opts).await?;
+                let (part, t) = upload_part(
+                    storage.as_ref(),
+                    &prefix,
+                    number,
+                    first,
+                    entries.clone(),
+                    opts,
+                )
+                .await?;
                 totals.files += t.files;
                 totals.logical += t.logical;
                 parts.push(part);
@@ -87,7 +100,8 @@ pub async fn upload(
             }
             Err(e) if e.is_cancelled() => {}
             Err(e) => {
-                first_error.get_or_insert(BackupError::Internal(format!("part worker failed: {e}")));
+                first_error
+                    .get_or_insert(BackupError::Internal(format!("part worker failed: {e}")));
             }
         }
     }
@@ -109,15 +123,25 @@ async fn upload_part(
     let name = format!("part-{number:05}.tar.zst");
     let key = format!("{prefix}{name}");
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHUNKS_IN_FLIGHT);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     let sealer = Sealer::new(StreamReader::new(Box::pin(stream)), opts.seal);
     let seal = sealer.seal_handle();
     let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counted = Counting { inner: sealer, count: stored.clone() };
+    let counted = Counting {
+        inner: sealer,
+        count: stored.clone(),
+    };
     let part_size = opts.part_size;
     let builder = tokio::task::spawn_blocking(move || build_tar(first, &entries, tx, part_size));
-    let created = storage.create(&key, Box::pin(counted)).instrument(tracing::info_span!("part", name = %name)).await;
-    let totals = builder.await.map_err(|e| BackupError::Internal(format!("tar builder failed: {e}")))?;
+    let created = storage
+        .create(&key, Box::pin(counted))
+        .instrument(tracing::info_span!("part", name = %name))
+        .await;
+    let totals = builder
+        .await
+        .map_err(|e| BackupError::Internal(format!("tar builder failed: {e}")))?;
     // Report the root cause: a file that cannot be read, else the storage error
     // (which also makes the tar side fail, with a mere broken pipe).
     let totals = match (totals, created) {
@@ -134,7 +158,10 @@ async fn upload_part(
             t
         }
     };
-    let seal = seal.get().copied().ok_or_else(|| BackupError::Internal(format!("{name}: upload ended before its content")))?;
+    let seal = seal
+        .get()
+        .copied()
+        .ok_or_else(|| BackupError::Internal(format!("{name}: upload ended before its content")))?;
     tracing::debug!(files = totals.files, bytes = totals.logical, "part stored");
     Ok((
         Part {
@@ -161,7 +188,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     ) -> std::task::Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.count.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        self.count
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
         res
     }
 }
@@ -180,7 +208,9 @@ impl ChunkWriter {
         }
         let chunk = self.buf.split().freeze();
         self.buf.reserve(CHUNK);
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload of this part failed"))
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the upload of this part failed")
+        })
     }
 }
 
@@ -215,7 +245,11 @@ impl<R: Read> Read for Exactly<R> {
             return Ok(0);
         }
         let want = buf.len().min(self.remaining as usize);
-        let n = if self.eof { 0 } else { self.inner.read(&mut buf[..want])? };
+        let n = if self.eof {
+            0
+        } else {
+            self.inner.read(&mut buf[..want])?
+        };
         let n = if n == 0 {
             self.eof = true;
             buf[..want].fill(0);
@@ -229,8 +263,17 @@ impl<R: Read> Read for Exactly<R> {
 }
 
 /// Builds one tar archive from entries until it reaches `part_size`.
-fn build_tar(first: Entry, entries: &Entries, tx: mpsc::Sender<io::Result<Bytes>>, part_size: u64) -> Result<Totals, BackupError> {
-    let writer = ChunkWriter { buf: BytesMut::with_capacity(CHUNK), tx, written: 0 };
+fn build_tar(
+    first: Entry,
+    entries: &Entries,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    part_size: u64,
+) -> Result<Totals, BackupError> {
+    let writer = ChunkWriter {
+        buf: BytesMut::with_capacity(CHUNK),
+        tx,
+        written: 0,
+    };
     let mut tar = tar::Builder::new(writer);
     tar.mode(tar::HeaderMode::Complete);
     let mut totals = Totals::default();
@@ -242,13 +285,26 @@ fn build_tar(first: Entry, entries: &Entries, tx: mpsc::Sender<io::Result<Bytes>
         }
         next = entries.blocking_lock().blocking_recv();
     }
-    let mut writer = tar.into_inner().map_err(|e| BackupError::Local { path: "tar stream".into(), source: e })?;
-    writer.flush().map_err(|e| BackupError::Local { path: "tar stream".into(), source: e })?;
+    let mut writer = tar.into_inner().map_err(|e| BackupError::Local {
+        path: "tar stream".into(),
+        source: e,
+    })?;
+    writer.flush().map_err(|e| BackupError::Local {
+        path: "tar stream".into(),
+        source: e,
+    })?;
     Ok(totals)
 }
 
-fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry, totals: &mut Totals) -> Result<(), BackupError> {
-    let local = |source: io::Error| BackupError::Local { path: entry.path.display().to_string(), source };
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    entry: &Entry,
+    totals: &mut Totals,
+) -> Result<(), BackupError> {
+    let local = |source: io::Error| BackupError::Local {
+        path: entry.path.display().to_string(),
+        source,
+    };
     let mut header = tar::Header::new_gnu();
     header.set_mode(entry.mode);
     header.set_mtime(entry.mtime);
@@ -256,7 +312,8 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry, totals: &mut Total
         EntryKind::Dir => {
             header.set_entry_type(tar::EntryType::Directory);
             header.set_size(0);
-            tar.append_data(&mut header, &entry.name, io::empty()).map_err(local)?;
+            tar.append_data(&mut header, &entry.name, io::empty())
+                .map_err(local)?;
         }
         EntryKind::File { size } => {
             let file = match std::fs::File::open(&entry.path) {
@@ -267,8 +324,13 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, entry: &Entry, totals: &mut Total
             };
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(size);
-            let reader = Exactly { inner: io::BufReader::with_capacity(READ_BUFFER, file), remaining: size, eof: false };
-            tar.append_data(&mut header, &entry.name, reader).map_err(local)?;
+            let reader = Exactly {
+                inner: io::BufReader::with_capacity(READ_BUFFER, file),
+                remaining: size,
+                eof: false,
+            };
+            tar.append_data(&mut header, &entry.name, reader)
+                .map_err(local)?;
             totals.files += 1;
             totals.logical += size;
         }
@@ -283,10 +345,22 @@ mod tests {
     #[test]
     fn exactly_pads_short_files_and_cuts_long_ones() {
         let mut out = Vec::new();
-        Exactly { inner: &b"abc"[..], remaining: 5, eof: false }.read_to_end(&mut out).unwrap();
+        Exactly {
+            inner: &b"abc"[..],
+            remaining: 5,
+            eof: false,
+        }
+        .read_to_end(&mut out)
+        .unwrap();
         assert_eq!(out, b"abc\0\0");
         let mut out = Vec::new();
-        Exactly { inner: &b"abcdef"[..], remaining: 4, eof: false }.read_to_end(&mut out).unwrap();
+        Exactly {
+            inner: &b"abcdef"[..],
+            remaining: 4,
+            eof: false,
+        }
+        .read_to_end(&mut out)
+        .unwrap();
         assert_eq!(out, b"abcd");
     }
 }

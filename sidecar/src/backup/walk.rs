@@ -35,8 +35,16 @@ const SKIP_TOP_FILES: &[&str] = &[
     "current_logfiles.tmp",
 ];
 /// Directories whose contents are runtime state, recreated by PostgreSQL.
-const EMPTY_DIRS: &[&str] =
-    &["pg_wal", "pg_dynshmem", "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat_tmp", "pg_subtrans"];
+const EMPTY_DIRS: &[&str] = &[
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
 
 /// Decides for a path relative to PGDATA (`/`-separated), by name alone.
 pub fn decide(rel: &str, is_dir: bool) -> Decision {
@@ -106,9 +114,24 @@ pub enum EntryKind {
 
 fn entry(path: &Path, name: String, meta: &fs::Metadata) -> Entry {
     use std::os::unix::fs::PermissionsExt;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0);
-    let kind = if meta.is_dir() { EntryKind::Dir } else { EntryKind::File { size: meta.len() } };
-    Entry { path: path.to_path_buf(), name, kind, mode: meta.permissions().mode() & 0o7777, mtime }
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let kind = if meta.is_dir() {
+        EntryKind::Dir
+    } else {
+        EntryKind::File { size: meta.len() }
+    };
+    Entry {
+        path: path.to_path_buf(),
+        name,
+        kind,
+        mode: meta.permissions().mode() & 0o7777,
+        mtime,
+    }
 }
 
 /// Walks PGDATA, sending entries into `tx`; returns the tablespaces found.
@@ -122,7 +145,12 @@ pub fn walk(pgdata: &Path, tx: mpsc::Sender<Entry>) -> std::io::Result<Vec<Table
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(std::io::Error::new(e.kind(), format!("reading directory {}: {e}", dir.display()))),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("reading directory {}: {e}", dir.display()),
+                ))
+            }
         };
         let in_db_dir = is_database_dir(&rel_dir);
         for item in entries {
@@ -132,7 +160,11 @@ pub fn walk(pgdata: &Path, tx: mpsc::Sender<Entry>) -> std::io::Result<Vec<Table
                 tracing::warn!(path = %item.path().display(), "skipping a file whose name is not UTF-8");
                 continue;
             };
-            let rel = if rel_dir.is_empty() { fname.to_string() } else { format!("{rel_dir}/{fname}") };
+            let rel = if rel_dir.is_empty() {
+                fname.to_string()
+            } else {
+                format!("{rel_dir}/{fname}")
+            };
             let path = item.path();
             let link = fs::symlink_metadata(&path);
             let Ok(link) = link else { continue };
@@ -141,16 +173,26 @@ pub fn walk(pgdata: &Path, tx: mpsc::Sender<Entry>) -> std::io::Result<Vec<Table
             let meta = match fs::metadata(&path) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", path.display()),
+                    ))
+                }
             };
             if is_tablespace_link {
                 if let Ok(oid) = fname.parse::<u32>() {
                     let target = fs::read_link(&path)?;
-                    tablespaces.push(Tablespace { oid, location: target.display().to_string() });
+                    tablespaces.push(Tablespace {
+                        oid,
+                        location: target.display().to_string(),
+                    });
                 }
             }
             let decision = decide(&rel, meta.is_dir());
-            if decision == Decision::Skip || (!meta.is_dir() && in_db_dir && is_unlogged_data(&dir, fname)) {
+            if decision == Decision::Skip
+                || (!meta.is_dir() && in_db_dir && is_unlogged_data(&dir, fname))
+            {
                 continue;
             }
             if !meta.is_dir() && !meta.is_file() {
@@ -165,7 +207,11 @@ pub fn walk(pgdata: &Path, tx: mpsc::Sender<Entry>) -> std::io::Result<Vec<Table
                         // PostgreSQL needs pg_wal/archive_status to exist at startup.
                         let status = path.join("archive_status");
                         if let Ok(m) = fs::metadata(&status) {
-                            let _ = tx.blocking_send(entry(&status, "pg_wal/archive_status".into(), &m));
+                            let _ = tx.blocking_send(entry(
+                                &status,
+                                "pg_wal/archive_status".into(),
+                                &m,
+                            ));
                         }
                     }
                 } else {
@@ -247,7 +293,10 @@ mod tests {
         }
         let (tx, mut rx) = mpsc::channel(1000);
         let root = d.to_path_buf();
-        let ts = std::thread::spawn(move || walk(&root, tx)).join().unwrap().unwrap();
+        let ts = std::thread::spawn(move || walk(&root, tx))
+            .join()
+            .unwrap()
+            .unwrap();
         assert!(ts.is_empty());
         let mut names = Vec::new();
         while let Ok(e) = rx.try_recv() {

@@ -23,17 +23,32 @@ impl Layout {
     /// the restore creates itself (the tablespace links). Refuses any name
     /// that could escape the destination.
     pub fn target(&self, name: &Path) -> Result<Option<PathBuf>, String> {
-        if name.components().any(|c| !matches!(c, Component::Normal(_))) || name.as_os_str().is_empty() {
+        if name
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+            || name.as_os_str().is_empty()
+        {
             return Err(format!("unsafe path {:?} in backup", name.display()));
         }
-        let mut parts = name.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let mut parts = name
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
         let first = parts.next().unwrap_or_default();
         if first == "pg_tblspc" {
             if let Some(oid) = parts.next() {
-                let oid: u32 = oid.parse().map_err(|_| format!("unexpected entry {:?} in backup", name.display()))?;
-                let root = self.tablespaces.get(&oid).ok_or_else(|| format!("tablespace {oid} is not in the backup manifest"))?;
+                let oid: u32 = oid
+                    .parse()
+                    .map_err(|_| format!("unexpected entry {:?} in backup", name.display()))?;
+                let root = self
+                    .tablespaces
+                    .get(&oid)
+                    .ok_or_else(|| format!("tablespace {oid} is not in the backup manifest"))?;
                 let rest: PathBuf = parts.collect();
-                return Ok(if rest.as_os_str().is_empty() { None } else { Some(root.join(rest)) });
+                return Ok(if rest.as_os_str().is_empty() {
+                    None
+                } else {
+                    Some(root.join(rest))
+                });
             }
         }
         if name == Path::new(PG_CONTROL) {
@@ -64,7 +79,9 @@ pub fn extract<R: Read>(reader: R, layout: &Layout) -> io::Result<Extracted> {
     for entry in archive.entries()? {
         let mut entry = entry?;
         let name = entry.path()?.into_owned();
-        let Some(target) = layout.target(&name).map_err(invalid)? else { continue };
+        let Some(target) = layout.target(&name).map_err(invalid)? else {
+            continue;
+        };
         let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", target.display()));
         match entry.header().entry_type() {
             tar::EntryType::Directory => create_dir(&target).map_err(ctx)?,
@@ -77,10 +94,16 @@ pub fn extract<R: Read>(reader: R, layout: &Layout) -> io::Result<Extracted> {
                 let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
                 let mut file = std::fs::File::create(&target).map_err(ctx)?;
                 done.bytes += io::copy(&mut entry, &mut file).map_err(ctx)?;
-                file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(ctx)?;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(ctx)?;
                 done.files += 1;
             }
-            other => return Err(invalid(format!("unexpected {other:?} entry {} in backup", name.display()))),
+            other => {
+                return Err(invalid(format!(
+                    "unexpected {other:?} entry {} in backup",
+                    name.display()
+                )))
+            }
         }
     }
     let mut rest = archive.into_inner();
@@ -100,9 +123,15 @@ mod tests {
         };
         let cases: Vec<(&str, Result<Option<&str>, &str>)> = vec![
             ("base/5/1259", Ok(Some("/restore/base/5/1259"))),
-            ("global/pg_control", Ok(Some("/restore/global/pg_control.walden-partial"))),
+            (
+                "global/pg_control",
+                Ok(Some("/restore/global/pg_control.walden-partial")),
+            ),
             ("pg_tblspc/16500", Ok(None)),
-            ("pg_tblspc/16500/PG_15_202209061/5/16501", Ok(Some("/ts/fast/PG_15_202209061/5/16501"))),
+            (
+                "pg_tblspc/16500/PG_15_202209061/5/16501",
+                Ok(Some("/ts/fast/PG_15_202209061/5/16501")),
+            ),
             ("pg_tblspc/16999/x", Err("not in the backup manifest")),
             ("../etc/passwd", Err("unsafe path")),
             ("/etc/passwd", Err("unsafe path")),

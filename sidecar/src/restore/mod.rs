@@ -34,7 +34,11 @@ pub enum RestoreError {
     #[error("{path} is not empty: restore only into an empty or new directory, so nothing is overwritten")]
     DestNotEmpty { path: String },
     #[error("tablespace {oid} would be restored into {path}, which is not empty; map it elsewhere with --tablespace-mapping {original}=NEWDIR")]
-    TablespaceNotEmpty { oid: u32, path: String, original: String },
+    TablespaceNotEmpty {
+        oid: u32,
+        path: String,
+        original: String,
+    },
     #[error(transparent)]
     Choose(#[from] ChooseError),
     #[error(transparent)]
@@ -46,7 +50,10 @@ pub enum RestoreError {
     #[error("{object}: {reason}")]
     Corrupt { object: String, reason: String },
     #[error("{path}: {source}")]
-    Local { path: String, source: std::io::Error },
+    Local {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -83,7 +90,10 @@ pub struct Restored {
 }
 
 fn local(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
-    move |source| RestoreError::Local { path: path.display().to_string(), source }
+    move |source| RestoreError::Local {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Whether a directory is absent or empty (an error if it is a file).
@@ -95,30 +105,69 @@ fn is_free(dir: &Path) -> Result<bool, RestoreError> {
     }
 }
 
-pub async fn restore(storage: Arc<dyn Storage>, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+pub async fn restore(
+    storage: Arc<dyn Storage>,
+    opts: &RestoreOptions,
+) -> Result<Restored, RestoreError> {
     let started = Instant::now();
     let dest = &opts.dest;
     if !is_free(dest)? {
-        return Err(RestoreError::DestNotEmpty { path: dest.display().to_string() });
+        return Err(RestoreError::DestNotEmpty {
+            path: dest.display().to_string(),
+        });
     }
-    let backups = opts.retry.run("listing backups", CatalogError::is_transient, || catalog::list_backups(storage.as_ref())).await?;
-    let chosen = catalog::choose_backup(&backups, opts.backup.as_deref(), &opts.recovery.target, &storage.url())?.clone();
+    let backups = opts
+        .retry
+        .run("listing backups", CatalogError::is_transient, || {
+            catalog::list_backups(storage.as_ref())
+        })
+        .await?;
+    let chosen = catalog::choose_backup(
+        &backups,
+        opts.backup.as_deref(),
+        &opts.recovery.target,
+        &storage.url(),
+    )?
+    .clone();
 
-    let mapping: HashMap<&str, &str> = opts.tablespace_mapping.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let mapping: HashMap<&str, &str> = opts
+        .tablespace_mapping
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let mut tablespaces = HashMap::new();
     for ts in &chosen.tablespaces {
-        let path = PathBuf::from(mapping.get(ts.location.as_str()).copied().unwrap_or(&ts.location));
+        let path = PathBuf::from(
+            mapping
+                .get(ts.location.as_str())
+                .copied()
+                .unwrap_or(&ts.location),
+        );
         if !is_free(&path)? {
-            return Err(RestoreError::TablespaceNotEmpty { oid: ts.oid, path: path.display().to_string(), original: ts.location.clone() });
+            return Err(RestoreError::TablespaceNotEmpty {
+                oid: ts.oid,
+                path: path.display().to_string(),
+                original: ts.location.clone(),
+            });
         }
         tablespaces.insert(ts.oid, path);
     }
-    let layout = Layout { dest: dest.clone(), tablespaces };
+    let layout = Layout {
+        dest: dest.clone(),
+        tablespaces,
+    };
     let span = tracing::info_span!("restore", backup = %chosen.id, target = %opts.recovery.target);
     let existed = dest.exists();
-    let result = unpack(storage, &chosen, &layout, opts).instrument(span).await;
+    let result = unpack(storage, &chosen, &layout, opts)
+        .instrument(span)
+        .await;
     match result {
-        Ok((files, bytes)) => Ok(Restored { backup: chosen, files, bytes, seconds: started.elapsed().as_secs_f64() }),
+        Ok((files, bytes)) => Ok(Restored {
+            backup: chosen,
+            files,
+            bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        }),
         Err(e) => {
             cleanup(&layout, existed);
             Err(e)
@@ -133,7 +182,11 @@ fn cleanup(layout: &Layout, dest_existed: bool) {
             if let Ok(entries) = std::fs::read_dir(dir) {
                 for e in entries.flatten() {
                     let p = e.path();
-                    let _ = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                    let _ = if p.is_dir() && !p.is_symlink() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
                 }
             }
         } else {
@@ -147,15 +200,25 @@ fn cleanup(layout: &Layout, dest_existed: bool) {
     tracing::warn!(dest = %layout.dest.display(), "restore failed: removed what it had written");
 }
 
-async fn unpack(storage: Arc<dyn Storage>, backup: &BackupManifest, layout: &Layout, opts: &RestoreOptions) -> Result<(u64, u64), RestoreError> {
+async fn unpack(
+    storage: Arc<dyn Storage>,
+    backup: &BackupManifest,
+    layout: &Layout,
+    opts: &RestoreOptions,
+) -> Result<(u64, u64), RestoreError> {
     let dest = &layout.dest;
     std::fs::create_dir_all(dest).map_err(local(dest))?;
     std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700)).map_err(local(dest))?;
     for dir in layout.tablespaces.values() {
         std::fs::create_dir_all(dir).map_err(local(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(local(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(local(dir))?;
     }
-    tracing::info!(parts = backup.parts.len(), bytes = backup.logical_size, "restoring");
+    tracing::info!(
+        parts = backup.parts.len(),
+        bytes = backup.logical_size,
+        "restoring"
+    );
     let totals: Vec<extract::Extracted> = futures::stream::iter(backup.parts.iter())
         .map(|part| {
             let storage = storage.clone();
@@ -163,7 +226,9 @@ async fn unpack(storage: Arc<dyn Storage>, backup: &BackupManifest, layout: &Lay
             let id = backup.id.clone();
             async move {
                 opts.retry
-                    .run("restoring a part", RestoreError::is_transient, || restore_part(storage.clone(), &id, part, layout.clone()))
+                    .run("restoring a part", RestoreError::is_transient, || {
+                        restore_part(storage.clone(), &id, part, layout.clone())
+                    })
                     .await
             }
         })
@@ -172,17 +237,28 @@ async fn unpack(storage: Arc<dyn Storage>, backup: &BackupManifest, layout: &Lay
         .await?;
 
     finish(backup, layout, &opts.recovery)?;
-    Ok((totals.iter().map(|t| t.files).sum(), totals.iter().map(|t| t.bytes).sum()))
+    Ok((
+        totals.iter().map(|t| t.files).sum(),
+        totals.iter().map(|t| t.bytes).sum(),
+    ))
 }
 
-async fn restore_part(storage: Arc<dyn Storage>, id: &str, part: &Part, layout: Layout) -> Result<extract::Extracted, RestoreError> {
+async fn restore_part(
+    storage: Arc<dyn Storage>,
+    id: &str,
+    part: &Part,
+    layout: Layout,
+) -> Result<extract::Extracted, RestoreError> {
     let key = format!("{}{}", BackupManifest::prefix(id), part.name);
     let object = format!("{}/{key}", storage.url());
     let download = storage.get(&key).await?;
     if download.size != part.stored_size {
         return Err(RestoreError::Corrupt {
             object,
-            reason: format!("it is {} bytes, but {} were stored", download.size, part.stored_size),
+            reason: format!(
+                "it is {} bytes, but {} were stored",
+                download.size, part.stored_size
+            ),
         });
     }
     let (writer, reader) = tokio::io::duplex(1 << 20);
@@ -193,28 +269,44 @@ async fn restore_part(storage: Arc<dyn Storage>, id: &str, part: &Part, layout: 
         unseal(&object, download, &mut writer).await
     };
     let (sealed, extracted) = tokio::join!(unsealing, extracting);
-    let extracted = extracted.map_err(|e| RestoreError::Internal(format!("extraction task failed: {e}")))?;
+    let extracted =
+        extracted.map_err(|e| RestoreError::Internal(format!("extraction task failed: {e}")))?;
     // The root cause first: bad bytes from storage make the unpacking fail too.
     let seal = match (sealed, extracted) {
-        (Err(e @ (UnsealError::Corrupt { .. } | UnsealError::Read { .. })), _) => return Err(e.into()),
-        (_, Err(e)) => return Err(RestoreError::Local { path: format!("unpacking {object}"), source: e }),
+        (Err(e @ (UnsealError::Corrupt { .. } | UnsealError::Read { .. })), _) => {
+            return Err(e.into())
+        }
+        (_, Err(e)) => {
+            return Err(RestoreError::Local {
+                path: format!("unpacking {object}"),
+                source: e,
+            })
+        }
         (Err(e), _) => return Err(e.into()),
         (Ok(seal), Ok(done)) => (seal, done),
     };
     if seal.0.sha256_hex() != part.sha256 {
-        return Err(RestoreError::Corrupt { object, reason: "its content differs from what backup.json recorded".into() });
+        return Err(RestoreError::Corrupt {
+            object,
+            reason: "its content differs from what backup.json recorded".into(),
+        });
     }
     tracing::debug!(part = %part.name, files = seal.1.files, "part restored");
     Ok(seal.1)
 }
 
 /// Writes what makes the directory a startable, recovering server.
-fn finish(backup: &BackupManifest, layout: &Layout, recovery: &RecoverySettings) -> Result<(), RestoreError> {
+fn finish(
+    backup: &BackupManifest,
+    layout: &Layout,
+    recovery: &RecoverySettings,
+) -> Result<(), RestoreError> {
     let dest = &layout.dest;
     let write = |name: &str, content: &str| {
         let path = dest.join(name);
         std::fs::write(&path, content).map_err(local(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(local(&path))
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(local(&path))
     };
     write("backup_label", &backup.backup_label)?;
     if !layout.tablespaces.is_empty() {
@@ -225,10 +317,8 @@ fn finish(backup: &BackupManifest, layout: &Layout, recovery: &RecoverySettings)
             std::os::unix::fs::symlink(dir, &link).map_err(local(&link))?;
         }
     }
-    for dir in ["pg_wal/archive_status"] {
-        let p = dest.join(dir);
-        std::fs::create_dir_all(&p).map_err(local(&p))?;
-    }
+    let status = dest.join("pg_wal/archive_status");
+    std::fs::create_dir_all(&status).map_err(local(&status))?;
     let conf = dest.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
     text.push_str(&recovery.render(&format!(
@@ -239,7 +329,10 @@ fn finish(backup: &BackupManifest, layout: &Layout, recovery: &RecoverySettings)
     write(recovery.signal_file(), "")?;
     let partial = dest.join(PG_CONTROL_PARTIAL);
     if !partial.exists() {
-        return Err(RestoreError::Corrupt { object: backup.id.clone(), reason: "the backup holds no global/pg_control".into() });
+        return Err(RestoreError::Corrupt {
+            object: backup.id.clone(),
+            reason: "the backup holds no global/pg_control".into(),
+        });
     }
     std::fs::rename(&partial, dest.join(PG_CONTROL)).map_err(local(&partial))?;
     Ok(())
@@ -247,7 +340,12 @@ fn finish(backup: &BackupManifest, layout: &Layout, recovery: &RecoverySettings)
 
 /// The default restore_command: this binary, with the storage settings that
 /// are not secrets (credentials come from the server's environment).
-pub fn default_restore_command(bin: &Path, storage_url: &str, s3_endpoint: Option<&str>, path_style: bool) -> String {
+pub fn default_restore_command(
+    bin: &Path,
+    storage_url: &str,
+    s3_endpoint: Option<&str>,
+    path_style: bool,
+) -> String {
     use settings::shell_quote;
     let mut cmd = format!("WALDEN_STORAGE={}", shell_quote(storage_url));
     if let Some(e) = s3_endpoint.filter(|e| !e.is_empty()) {
@@ -256,16 +354,26 @@ pub fn default_restore_command(bin: &Path, storage_url: &str, s3_endpoint: Optio
     if path_style {
         cmd.push_str(" WALDEN_S3_PATH_STYLE=true");
     }
-    cmd.push_str(&format!(" {} wal-fetch %f %p", shell_quote(&bin.display().to_string())));
+    cmd.push_str(&format!(
+        " {} wal-fetch %f %p",
+        shell_quote(&bin.display().to_string())
+    ));
     cmd
 }
 
 /// Target from the command line's mutually exclusive options.
-pub fn target_from(time: Option<&str>, lsn: Option<&str>, name: Option<&str>) -> Result<Target, String> {
+pub fn target_from(
+    time: Option<&str>,
+    lsn: Option<&str>,
+    name: Option<&str>,
+) -> Result<Target, String> {
     match (time, lsn, name) {
         (None, None, None) => Ok(Target::EndOfArchive),
         (Some(t), None, None) => settings::parse_time(t).map(Target::Time),
-        (None, Some(l), None) => l.parse().map(Target::Lsn).map_err(|e| format!("target LSN: {e}")),
+        (None, Some(l), None) => l
+            .parse()
+            .map(Target::Lsn)
+            .map_err(|e| format!("target LSN: {e}")),
         (None, None, Some(n)) if !n.is_empty() => Ok(Target::Name(n.to_string())),
         (None, None, Some(_)) => Err("target name is empty".into()),
         _ => Err("give at most one of --target-time, --target-lsn, --target-name".into()),

@@ -13,7 +13,11 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%dT%H:%M:%S%.f%#z",
+    ] {
         if let Ok(t) = DateTime::parse_from_str(s, fmt) {
             return Ok(t.with_timezone(&Utc));
         }
@@ -26,7 +30,9 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     let zoneless = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").is_ok()
         || NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").is_ok();
     if zoneless {
-        return Err(format!("target time {s:?} has no time zone; add one, e.g. {s}Z or {s}+00:00"));
+        return Err(format!(
+            "target time {s:?} has no time zone; add one, e.g. {s}Z or {s}+00:00"
+        ));
     }
     Err(format!("target time {s:?} is not a time; expected RFC 3339, e.g. 2026-11-24T01:30:00Z or '2026-11-24 01:30:00.123456+00'"))
 }
@@ -54,7 +60,11 @@ pub fn conf_quote(value: &str) -> String {
 
 /// Quotes a word for `sh` (restore_command runs through the shell).
 pub fn shell_quote(value: &str) -> String {
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b)) {
+    if !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b))
+    {
         value.to_string()
     } else {
         format!("'{}'", value.replace('\'', "'\\''"))
@@ -79,12 +89,22 @@ impl RecoverySettings {
         set("recovery_target_timeline", conf_quote(&self.timeline));
         match &self.target {
             Target::EndOfArchive => {}
-            Target::Time(t) => set("recovery_target_time", conf_quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())),
+            Target::Time(t) => set(
+                "recovery_target_time",
+                conf_quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
+            ),
             Target::Lsn(l) => set("recovery_target_lsn", conf_quote(&l.to_string())),
             Target::Name(n) => set("recovery_target_name", conf_quote(n)),
         }
         if self.target != Target::EndOfArchive {
-            set("recovery_target_inclusive", if self.inclusive { "on".into() } else { "off".into() });
+            set(
+                "recovery_target_inclusive",
+                if self.inclusive {
+                    "on".into()
+                } else {
+                    "off".into()
+                },
+            );
             if !self.standby {
                 set("recovery_target_action", conf_quote(&self.action));
             }
@@ -117,27 +137,56 @@ mod tests {
     fn renders_what_each_kind_of_restore_needs() {
         let t: DateTime<Utc> = "2026-11-24T01:30:00.5Z".parse().unwrap();
         let cases: Vec<(RecoverySettings, &str, Vec<&str>, Vec<&str>)> = vec![
-            (base(), "recovery.signal", vec!["restore_command = 'walden wal-fetch %f %p'", "recovery_target_timeline = 'latest'"], vec!["recovery_target_action", "recovery_target_inclusive"]),
             (
-                RecoverySettings { target: Target::Time(t), ..base() },
+                base(),
                 "recovery.signal",
-                vec!["recovery_target_time = '2026-11-24 01:30:00.500000+00'", "recovery_target_inclusive = on", "recovery_target_action = 'promote'"],
-                vec!["recovery_target_lsn"],
+                vec![
+                    "restore_command = 'walden wal-fetch %f %p'",
+                    "recovery_target_timeline = 'latest'",
+                ],
+                vec!["recovery_target_action", "recovery_target_inclusive"],
             ),
             (
-                RecoverySettings { target: Target::Lsn(Lsn(0x300_0060)), inclusive: false, ..base() },
+                RecoverySettings {
+                    target: Target::Time(t),
+                    ..base()
+                },
                 "recovery.signal",
-                vec!["recovery_target_lsn = '0/3000060'", "recovery_target_inclusive = off"],
-                vec!["recovery_target_time"],
+                vec![
+                    "recovery_target_time = '2026-11-24 01:30:00.500000+00'",
+                    "recovery_target_inclusive = on",
+                    "recovery_target_action = 'promote'",
+                ],
+                vec!["recovery_target_lsn ="],
             ),
             (
-                RecoverySettings { target: Target::Name("it's here".into()), ..base() },
+                RecoverySettings {
+                    target: Target::Lsn(Lsn(0x300_0060)),
+                    inclusive: false,
+                    ..base()
+                },
+                "recovery.signal",
+                vec![
+                    "recovery_target_lsn = '0/3000060'",
+                    "recovery_target_inclusive = off",
+                ],
+                vec!["recovery_target_time ="],
+            ),
+            (
+                RecoverySettings {
+                    target: Target::Name("it's here".into()),
+                    ..base()
+                },
                 "recovery.signal",
                 vec!["recovery_target_name = 'it''s here'"],
                 vec![],
             ),
             (
-                RecoverySettings { standby: true, primary_conninfo: Some("host=db port=5432".into()), ..base() },
+                RecoverySettings {
+                    standby: true,
+                    primary_conninfo: Some("host=db port=5432".into()),
+                    ..base()
+                },
                 "standby.signal",
                 vec!["primary_conninfo = 'host=db port=5432'"],
                 vec!["recovery_target_action"],
@@ -158,10 +207,18 @@ mod tests {
     #[test]
     fn parses_target_times_and_refuses_ambiguous_ones() {
         let want: DateTime<Utc> = "2026-11-24T01:30:00Z".parse().unwrap();
-        for ok in ["2026-11-24T01:30:00Z", "2026-11-24T02:30:00+01:00", "2026-11-24 01:30:00+00", "2026-11-24 01:30:00.000+00:00", "2026-11-24 01:30:00 UTC"] {
+        for ok in [
+            "2026-11-24T01:30:00Z",
+            "2026-11-24T02:30:00+01:00",
+            "2026-11-24 01:30:00+00",
+            "2026-11-24 01:30:00.000+00:00",
+            "2026-11-24 01:30:00 UTC",
+        ] {
             assert_eq!(parse_time(ok), Ok(want), "{ok}");
         }
-        assert!(parse_time("2026-11-24 01:30:00").unwrap_err().contains("no time zone"));
+        assert!(parse_time("2026-11-24 01:30:00")
+            .unwrap_err()
+            .contains("no time zone"));
         assert!(parse_time("yesterday").unwrap_err().contains("not a time"));
         assert!(parse_time("2026-13-45T99:00:00Z").is_err());
     }

@@ -173,7 +173,12 @@ impl Storage for FileStorage {
     }
 
     async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-        let dir = self.path("list", prefix.trim_end_matches('/'))?;
+        let rel = prefix.trim_end_matches('/');
+        let dir = if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.path("list", rel)?
+        };
         let loc = self.location(prefix);
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(e) => e,
@@ -181,7 +186,11 @@ impl Storage for FileStorage {
             Err(e) => return Err(StorageError::io("list", loc, e)),
         };
         let mut out = Vec::new();
-        while let Some(entry) = entries.next_entry().await.map_err(|e| StorageError::io("list", loc.clone(), e))? {
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| StorageError::io("list", loc.clone(), e))?
+        {
             let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
             if is_dir {
                 out.push(entry.file_name().to_string_lossy().into_owned());

@@ -436,7 +436,14 @@ impl Storage for S3Storage {
     async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let loc = self.location(prefix);
         let full = format!("{}/", self.full_key(prefix.trim_end_matches('/')));
-        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).delimiter("/").into_paginator().send();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .delimiter("/")
+            .into_paginator()
+            .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify("list", &loc, e))?;

@@ -70,7 +70,11 @@ impl SegmentName {
     pub fn holding_end(timeline: u32, lsn: u64, segment_size: u32) -> Self {
         let per_log = Self::segments_per_log(segment_size);
         let segno = lsn.saturating_sub(1) / u64::from(segment_size.max(1));
-        Self { timeline, log: (segno / per_log) as u32, seg: (segno % per_log) as u32 }
+        Self {
+            timeline,
+            log: (segno / per_log) as u32,
+            seg: (segno % per_log) as u32,
+        }
     }
 
     /// The folder of this segment: `<TTTTTTTTLLLLLLLL>`.
@@ -234,8 +238,17 @@ mod tests {
         let big = SegmentName::parse("00000001000000020000003F").unwrap();
         assert_eq!(big.next(64 << 20).to_string(), "000000010000000300000000");
         assert_eq!(big.start_lsn(64 << 20), 0x2_FC00_0000);
-        assert_eq!(SegmentName::holding_end(1, 0x200_0000, SIXTEEN_MIB).to_string(), "000000010000000000000001");
-        assert_eq!(SegmentName::holding_end(2, 0x200_0001, SIXTEEN_MIB).to_string(), "000000020000000000000002");
-        assert_eq!(SegmentName::holding_end(1, 0x1_0000_0028, SIXTEEN_MIB).to_string(), "000000010000000100000000");
+        assert_eq!(
+            SegmentName::holding_end(1, 0x200_0000, SIXTEEN_MIB).to_string(),
+            "000000010000000000000001"
+        );
+        assert_eq!(
+            SegmentName::holding_end(2, 0x200_0001, SIXTEEN_MIB).to_string(),
+            "000000020000000000000002"
+        );
+        assert_eq!(
+            SegmentName::holding_end(1, 0x1_0000_0028, SIXTEEN_MIB).to_string(),
+            "000000010000000100000000"
+        );
     }
 }

@@ -1,0 +1,1079 @@
+//! ContinuousBackup: injects archiving into the target StatefulSet, schedules
+//! base backups through the primary's daemon, and mirrors the daemon's view of
+//! the archive into status. Deletion removes the injection and never deletes
+//! a backup: the operator has no storage credentials at all.
+
+use super::{
+    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, publish, set_condition,
+    Context, Error, PendingEvent, Status,
+};
+use crate::api::{
+    BackupInfo, ContinuousBackup, ContinuousBackupStatus, CONTINUOUS_BACKUP_FINALIZER,
+};
+use crate::daemon_client::{BackupState, DaemonStatus, Endpoint, Role, StartBackup};
+use crate::schedule::{decide, Schedule};
+use crate::specs::{self, FIELD_MANAGER};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::{watcher, Controller};
+use kube::ResourceExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, instrument, warn};
+
+const CONTROLLER: &str = "continuousbackup";
+/// How often status is refreshed from the daemon when nothing is due sooner.
+const REFRESH: Duration = Duration::from_secs(60);
+const RETRY: Duration = Duration::from_secs(30);
+
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<ContinuousBackup> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(controller = CONTROLLER, error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_cb: Arc<ContinuousBackup>, _err: &Error, _ctx: Arc<Context>) -> Action {
+    Action::requeue(RETRY)
+}
+
+/// Reconciles one ContinuousBackup (finalizer first, then apply or cleanup).
+#[instrument(skip_all, fields(cb = %cb.name_any(), ns = cb.namespace().unwrap_or_default()))]
+pub async fn reconcile(cb: Arc<ContinuousBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = namespace_of(cb.as_ref())?;
+    let api: Api<ContinuousBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(
+        &api,
+        CONTINUOUS_BACKUP_FINALIZER,
+        cb.clone(),
+        |event| async {
+            match event {
+                Finalizer::Apply(cb) => apply(cb, &ctx).await,
+                Finalizer::Cleanup(cb) => cleanup(cb, &ctx).await,
+            }
+        },
+    )
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if let Err(err) = &result {
+        report_error(&api, cb.as_ref(), &ctx, err).await;
+    }
+    ctx.metrics.reconciled(CONTROLLER, result.is_ok());
+    result
+}
+
+/// Puts a failed reconcile into the Ready condition and an Event.
+async fn report_error(
+    api: &Api<ContinuousBackup>,
+    cb: &ContinuousBackup,
+    ctx: &Context,
+    err: &Error,
+) {
+    let mut status = cb.status.clone().unwrap_or_default();
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        Status::False,
+        err.reason(),
+        err.to_string(),
+        cb.metadata.generation,
+        ctx.now(),
+    );
+    if let Err(e) = apply_status(api, cb, cb.status.as_ref(), &status).await {
+        warn!(error = %e, "could not record the error in status");
+    }
+    publish(
+        ctx,
+        cb,
+        &[PendingEvent::warning(
+            err.reason(),
+            "Reconcile",
+            err.to_string(),
+        )],
+    )
+    .await;
+}
+
+/// The outcome of asking the StatefulSet's pods who is primary.
+struct Primary {
+    pod: String,
+    endpoint: Endpoint,
+    status: DaemonStatus,
+}
+
+async fn find_primary(
+    ctx: &Context,
+    ns: &str,
+    sts: &StatefulSet,
+    token: &str,
+) -> Result<Result<Primary, String>, Error> {
+    let selector = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    if selector.is_empty() {
+        return Ok(Err("the StatefulSet has no matchLabels selector".into()));
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err(format!("listing pods {selector}")))?;
+    let mut problems = Vec::new();
+    for pod in list.items {
+        let name = pod.name_any();
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            problems.push(format!("{name}: no IP yet"));
+            continue;
+        };
+        let endpoint = Endpoint::for_pod_ip(&ip, token);
+        match ctx.daemon.status(&endpoint).await {
+            Ok(status) if status.role == Role::Primary => {
+                return Ok(Ok(Primary {
+                    pod: name,
+                    endpoint,
+                    status,
+                }))
+            }
+            Ok(_) => problems.push(format!("{name}: standby")),
+            Err(e) => problems.push(format!("{name}: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        problems.push("no pods".into());
+    }
+    Ok(Err(problems.join("; ")))
+}
+
+/// Ensures protection and refreshes status.
+async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error> {
+    let ns = namespace_of(cb.as_ref())?;
+    let name = cb.name_any();
+    let now = ctx.now();
+    let generation = cb.metadata.generation;
+    let mut status = cb.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let mut events = Vec::new();
+    let api: Api<ContinuousBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let target = &cb.spec.target.stateful_set;
+
+    let action = 'outcome: {
+        let Some(sts) = sts_api
+            .get_opt(target)
+            .await
+            .map_err(kube_err(format!("reading StatefulSet {target}")))?
+        else {
+            let msg = format!("StatefulSet {target} not found in namespace {ns}");
+            if set_condition(
+                &mut status.conditions,
+                "Ready",
+                Status::False,
+                "TargetNotFound",
+                &msg,
+                generation,
+                now,
+            ) {
+                events.push(PendingEvent::warning("TargetNotFound", "Inject", msg));
+            }
+            break 'outcome Action::requeue(RETRY);
+        };
+
+        let token = ensure_token(ctx, cb.as_ref()).await?;
+        let patch = match specs::primary_patch(&cb, &sts, &ctx.config) {
+            Ok(p) => p,
+            Err(e) => {
+                if set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    Status::False,
+                    e.reason(),
+                    e.to_string(),
+                    generation,
+                    now,
+                ) {
+                    events.push(PendingEvent::warning(e.reason(), "Inject", e.to_string()));
+                }
+                break 'outcome Action::requeue(RETRY);
+            }
+        };
+        match apply_if_changed(
+            &sts_api,
+            target,
+            Some(&sts),
+            &patch,
+            cb.spec.target.force_conflicts,
+        )
+        .await
+        {
+            Ok(true) => {
+                info!(statefulset = %target, "injected archiving");
+                events.push(PendingEvent::normal(
+                    "Injected",
+                    "Inject",
+                    format!("walden sidecar and archive settings applied to StatefulSet {target}"),
+                ));
+            }
+            Ok(false) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let msg = format!(
+                    "another field manager owns fields walden needs on StatefulSet {target}: {}; remove them from that manager's manifest, or set spec.target.forceConflicts: true",
+                    s.message
+                );
+                if set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    Status::False,
+                    "FieldConflict",
+                    &msg,
+                    generation,
+                    now,
+                ) {
+                    events.push(PendingEvent::warning("FieldConflict", "Inject", msg));
+                }
+                break 'outcome Action::requeue(REFRESH);
+            }
+            Err(e) => return Err(kube_err(format!("applying StatefulSet {target}"))(e)),
+        }
+
+        let primary = match find_primary(ctx, &ns, &sts, &token).await? {
+            Ok(p) => p,
+            Err(why) => {
+                let msg = format!("no pod of StatefulSet {target} answered as primary: {why}");
+                set_condition(
+                    &mut status.conditions,
+                    "Archiving",
+                    Status::Unknown,
+                    "PrimaryUnreachable",
+                    &msg,
+                    generation,
+                    now,
+                );
+                if set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    Status::False,
+                    "WaitingForPrimary",
+                    &msg,
+                    generation,
+                    now,
+                ) {
+                    events.push(PendingEvent::warning("WaitingForPrimary", "Status", msg));
+                }
+                break 'outcome Action::requeue(RETRY);
+            }
+        };
+        status.primary_pod = Some(primary.pod.clone());
+        mirror_daemon_status(&mut status, &primary.status, generation, now, &mut events);
+
+        let mut requeue = REFRESH;
+        track_backup(ctx, &primary, &mut status, generation, now, &mut events).await;
+        if let Some(next) = schedule_backup(ctx, &cb, &primary, &mut status, now, &mut events).await
+        {
+            let until = (next - now).to_std().unwrap_or_default() + Duration::from_secs(1);
+            requeue = requeue.min(until);
+        }
+        if status.backup_in_progress.is_some() {
+            requeue = requeue.min(RETRY);
+        }
+        Action::requeue(requeue)
+    };
+
+    apply_status(&api, cb.as_ref(), cb.status.as_ref(), &status).await?;
+    publish(ctx, cb.as_ref(), &events).await;
+    tracing::debug!(cb = %name, "reconciled");
+    Ok(action)
+}
+
+/// Copies the daemon's archive view into status and sets Archiving/Ready.
+fn mirror_daemon_status(
+    status: &mut ContinuousBackupStatus,
+    d: &DaemonStatus,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    status.last_archived_wal = d.archiving.last_archived_wal.clone();
+    status.last_archived_time = d.archiving.last_archived_time;
+    if let Some(b) = &d.last_backup {
+        status.last_backup = Some(BackupInfo {
+            id: b.id.clone(),
+            start_time: b.start_time,
+            stop_time: b.stop_time,
+            start_lsn: b.start_lsn.clone(),
+            stop_lsn: b.stop_lsn.clone(),
+        });
+    }
+    if let Some(w) = &d.recovery_window {
+        status.first_recoverability_point = Some(w.first_point);
+    }
+    let failing = match (d.archiving.last_failed_time, d.archiving.last_archived_time) {
+        (Some(failed), Some(ok)) => failed > ok,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if failing {
+        let msg = format!(
+            "archiving {} failed: {}",
+            d.archiving
+                .last_failed_wal
+                .as_deref()
+                .unwrap_or("a segment"),
+            d.archiving.last_error.as_deref().unwrap_or("unknown error")
+        );
+        if set_condition(
+            &mut status.conditions,
+            "Archiving",
+            Status::False,
+            "ArchiveFailing",
+            &msg,
+            generation,
+            now,
+        ) {
+            events.push(PendingEvent::warning(
+                "ArchiveFailing",
+                "Archive",
+                msg.clone(),
+            ));
+        }
+        set_condition(
+            &mut status.conditions,
+            "Ready",
+            Status::False,
+            "ArchiveFailing",
+            msg,
+            generation,
+            now,
+        );
+    } else {
+        let msg = match &d.archiving.last_archived_wal {
+            Some(wal) => format!("last archived {wal}"),
+            None => "archiving enabled, nothing archived yet".to_string(),
+        };
+        set_condition(
+            &mut status.conditions,
+            "Archiving",
+            Status::True,
+            "Archiving",
+            &msg,
+            generation,
+            now,
+        );
+        if set_condition(
+            &mut status.conditions,
+            "Ready",
+            Status::True,
+            "Protected",
+            "WAL archiving and backups are running",
+            generation,
+            now,
+        ) {
+            events.push(PendingEvent::normal("Protected", "Archive", msg));
+        }
+    }
+}
+
+/// Follows the backup the operator started, until it succeeds or fails.
+async fn track_backup(
+    ctx: &Context,
+    primary: &Primary,
+    status: &mut ContinuousBackupStatus,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let Some(id) = status.backup_in_progress.clone() else {
+        return;
+    };
+    match ctx.daemon.backup(&primary.endpoint, &id).await {
+        Ok(Some(job)) => match job.state {
+            BackupState::Running => {}
+            BackupState::Succeeded => {
+                status.backup_in_progress = None;
+                let msg = format!("base backup {id} completed");
+                set_condition(
+                    &mut status.conditions,
+                    "BackupSucceeded",
+                    Status::True,
+                    "BackupCompleted",
+                    &msg,
+                    generation,
+                    now,
+                );
+                events.push(PendingEvent::normal("BackupSucceeded", "Backup", msg));
+            }
+            BackupState::Failed => {
+                status.backup_in_progress = None;
+                let msg = format!(
+                    "base backup {id} failed: {}",
+                    job.error.as_deref().unwrap_or("no error given")
+                );
+                set_condition(
+                    &mut status.conditions,
+                    "BackupSucceeded",
+                    Status::False,
+                    "BackupFailed",
+                    &msg,
+                    generation,
+                    now,
+                );
+                events.push(PendingEvent::warning("BackupFailed", "Backup", msg));
+            }
+        },
+        Ok(None) => {
+            status.backup_in_progress = None;
+            let msg = format!("daemon on {} no longer knows backup {id} (restarted?); the next scheduled run will take a new one", primary.pod);
+            set_condition(
+                &mut status.conditions,
+                "BackupSucceeded",
+                Status::False,
+                "BackupLost",
+                &msg,
+                generation,
+                now,
+            );
+            events.push(PendingEvent::warning("BackupLost", "Backup", msg));
+        }
+        Err(e) => {
+            warn!(backup = %id, error = %e, "could not read backup state; will retry");
+            let msg = format!("could not read the state of backup {id} (will retry): {e}");
+            if set_condition(
+                &mut status.conditions,
+                "BackupSucceeded",
+                Status::Unknown,
+                "BackupStateUnknown",
+                &msg,
+                generation,
+                now,
+            ) {
+                events.push(PendingEvent::warning("BackupStateUnknown", "Backup", msg));
+            }
+        }
+    }
+}
+
+/// Starts a scheduled backup when due; returns the next due time.
+async fn schedule_backup(
+    ctx: &Context,
+    cb: &ContinuousBackup,
+    primary: &Primary,
+    status: &mut ContinuousBackupStatus,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) -> Option<DateTime<Utc>> {
+    let generation = cb.metadata.generation;
+    let Some(expr) = &cb.spec.schedule else {
+        status.next_backup_time = None;
+        return None;
+    };
+    let schedule = match Schedule::parse(expr) {
+        Ok(s) => s,
+        Err(e) => {
+            status.next_backup_time = None;
+            if set_condition(
+                &mut status.conditions,
+                "BackupSucceeded",
+                Status::False,
+                "InvalidSchedule",
+                e.to_string(),
+                generation,
+                now,
+            ) {
+                events.push(PendingEvent::warning(
+                    "InvalidSchedule",
+                    "Schedule",
+                    e.to_string(),
+                ));
+            }
+            return None;
+        }
+    };
+    if cb.spec.suspend {
+        status.next_backup_time = None;
+        return None;
+    }
+    let anchor = cb
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0))
+        .unwrap_or(now);
+    let d = decide(
+        &schedule,
+        cb.spec.missed_backup_policy,
+        status.last_scheduled_time,
+        anchor,
+        now,
+    );
+    status.next_backup_time = d.next;
+    let Some(slot) = d.slot else {
+        return d.next;
+    };
+    if !d.start_backup {
+        status.last_scheduled_time = Some(slot);
+        events.push(PendingEvent::normal(
+            "BackupSkipped",
+            "Schedule",
+            format!("missed the run scheduled for {slot} (missedBackupPolicy: Skip)"),
+        ));
+        return d.next;
+    }
+    if status.backup_in_progress.is_some() {
+        // Taken when the running one finishes.
+        return d.next;
+    }
+    match ctx.daemon.start_backup(&primary.endpoint).await {
+        Ok(StartBackup::Started(id)) | Ok(StartBackup::AlreadyRunning(id)) => {
+            ctx.metrics.backups_started.inc();
+            status.backup_in_progress = Some(id.clone());
+            status.last_scheduled_time = Some(slot);
+            events.push(PendingEvent::normal(
+                "BackupStarted",
+                "Backup",
+                format!(
+                    "base backup {id} started on {} for the run scheduled at {slot}",
+                    primary.pod
+                ),
+            ));
+        }
+        Err(e) => {
+            let msg = format!("could not start the base backup scheduled for {slot}: {e}");
+            set_condition(
+                &mut status.conditions,
+                "BackupSucceeded",
+                Status::False,
+                "BackupStartFailed",
+                &msg,
+                generation,
+                now,
+            );
+            events.push(PendingEvent::warning("BackupStartFailed", "Backup", msg));
+        }
+    }
+    d.next
+}
+
+/// Removes the injection. Backups and WAL in storage are left alone: the
+/// operator cannot reach storage, and retention is the engine's business.
+async fn cleanup(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error> {
+    let ns = namespace_of(cb.as_ref())?;
+    let target = &cb.spec.target.stateful_set;
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let sts = sts_api
+        .get_opt(target)
+        .await
+        .map_err(kube_err(format!("reading StatefulSet {target}")))?;
+    let owns_fields = sts.as_ref().is_some_and(|s| {
+        s.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+    });
+    if owns_fields {
+        sts_api
+            .patch(
+                target,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(specs::release_patch(target, &ns)),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "removing the injection from StatefulSet {target}"
+            )))?;
+        info!(statefulset = %target, "injection removed");
+        publish(
+            ctx,
+            cb.as_ref(),
+            &[PendingEvent::normal(
+                "InjectionRemoved",
+                "Cleanup",
+                format!("walden sidecar and archive settings removed from StatefulSet {target}; backups in storage are kept"),
+            )],
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::testing::{
+        context, pod, primary_status, time, FakeApi, FakeDaemon, IMAGE,
+    };
+    use crate::daemon_client::{BackupJob, DaemonStatus};
+    use serde_json::{json, Value};
+
+    const NS: &str = "db";
+    const STS_PATH: &str = "/apis/apps/v1/namespaces/db/statefulsets/pg";
+    const CB_PATH: &str = "/apis/walden.dev/v1alpha1/namespaces/db/continuousbackups/pg-backup";
+    const POD_URL: &str = "http://10.0.0.5:8008";
+
+    fn statefulset() -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "pg", "namespace": NS, "uid": "sts-uid"},
+            "spec": {
+                "serviceName": "pg", "replicas": 1,
+                "selector": {"matchLabels": {"app": "pg"}},
+                "template": {
+                    "metadata": {"labels": {"app": "pg"}},
+                    "spec": {"containers": [{
+                        "name": "postgres", "image": "postgres:16",
+                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}]
+                    }]}
+                }
+            }
+        })
+    }
+
+    fn cb(spec_extra: Value) -> Value {
+        let mut spec = json!({
+            "target": {"statefulSet": "pg", "credentialsSecret": "pg-creds"},
+            "storage": {"s3": {"bucket": "backups", "prefix": "pg", "credentials": {"secret": "s3-creds"}}},
+        });
+        super::super::testing::merge(&mut spec, &spec_extra);
+        json!({
+            "apiVersion": "walden.dev/v1alpha1", "kind": "ContinuousBackup",
+            "metadata": {"name": "pg-backup", "namespace": NS, "uid": "cb-uid", "generation": 1,
+                         "creationTimestamp": "2025-05-01T00:00:00Z",
+                         "finalizers": [CONTINUOUS_BACKUP_FINALIZER]},
+            "spec": spec,
+        })
+    }
+
+    fn setup(spec_extra: Value, daemon_status: Option<DaemonStatus>) -> (FakeApi, Arc<FakeDaemon>) {
+        let api = FakeApi::default();
+        api.insert(statefulset());
+        api.insert(cb(spec_extra));
+        api.insert(pod(NS, "pg-0", "10.0.0.5", json!({"app": "pg"}), true));
+        let daemon = Arc::new(FakeDaemon::default());
+        if let Some(s) = daemon_status {
+            daemon
+                .statuses
+                .lock()
+                .expect("lock")
+                .insert(POD_URL.into(), s);
+        }
+        (api, daemon)
+    }
+
+    fn stored_cb(api: &FakeApi) -> Arc<ContinuousBackup> {
+        Arc::new(serde_json::from_value(api.get(CB_PATH).expect("cb stored")).expect("cb parses"))
+    }
+
+    fn condition(cb: &ContinuousBackup, type_: &str) -> (String, String, String) {
+        let c = cb
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+            .unwrap_or_else(|| panic!("no {type_} condition in {:?}", cb.status));
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[tokio::test]
+    async fn injects_then_a_second_reconcile_writes_nothing() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("first reconcile");
+
+        let applies: Vec<_> = api
+            .writes()
+            .into_iter()
+            .filter(|r| r.path == STS_PATH)
+            .collect();
+        assert_eq!(applies.len(), 1, "one apply of the StatefulSet");
+        assert!(applies[0].content_type.contains("apply-patch"));
+        assert!(
+            applies[0].query.contains("fieldManager=walden-operator"),
+            "{}",
+            applies[0].query
+        );
+        assert!(!applies[0].query.contains("force=true"));
+        let sts = api.get(STS_PATH).expect("sts");
+        let containers = sts["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("containers");
+        assert!(containers
+            .iter()
+            .any(|c| c["name"] == "walden" && c["image"] == IMAGE));
+        let token = api
+            .get("/api/v1/namespaces/db/secrets/pg-backup-walden-token")
+            .expect("token secret");
+        assert_eq!(token["metadata"]["ownerReferences"][0]["uid"], "cb-uid");
+
+        let cb = stored_cb(&api);
+        assert_eq!(condition(&cb, "Ready").0, "True");
+        assert_eq!(condition(&cb, "Archiving").1, "Archiving");
+        let status = cb.status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("000000010000000000000007")
+        );
+        assert_eq!(
+            status.first_recoverability_point,
+            Some(time("2025-05-01T03:02:00Z"))
+        );
+        assert_eq!(
+            status.last_backup.map(|b| b.id),
+            Some("20250501T030000Z".to_string())
+        );
+        assert_eq!(status.primary_pod.as_deref(), Some("pg-0"));
+        assert_eq!(status.observed_generation, Some(1));
+        assert!(
+            api.event_reasons().contains(&"Injected".to_string()),
+            "{:?}",
+            api.event_reasons()
+        );
+        // The daemon was called with the token from the Secret.
+        let calls = daemon.calls();
+        assert!(
+            calls
+                .iter()
+                .all(|(_, ep)| ep.base_url == POD_URL && ep.token.len() == 64),
+            "{calls:?}"
+        );
+
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx)
+            .await
+            .expect("second reconcile");
+        assert!(
+            api.writes().is_empty(),
+            "no writes expected: {:?}",
+            api.writes()
+        );
+        assert!(!api.requests().is_empty(), "it still read the world");
+    }
+
+    #[tokio::test]
+    async fn missing_target_is_a_condition_and_an_event() {
+        let api = FakeApi::default();
+        api.insert(cb(json!({})));
+        let ctx = context(
+            &api,
+            Arc::new(FakeDaemon::default()),
+            time("2025-05-01T10:05:00Z"),
+        );
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let cb = stored_cb(&api);
+        let (status, reason, message) = condition(&cb, "Ready");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "TargetNotFound")
+        );
+        assert!(message.contains("StatefulSet pg not found"), "{message}");
+        assert_eq!(api.event_reasons(), vec!["TargetNotFound".to_string()]);
+        // No repeated Event or status write while nothing changes.
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        assert!(api.writes().is_empty(), "{:?}", api.writes());
+    }
+
+    #[tokio::test]
+    async fn conflicting_field_manager_is_reported_then_forced_when_asked() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        api.conflict_on_apply(STS_PATH, "helm");
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let (status, reason, message) = condition(&stored_cb(&api), "Ready");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "FieldConflict")
+        );
+        assert!(
+            message.contains("helm") && message.contains("forceConflicts"),
+            "{message}"
+        );
+        assert!(api.event_reasons().contains(&"FieldConflict".to_string()));
+        assert!(
+            daemon.calls().is_empty(),
+            "no daemon calls before the injection is in place"
+        );
+
+        let mut forced = cb(json!({"target": {"forceConflicts": true}}));
+        forced["status"] = api.get(CB_PATH).expect("cb")["status"].clone();
+        api.insert(forced);
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let applies: Vec<_> = api
+            .writes()
+            .into_iter()
+            .filter(|r| r.path == STS_PATH)
+            .collect();
+        assert_eq!(applies.len(), 1);
+        assert!(
+            applies[0].query.contains("force=true"),
+            "{}",
+            applies[0].query
+        );
+        assert_eq!(condition(&stored_cb(&api), "Ready").0, "True");
+    }
+
+    #[tokio::test]
+    async fn schedule_starts_a_backup_and_follows_it_to_success() {
+        let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(primary_status()));
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250502T030005Z".into()));
+        let now = time("2025-05-02T03:00:05Z");
+        let ctx = context(&api, daemon.clone(), now);
+        let action = reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        assert_eq!(action, Action::requeue(RETRY), "polls the running backup");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(
+            status.backup_in_progress.as_deref(),
+            Some("20250502T030005Z")
+        );
+        assert_eq!(
+            status.last_scheduled_time,
+            Some(time("2025-05-02T03:00:00Z"))
+        );
+        assert_eq!(status.next_backup_time, Some(time("2025-05-03T03:00:00Z")));
+        assert!(api.event_reasons().contains(&"BackupStarted".to_string()));
+        assert_eq!(
+            daemon
+                .calls()
+                .iter()
+                .filter(|(w, _)| w == "start_backup")
+                .count(),
+            1
+        );
+
+        daemon.jobs.lock().expect("lock").insert(
+            "20250502T030005Z".into(),
+            BackupJob {
+                id: "20250502T030005Z".into(),
+                state: BackupState::Succeeded,
+                error: None,
+                start_time: Some(now),
+                stop_time: Some(now),
+            },
+        );
+        api.clear_requests();
+        let later = context(&api, daemon.clone(), time("2025-05-02T03:10:00Z"));
+        let action = reconcile(stored_cb(&api), later).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        assert_eq!(condition(&cb, "BackupSucceeded").0, "True");
+        assert!(cb
+            .status
+            .as_ref()
+            .expect("status")
+            .backup_in_progress
+            .is_none());
+        assert_eq!(api.event_reasons(), vec!["BackupSucceeded".to_string()]);
+        assert_eq!(
+            daemon
+                .calls()
+                .iter()
+                .filter(|(w, _)| w == "start_backup")
+                .count(),
+            1,
+            "not started twice"
+        );
+        assert_eq!(action, Action::requeue(REFRESH));
+    }
+
+    #[tokio::test]
+    async fn failed_backup_is_a_condition_and_a_warning() {
+        let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(primary_status()));
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["status"] =
+            json!({"backupInProgress": "B1", "lastScheduledTime": "2025-05-02T03:00:00Z"});
+        api.insert(obj);
+        daemon.jobs.lock().expect("lock").insert(
+            "B1".into(),
+            BackupJob {
+                id: "B1".into(),
+                state: BackupState::Failed,
+                error: Some("pg_backup_start: permission denied".into()),
+                start_time: None,
+                stop_time: None,
+            },
+        );
+        let ctx = context(&api, daemon, time("2025-05-02T03:10:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let (status, reason, message) = condition(&stored_cb(&api), "BackupSucceeded");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "BackupFailed")
+        );
+        assert!(message.contains("permission denied"), "{message}");
+        assert!(api.event_reasons().contains(&"BackupFailed".to_string()));
+    }
+
+    #[tokio::test]
+    async fn suspend_stops_scheduled_backups() {
+        let (api, daemon) = setup(
+            json!({"schedule": "0 3 * * *", "suspend": true}),
+            Some(primary_status()),
+        );
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("X".into()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-02T03:00:05Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        assert!(daemon.calls().iter().all(|(w, _)| w != "start_backup"));
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert!(status.next_backup_time.is_none() && status.backup_in_progress.is_none());
+    }
+
+    #[tokio::test]
+    async fn invalid_schedule_is_reported() {
+        let (api, daemon) = setup(json!({"schedule": "0 3 * * * *"}), Some(primary_status()));
+        let ctx = context(&api, daemon, time("2025-05-02T03:00:05Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let (status, reason, message) = condition(&stored_cb(&api), "BackupSucceeded");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "InvalidSchedule")
+        );
+        assert!(message.contains("found 6 fields"), "{message}");
+        assert!(api.event_reasons().contains(&"InvalidSchedule".to_string()));
+    }
+
+    #[tokio::test]
+    async fn failing_archive_is_reported() {
+        let mut s = primary_status();
+        s.archiving.last_failed_wal = Some("000000010000000000000008".into());
+        s.archiving.last_failed_time = Some(time("2025-05-01T10:01:00Z"));
+        s.archiving.last_error = Some("s3: AccessDenied".into());
+        let (api, daemon) = setup(json!({}), Some(s));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        let (status, reason, message) = condition(&cb, "Archiving");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "ArchiveFailing")
+        );
+        assert!(
+            message.contains("AccessDenied") && message.contains("000000010000000000000008"),
+            "{message}"
+        );
+        assert_eq!(condition(&cb, "Ready").0, "False");
+        assert!(api.event_reasons().contains(&"ArchiveFailing".to_string()));
+    }
+
+    #[tokio::test]
+    async fn unreachable_daemon_leaves_known_status_and_waits() {
+        let (api, daemon) = setup(json!({}), None);
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["status"] = json!({"firstRecoverabilityPoint": "2025-05-01T03:02:00Z"});
+        api.insert(obj);
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        let (_, reason, message) = condition(&cb, "Ready");
+        assert_eq!(reason, "WaitingForPrimary");
+        assert!(message.contains("pg-0"), "{message}");
+        assert_eq!(condition(&cb, "Archiving").0, "Unknown");
+        assert_eq!(
+            cb.status
+                .as_ref()
+                .and_then(|s| s.first_recoverability_point),
+            Some(time("2025-05-01T03:02:00Z"))
+        );
+    }
+
+    #[tokio::test]
+    async fn api_errors_end_in_a_condition_and_an_event() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        api.break_get(STS_PATH);
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        let err = reconcile(stored_cb(&api), ctx)
+            .await
+            .expect_err("GET fails");
+        assert!(err.to_string().contains("reading StatefulSet pg"), "{err}");
+        let (status, reason, message) = condition(&stored_cb(&api), "Ready");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "KubernetesApiError")
+        );
+        assert!(message.contains("etcd is on fire"), "{message}");
+        assert!(api
+            .event_reasons()
+            .contains(&"KubernetesApiError".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_new_resource_gets_the_finalizer_first() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["metadata"]["finalizers"] = json!(null);
+        api.insert(obj);
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let writes = api.writes();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert!(writes[0].content_type.contains("json-patch") && writes[0].path == CB_PATH);
+        assert_eq!(
+            api.get(CB_PATH).expect("cb")["metadata"]["finalizers"][0],
+            CONTINUOUS_BACKUP_FINALIZER
+        );
+    }
+
+    #[tokio::test]
+    async fn deletion_removes_the_injection_and_never_deletes_anything() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let mut sts = statefulset();
+        sts["metadata"]["managedFields"] =
+            json!([{"manager": "walden-operator", "operation": "Apply", "apiVersion": "apps/v1"}]);
+        api.insert(sts);
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["metadata"]["deletionTimestamp"] = json!("2025-05-01T11:00:00Z");
+        api.insert(obj);
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T11:00:01Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("cleanup");
+
+        let writes = api.writes();
+        let release = writes
+            .iter()
+            .find(|r| r.path == STS_PATH)
+            .expect("release apply");
+        assert!(release.content_type.contains("apply-patch"));
+        assert!(
+            release.body.get("spec").is_none(),
+            "an identity-only apply: {}",
+            release.body
+        );
+        assert!(release.query.contains("fieldManager=walden-operator"));
+        assert!(writes.iter().all(|r| r.method != "DELETE"), "{writes:?}");
+        assert!(
+            writes
+                .iter()
+                .any(|r| r.path == CB_PATH && r.content_type.contains("json-patch")),
+            "finalizer removed: {writes:?}"
+        );
+        assert!(api
+            .event_reasons()
+            .contains(&"InjectionRemoved".to_string()));
+        // Backups live in storage the operator cannot reach; it does not even ask the daemon.
+        assert!(daemon.calls().is_empty());
+    }
+}

@@ -1,0 +1,804 @@
+//! Fork: a StatefulSet of one restored from the source archive to a target,
+//! with phases Pending → Restoring → Recovering → Ready (or Failed). A target
+//! that cannot be reached is refused before anything is created.
+
+use super::{
+    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
+    resolve_source, set_condition, Context, Error, PendingEvent, Status,
+};
+use crate::api::{Fork, ForkPhase, RecoveryTarget};
+use crate::daemon_client::{DaemonStatus, Endpoint, Role};
+use crate::specs::{self, InstanceKind, InstancePlan};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::{watcher, Controller};
+use kube::ResourceExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{instrument, warn};
+
+const CONTROLLER: &str = "fork";
+const POLL: Duration = Duration::from_secs(15);
+const SETTLED: Duration = Duration::from_secs(300);
+
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let forks: Api<Fork> = Api::all(ctx.client.clone());
+    let owned = watcher::Config::default().labels(&format!("{}=fork", specs::COMPONENT_LABEL));
+    Controller::new(forks, watcher::Config::default())
+        .owns(Api::<StatefulSet>::all(ctx.client.clone()), owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, |_, _, _| Action::requeue(POLL), ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(controller = CONTROLLER, error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Why a recovery target cannot be reached, known before restoring.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TargetProblem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Checks a target against what is known of the archive.
+pub fn check_target(
+    target: Option<&RecoveryTarget>,
+    first_recoverability_point: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(), TargetProblem> {
+    let Some(time) = target.and_then(|t| t.time) else {
+        return Ok(());
+    };
+    if time > now {
+        return Err(TargetProblem {
+            reason: "TargetInFuture",
+            message: format!(
+                "target time {} is in the future (now {})",
+                time.to_rfc3339(),
+                now.to_rfc3339()
+            ),
+        });
+    }
+    if let Some(first) = first_recoverability_point {
+        if time < first {
+            return Err(TargetProblem {
+                reason: "TargetBeforeRecoveryWindow",
+                message: format!(
+                    "target time {} is before the first recoverable point {} of the archive",
+                    time.to_rfc3339(),
+                    first.to_rfc3339()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Phase of a fork from its pod and daemon, with a reason and message.
+pub fn observe_phase(
+    pod: Option<&Pod>,
+    daemon: Option<&DaemonStatus>,
+) -> (ForkPhase, &'static str, String) {
+    let Some(pod) = pod else {
+        return (
+            ForkPhase::Pending,
+            "PodNotCreated",
+            "waiting for the pod to be created".into(),
+        );
+    };
+    let name = pod.name_any();
+    let status = pod.status.clone().unwrap_or_default();
+    for c in status.init_container_statuses.iter().flatten() {
+        if c.name != specs::RESTORE_CONTAINER {
+            continue;
+        }
+        let state = c.state.clone().unwrap_or_default();
+        let last = c.last_state.clone().unwrap_or_default();
+        let failed = state
+            .terminated
+            .as_ref()
+            .or(last.terminated.as_ref())
+            .filter(|t| t.exit_code != 0);
+        if let Some(t) = failed {
+            if state.running.is_none() {
+                let msg = t
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("exit code {}", t.exit_code));
+                return (
+                    ForkPhase::Failed,
+                    "RestoreFailed",
+                    format!("walden restore failed in pod {name}: {}", msg.trim()),
+                );
+            }
+        }
+        if state.running.is_some() {
+            return (
+                ForkPhase::Restoring,
+                "Restoring",
+                format!("walden restore is running in pod {name}"),
+            );
+        }
+        if state.terminated.is_none() {
+            return (
+                ForkPhase::Pending,
+                "PodStarting",
+                format!("pod {name} is starting"),
+            );
+        }
+    }
+    let pod_ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    match daemon {
+        Some(d) if d.role == Role::Primary && pod_ready => (
+            ForkPhase::Ready,
+            "RecoveryComplete",
+            "recovery finished; the fork accepts connections".into(),
+        ),
+        Some(d) => (
+            ForkPhase::Recovering,
+            "Recovering",
+            match &d.replay {
+                Some(r) => format!("replaying WAL, at {}", r.replay_lsn),
+                None => "replaying WAL".into(),
+            },
+        ),
+        None if status.phase.as_deref() == Some("Running") => (
+            ForkPhase::Recovering,
+            "Recovering",
+            format!("pod {name} is running; waiting for its daemon"),
+        ),
+        None => (
+            ForkPhase::Pending,
+            "PodStarting",
+            format!("pod {name} is starting"),
+        ),
+    }
+}
+
+#[instrument(skip_all, fields(fork = %fork.name_any(), ns = fork.namespace().unwrap_or_default()))]
+pub async fn reconcile(fork: Arc<Fork>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let result = apply(&fork, &ctx).await;
+    if let Err(err) = &result {
+        let mut status = fork.status.clone().unwrap_or_default();
+        set_condition(
+            &mut status.conditions,
+            "Ready",
+            Status::False,
+            err.reason(),
+            err.to_string(),
+            fork.metadata.generation,
+            ctx.now(),
+        );
+        if let Ok(ns) = namespace_of(fork.as_ref()) {
+            let api: Api<Fork> = Api::namespaced(ctx.client.clone(), &ns);
+            if let Err(e) = apply_status(&api, fork.as_ref(), fork.status.as_ref(), &status).await {
+                warn!(error = %e, "could not record the error in status");
+            }
+        }
+        publish(
+            &ctx,
+            fork.as_ref(),
+            &[PendingEvent::warning(
+                err.reason(),
+                "Reconcile",
+                err.to_string(),
+            )],
+        )
+        .await;
+    }
+    ctx.metrics.reconciled(CONTROLLER, result.is_ok());
+    result
+}
+
+async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
+    let ns = namespace_of(fork)?;
+    let name = fork.name_any();
+    let now = ctx.now();
+    let generation = fork.metadata.generation;
+    let api: Api<Fork> = Api::namespaced(ctx.client.clone(), &ns);
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut status = fork.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let old_phase = fork.status.as_ref().map(|s| s.phase);
+    let mut events = Vec::new();
+
+    let action = 'outcome: {
+        let source = match resolve_source(
+            ctx,
+            &ns,
+            &fork.spec.source,
+            fork.spec.instance.credentials_secret.as_deref(),
+        )
+        .await?
+        {
+            Ok(s) => s,
+            Err(msg) => {
+                status.phase = ForkPhase::Pending;
+                if set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    Status::False,
+                    "SourceNotFound",
+                    &msg,
+                    generation,
+                    now,
+                ) {
+                    events.push(PendingEvent::warning("SourceNotFound", "Resolve", msg));
+                }
+                break 'outcome Action::requeue(POLL);
+            }
+        };
+        let existing = sts_api
+            .get_opt(&name)
+            .await
+            .map_err(kube_err(format!("reading StatefulSet {name}")))?;
+        // A restore already under way is not second-guessed by a clock check.
+        if existing.is_none() {
+            if let Err(p) = check_target(
+                fork.spec.target.as_ref(),
+                source.first_recoverability_point,
+                now,
+            ) {
+                status.phase = ForkPhase::Failed;
+                if set_condition(
+                    &mut status.conditions,
+                    "Ready",
+                    Status::False,
+                    p.reason,
+                    &p.message,
+                    generation,
+                    now,
+                ) {
+                    events.push(PendingEvent::warning(
+                        p.reason,
+                        "Validate",
+                        format!("{}; nothing was created", p.message),
+                    ));
+                }
+                break 'outcome Action::await_change();
+            }
+        }
+
+        let token = ensure_token(ctx, fork).await?;
+        let plan = InstancePlan {
+            kind: InstanceKind::Fork,
+            name: &name,
+            namespace: &ns,
+            owner: owner_reference(fork)?,
+            replicas: 1,
+            instance: &fork.spec.instance,
+            storage: &source.storage,
+            compression_level: source.compression_level,
+            credentials_secret: source.credentials_secret.as_deref(),
+            target: fork.spec.target.as_ref(),
+            streaming: None,
+            walden_image: &ctx.config.walden_image,
+        };
+        let svc_name = specs::instance_service_name(InstanceKind::Fork, &name);
+        let svc = apply_body(&specs::instance_service(&plan))?;
+        let current_svc = svc_api
+            .get_opt(&svc_name)
+            .await
+            .map_err(kube_err(format!("reading Service {svc_name}")))?;
+        let mut created = apply_if_changed(&svc_api, &svc_name, current_svc.as_ref(), &svc, false)
+            .await
+            .map_err(kube_err(format!("applying Service {svc_name}")))?;
+        let sts = apply_body(&specs::instance_statefulset(&plan))?;
+        created |= apply_if_changed(&sts_api, &name, existing.as_ref(), &sts, false)
+            .await
+            .map_err(kube_err(format!("applying StatefulSet {name}")))?;
+        if created {
+            events.push(PendingEvent::normal(
+                "Applied",
+                "Apply",
+                format!(
+                    "StatefulSet {name} and Service {svc_name} applied; restoring from {}",
+                    specs::storage_url(&source.storage)
+                ),
+            ));
+        }
+        status.service = Some(svc_name);
+        status.restored_from_backup = fork.spec.target.as_ref().and_then(|t| t.backup_id.clone());
+
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let pod_name = format!("{name}-0");
+        let pod = pods
+            .get_opt(&pod_name)
+            .await
+            .map_err(kube_err(format!("reading Pod {pod_name}")))?;
+        let daemon = match pod
+            .as_ref()
+            .and_then(|p| p.status.as_ref())
+            .and_then(|s| s.pod_ip.clone())
+        {
+            Some(ip) => match ctx.daemon.status(&Endpoint::for_pod_ip(&ip, &token)).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    warn!(pod = %pod_name, error = %e, "daemon status unavailable");
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(d) = &daemon {
+            if let Some(r) = &d.replay {
+                status.recovered_to_lsn = Some(r.replay_lsn.clone());
+            }
+            if status.restored_from_backup.is_none() {
+                status.restored_from_backup = d.last_backup.as_ref().map(|b| b.id.clone());
+            }
+        }
+        let (phase, reason, message) = observe_phase(pod.as_ref(), daemon.as_ref());
+        status.phase = phase;
+        if phase == ForkPhase::Ready {
+            // Recovery stops at a time target; other targets report the LSN only.
+            status.recovered_to_time = fork.spec.target.as_ref().and_then(|t| t.time);
+        }
+        let ready = if phase == ForkPhase::Ready {
+            Status::True
+        } else {
+            Status::False
+        };
+        set_condition(
+            &mut status.conditions,
+            "Ready",
+            ready,
+            reason,
+            &message,
+            generation,
+            now,
+        );
+        if old_phase != Some(phase) {
+            events.push(if phase == ForkPhase::Failed {
+                PendingEvent::warning(reason, "Observe", message)
+            } else {
+                PendingEvent::normal(reason, "Observe", format!("phase {phase:?}: {message}"))
+            });
+        }
+        if phase == ForkPhase::Ready {
+            Action::requeue(SETTLED)
+        } else {
+            Action::requeue(POLL)
+        }
+    };
+
+    apply_status(&api, fork, fork.status.as_ref(), &status).await?;
+    publish(ctx, fork, &events).await;
+    Ok(action)
+}
+
+/// An object as a server-side-apply body (which needs its apiVersion and kind).
+pub(crate) fn apply_body<K>(obj: &K) -> Result<serde_json::Value, Error>
+where
+    K: kube::Resource<DynamicType = ()> + serde::Serialize,
+{
+    let mut v = serde_json::to_value(obj).map_err(|source| Error::Serialize {
+        what: K::kind(&()).to_string(),
+        source,
+    })?;
+    if let Some(map) = v.as_object_mut() {
+        map.insert("apiVersion".into(), K::api_version(&()).into());
+        map.insert("kind".into(), K::kind(&()).into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controllers::testing::{context, standby_status, time, FakeApi, FakeDaemon};
+    use serde_json::{json, Value};
+
+    const NS: &str = "db";
+    const FORK_PATH: &str = "/apis/walden.dev/v1alpha1/namespaces/db/forks/f";
+    const STS_PATH: &str = "/apis/apps/v1/namespaces/db/statefulsets/f";
+    const SVC_PATH: &str = "/api/v1/namespaces/db/services/f";
+    const NOW: &str = "2025-05-01T12:00:00Z";
+
+    fn source_cb(first_point: Option<&str>) -> Value {
+        json!({
+            "apiVersion": "walden.dev/v1alpha1", "kind": "ContinuousBackup",
+            "metadata": {"name": "pg-backup", "namespace": NS, "uid": "cb-uid"},
+            "spec": {
+                "target": {"statefulSet": "pg", "credentialsSecret": "pg-creds"},
+                "storage": {"s3": {"bucket": "backups", "prefix": "pg", "credentials": {"secret": "s3"}}},
+                "compression": {"level": 9}
+            },
+            "status": {"firstRecoverabilityPoint": first_point}
+        })
+    }
+
+    fn fork(target: Value) -> Value {
+        json!({
+            "apiVersion": "walden.dev/v1alpha1", "kind": "Fork",
+            "metadata": {"name": "f", "namespace": NS, "uid": "fork-uid", "generation": 1},
+            "spec": {
+                "source": {"continuousBackup": "pg-backup"},
+                "target": target,
+                "instance": {"image": "postgres:16", "storageSize": "1Gi"}
+            }
+        })
+    }
+
+    fn stored(api: &FakeApi) -> Arc<Fork> {
+        Arc::new(serde_json::from_value(api.get(FORK_PATH).expect("fork")).expect("fork parses"))
+    }
+
+    fn ready(f: &Fork) -> (String, String, String) {
+        let c = f
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .expect("Ready condition");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn target_checks_table() {
+        let now = time(NOW);
+        let at = |s: &str| RecoveryTarget {
+            time: Some(time(s)),
+            ..Default::default()
+        };
+        let first = Some(time("2025-05-01T03:00:00Z"));
+        let cases = [
+            ("no target", None, first, None),
+            (
+                "lsn target is not checked here",
+                Some(RecoveryTarget {
+                    lsn: Some("0/1".into()),
+                    ..Default::default()
+                }),
+                first,
+                None,
+            ),
+            (
+                "inside the window",
+                Some(at("2025-05-01T04:00:00Z")),
+                first,
+                None,
+            ),
+            (
+                "window unknown",
+                Some(at("2020-01-01T00:00:00Z")),
+                None,
+                None,
+            ),
+            (
+                "before the window",
+                Some(at("2025-05-01T02:59:59Z")),
+                first,
+                Some("TargetBeforeRecoveryWindow"),
+            ),
+            (
+                "in the future",
+                Some(at("2025-05-01T12:00:01Z")),
+                first,
+                Some("TargetInFuture"),
+            ),
+        ];
+        for (name, target, first, want) in cases {
+            let got = check_target(target.as_ref(), first, now)
+                .err()
+                .map(|p| p.reason);
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    fn pod(init: Value, phase: &str, ready: bool) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "f-0"},
+            "status": {"phase": phase, "podIP": "10.0.0.9", "initContainerStatuses": init,
+                       "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn phases_table() {
+        let install_done = json!({"name": "walden-install", "ready": true, "restartCount": 0, "image": "w", "imageID": "", "state": {"terminated": {"exitCode": 0}}});
+        let restore = |state: Value, last: Value| json!({"name": "walden-restore", "ready": false, "restartCount": 1, "image": "w", "imageID": "", "state": state, "lastState": last});
+        let primary = crate::controllers::testing::primary_status();
+        let standby = standby_status("0/5000000", 3.0, 100);
+        let cases = [
+            ("no pod", None, None, ForkPhase::Pending, "PodNotCreated"),
+            (
+                "restore waiting",
+                Some(pod(
+                    json!([install_done, restore(json!({"waiting": {}}), json!({}))]),
+                    "Pending",
+                    false,
+                )),
+                None,
+                ForkPhase::Pending,
+                "PodStarting",
+            ),
+            (
+                "restore running",
+                Some(pod(
+                    json!([install_done, restore(json!({"running": {}}), json!({}))]),
+                    "Pending",
+                    false,
+                )),
+                None,
+                ForkPhase::Restoring,
+                "Restoring",
+            ),
+            (
+                "restore failed (crash-looping)",
+                Some(pod(
+                    json!([
+                        install_done,
+                        restore(
+                            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+                            json!({"terminated": {"exitCode": 2, "message": "backup 2024 not found\n"}})
+                        )
+                    ]),
+                    "Pending",
+                    false,
+                )),
+                None,
+                ForkPhase::Failed,
+                "RestoreFailed",
+            ),
+            (
+                "replaying",
+                Some(pod(
+                    json!([
+                        install_done,
+                        restore(json!({"terminated": {"exitCode": 0}}), json!({}))
+                    ]),
+                    "Running",
+                    false,
+                )),
+                Some(&standby),
+                ForkPhase::Recovering,
+                "Recovering",
+            ),
+            (
+                "running, daemon silent",
+                Some(pod(json!([]), "Running", false)),
+                None,
+                ForkPhase::Recovering,
+                "Recovering",
+            ),
+            (
+                "promoted and ready",
+                Some(pod(json!([]), "Running", true)),
+                Some(&primary),
+                ForkPhase::Ready,
+                "RecoveryComplete",
+            ),
+            (
+                "primary but not ready yet",
+                Some(pod(json!([]), "Running", false)),
+                Some(&primary),
+                ForkPhase::Recovering,
+                "Recovering",
+            ),
+        ];
+        for (name, p, d, phase, reason) in cases {
+            let (got_phase, got_reason, message) = observe_phase(p.as_ref(), d);
+            assert_eq!(
+                (got_phase, got_reason),
+                (phase, reason),
+                "{name}: {message}"
+            );
+            if phase == ForkPhase::Failed {
+                assert!(
+                    message.contains("backup 2024 not found"),
+                    "{name}: {message}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn creates_owned_objects_then_writes_nothing_more() {
+        let api = FakeApi::default();
+        api.insert(source_cb(Some("2025-05-01T03:00:00Z")));
+        api.insert(fork(json!({"time": "2025-05-01T10:00:00Z"})));
+        let ctx = context(&api, Arc::new(FakeDaemon::default()), time(NOW));
+        reconcile(stored(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+
+        let sts = api.get(STS_PATH).expect("statefulset");
+        let svc = api.get(SVC_PATH).expect("service");
+        let secret = api
+            .get("/api/v1/namespaces/db/secrets/f-walden-token")
+            .expect("token");
+        for o in [&sts, &svc, &secret] {
+            assert_eq!(
+                o["metadata"]["ownerReferences"][0]["uid"], "fork-uid",
+                "{}",
+                o["kind"]
+            );
+            assert_eq!(o["metadata"]["ownerReferences"][0]["controller"], true);
+        }
+        let init = &sts["spec"]["template"]["spec"]["initContainers"];
+        let restore = init
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == "walden-restore"))
+            .expect("restore");
+        assert_eq!(
+            restore["command"],
+            json!([
+                "/usr/local/bin/walden",
+                "restore",
+                "/var/lib/postgresql/data/pgdata",
+                "--restore-command",
+                "/walden/bin/walden wal-fetch %f %p",
+                "--target-time",
+                "2025-05-01T10:00:00Z"
+            ])
+        );
+        assert_eq!(sts["spec"]["replicas"], 1);
+        let f = stored(&api);
+        let status = f.status.clone().expect("status");
+        assert_eq!(status.phase, ForkPhase::Pending);
+        assert_eq!(status.service.as_deref(), Some("f"));
+        assert_eq!(ready(&f).1, "PodNotCreated");
+        assert!(api.event_reasons().contains(&"Applied".to_string()));
+
+        api.clear_requests();
+        reconcile(stored(&api), ctx)
+            .await
+            .expect("second reconcile");
+        assert!(api.writes().is_empty(), "{:?}", api.writes());
+    }
+
+    #[tokio::test]
+    async fn bad_targets_fail_before_anything_is_created() {
+        let cases = [
+            (
+                "future",
+                json!({"time": "2030-01-01T00:00:00Z"}),
+                "TargetInFuture",
+            ),
+            (
+                "before window",
+                json!({"time": "2025-05-01T01:00:00Z"}),
+                "TargetBeforeRecoveryWindow",
+            ),
+        ];
+        for (name, target, reason) in cases {
+            let api = FakeApi::default();
+            api.insert(source_cb(Some("2025-05-01T03:00:00Z")));
+            api.insert(fork(target));
+            let ctx = context(&api, Arc::new(FakeDaemon::default()), time(NOW));
+            let action = reconcile(stored(&api), ctx).await.expect("reconcile");
+            assert_eq!(action, Action::await_change(), "{name}");
+            let f = stored(&api);
+            assert_eq!(
+                f.status.as_ref().map(|s| s.phase),
+                Some(ForkPhase::Failed),
+                "{name}"
+            );
+            let (status, got_reason, message) = ready(&f);
+            assert_eq!(
+                (status.as_str(), got_reason.as_str()),
+                ("False", reason),
+                "{name}: {message}"
+            );
+            assert!(
+                api.get(STS_PATH).is_none() && api.get(SVC_PATH).is_none(),
+                "{name}: nothing created"
+            );
+            assert!(
+                api.get("/api/v1/namespaces/db/secrets/f-walden-token")
+                    .is_none(),
+                "{name}"
+            );
+            assert_eq!(api.event_reasons(), vec![reason.to_string()], "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_source_waits_with_a_reason() {
+        let api = FakeApi::default();
+        api.insert(fork(json!(null)));
+        let ctx = context(&api, Arc::new(FakeDaemon::default()), time(NOW));
+        reconcile(stored(&api), ctx).await.expect("reconcile");
+        let f = stored(&api);
+        assert_eq!(f.status.as_ref().map(|s| s.phase), Some(ForkPhase::Pending));
+        let (_, reason, message) = ready(&f);
+        assert_eq!(reason, "SourceNotFound");
+        assert!(message.contains("pg-backup"), "{message}");
+        assert!(api.get(STS_PATH).is_none());
+        assert_eq!(api.event_reasons(), vec!["SourceNotFound".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn recovery_complete_makes_the_fork_ready() {
+        let api = FakeApi::default();
+        api.insert(source_cb(None));
+        api.insert(fork(json!({"time": "2025-05-01T10:00:00Z"})));
+        api.insert(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "f-0", "namespace": NS},
+            "status": {"phase": "Running", "podIP": "10.0.0.9",
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }));
+        let daemon = Arc::new(FakeDaemon::default());
+        let mut promoted = crate::controllers::testing::primary_status();
+        promoted.replay = Some(crate::daemon_client::Replay {
+            replay_lsn: "0/7000028".into(),
+            lag_seconds: 0.0,
+            lag_bytes: 0,
+        });
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert("http://10.0.0.9:8008".into(), promoted);
+        let ctx = context(&api, daemon, time(NOW));
+        let action = reconcile(stored(&api), ctx).await.expect("reconcile");
+        assert_eq!(action, Action::requeue(SETTLED));
+        let f = stored(&api);
+        let status = f.status.clone().expect("status");
+        assert_eq!(status.phase, ForkPhase::Ready);
+        assert_eq!(status.recovered_to_lsn.as_deref(), Some("0/7000028"));
+        assert_eq!(status.recovered_to_time, Some(time("2025-05-01T10:00:00Z")));
+        assert_eq!(ready(&f).0, "True");
+        assert!(
+            api.event_reasons()
+                .contains(&"RecoveryComplete".to_string()),
+            "{:?}",
+            api.event_reasons()
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_restore_shows_in_phase_condition_and_event() {
+        let api = FakeApi::default();
+        api.insert(source_cb(None));
+        api.insert(fork(json!({"backupId": "20240101T000000Z"})));
+        let ctx = context(&api, Arc::new(FakeDaemon::default()), time(NOW));
+        reconcile(stored(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        api.insert(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "f-0", "namespace": NS},
+            "status": {"phase": "Pending", "initContainerStatuses": [
+                {"name": "walden-restore", "ready": false, "restartCount": 2, "image": "w", "imageID": "",
+                 "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                 "lastState": {"terminated": {"exitCode": 1, "message": "unknown backup 20240101T000000Z"}}}
+            ]}
+        }));
+        api.clear_requests();
+        reconcile(stored(&api), ctx).await.expect("reconcile");
+        let f = stored(&api);
+        assert_eq!(f.status.as_ref().map(|s| s.phase), Some(ForkPhase::Failed));
+        let (_, reason, message) = ready(&f);
+        assert_eq!(reason, "RestoreFailed");
+        assert!(
+            message.contains("unknown backup 20240101T000000Z"),
+            "{message}"
+        );
+        assert_eq!(api.event_reasons(), vec!["RestoreFailed".to_string()]);
+        assert_eq!(
+            f.status
+                .as_ref()
+                .and_then(|s| s.restored_from_backup.clone())
+                .as_deref(),
+            Some("20240101T000000Z")
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! One controller per kind, plus what they share: the context, errors,
+//! conditions, change-only server-side apply, and Events.
+//!
+//! Every controller writes only when something changed: objects are compared
+//! with the desired apply body before a PATCH, and status is patched only when
+//! it differs. Expected problems (a missing target, a bad recovery target, an
+//! unreachable daemon) become a status condition and an Event; API failures
+//! are returned as errors, which also land in a condition and an Event.
+
+pub mod continuous_backup;
+pub mod follower;
+pub mod fork;
+
+use crate::api::{ContinuousBackup, SourceSpec, StorageSpec};
+use crate::daemon_client::{DaemonApi, DaemonError};
+use crate::metrics::Metrics;
+use crate::specs::{self, OperatorConfig, SpecError, FIELD_MANAGER};
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::Error as FinalizerError;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+/// Source of "now", injectable so schedules can be tested.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub daemon: Arc<dyn DaemonApi>,
+    pub recorder: Recorder,
+    pub config: OperatorConfig,
+    pub clock: Clock,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+}
+
+/// Failures of a reconcile (each also reported as a condition and an Event).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("token generation failed: {0}")]
+    Random(String),
+    #[error("serializing {what}: {source}")]
+    Serialize {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Reason used in conditions and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubernetesApiError",
+            Error::NoNamespace(_) => "NoNamespace",
+            Error::Spec(e) => e.reason(),
+            Error::Daemon(_) => "DaemonError",
+            Error::Random(_) => "TokenGenerationFailed",
+            Error::Serialize { .. } => "InternalError",
+            Error::Finalizer(e) => match e.as_ref() {
+                FinalizerError::ApplyFailed(inner) | FinalizerError::CleanupFailed(inner) => {
+                    inner.reason()
+                }
+                _ => "FinalizerFailed",
+            },
+        }
+    }
+}
+
+/// Attaches what was being done to a kube error.
+pub(crate) fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+pub(crate) fn namespace_of<K: Resource>(obj: &K) -> Result<String, Error> {
+    obj.meta()
+        .namespace
+        .clone()
+        .ok_or_else(|| Error::NoNamespace(obj.meta().name.clone().unwrap_or_default()))
+}
+
+/// Whether every field of `desired` is already present in `current`.
+///
+/// Objects compare key by key; lists of objects compare element-wise (each
+/// desired element contained in some current element, as server-side apply
+/// merges keyed lists); other values compare by equality.
+pub fn contains(current: &Value, desired: &Value) -> bool {
+    match (current, desired) {
+        (Value::Object(c), Value::Object(d)) => d
+            .iter()
+            .all(|(k, dv)| c.get(k).is_some_and(|cv| contains(cv, dv))),
+        (Value::Array(c), Value::Array(d)) if d.iter().all(Value::is_object) => {
+            d.iter().all(|dv| c.iter().any(|cv| contains(cv, dv)))
+        }
+        (c, d) => c == d,
+    }
+}
+
+/// Server-side applies `desired` unless `current` already has it. Returns
+/// whether a write was made.
+pub async fn apply_if_changed<K>(
+    api: &Api<K>,
+    name: &str,
+    current: Option<&K>,
+    desired: &Value,
+    force: bool,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    if let Some(cur) = current {
+        let cur = serde_json::to_value(cur).map_err(kube::Error::SerdeError)?;
+        if contains(&cur, desired) {
+            return Ok(false);
+        }
+    }
+    let mut params = PatchParams::apply(FIELD_MANAGER);
+    if force {
+        params = params.force();
+    }
+    api.patch(name, &params, &Patch::Apply(desired)).await?;
+    Ok(true)
+}
+
+/// Patches the status subresource when it differs from the current one.
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    current: Option<&S>,
+    desired: &S,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+    S: Serialize + PartialEq,
+{
+    if current == Some(desired) {
+        return Ok(false);
+    }
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": desired,
+    });
+    let name = obj.name_any();
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "updating status of {} {name}",
+        K::kind(&())
+    )))?;
+    Ok(true)
+}
+
+/// Condition status values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Sets a condition, keeping its transition time when the status is unchanged.
+/// Returns whether the status changed (a transition worth an Event).
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: Status,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> bool {
+    let message = message.into();
+    let ts = Time(k8s_openapi::jiff::Timestamp::from_second(now.timestamp()).unwrap_or_default());
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let transition = c.status != status.as_str();
+            let changed = transition || c.reason != reason;
+            if transition {
+                c.last_transition_time = ts;
+            }
+            c.status = status.as_str().to_string();
+            c.reason = reason.to_string();
+            c.message = message;
+            c.observed_generation = generation;
+            changed
+        }
+        None => {
+            conditions.push(Condition {
+                type_: type_.to_string(),
+                status: status.as_str().to_string(),
+                reason: reason.to_string(),
+                message,
+                observed_generation: generation,
+                last_transition_time: ts,
+            });
+            true
+        }
+    }
+}
+
+/// An Event to publish once the status is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingEvent {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+    pub action: String,
+}
+
+impl PendingEvent {
+    pub fn normal(reason: &str, action: &str, note: impl Into<String>) -> Self {
+        PendingEvent {
+            warning: false,
+            reason: reason.into(),
+            note: note.into(),
+            action: action.into(),
+        }
+    }
+    pub fn warning(reason: &str, action: &str, note: impl Into<String>) -> Self {
+        PendingEvent {
+            warning: true,
+            reason: reason.into(),
+            note: note.into(),
+            action: action.into(),
+        }
+    }
+}
+
+/// Publishes Events; a failure to publish is logged, not fatal, so that it
+/// cannot mask the problem being reported.
+pub async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    events: &[PendingEvent],
+) {
+    let reference = obj.object_ref(&());
+    for e in events {
+        let ev = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.clone(),
+            note: Some(truncate(&e.note, 1000)),
+            action: e.action.clone(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %err, reason = %e.reason, "could not publish event");
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A fresh random API token (hex, 256 bits).
+pub fn generate_token() -> Result<String, Error> {
+    let mut buf = [0u8; 32];
+    getrandom::fill(&mut buf).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Returns the daemon API token of `owner`, creating its Secret if needed.
+/// An existing token is never rotated here: pods already mount it.
+pub async fn ensure_token<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    owner: &K,
+) -> Result<String, Error> {
+    let ns = namespace_of(owner)?;
+    let name = specs::token_secret_name(&owner.meta().name.clone().unwrap_or_default());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(token) = read_token(&api, &name).await? {
+        return Ok(token);
+    }
+    let token = generate_token()?;
+    let owner_ref = owner_reference(owner)?;
+    let secret = specs::token_secret(&name, &ns, owner_ref, &token);
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(token),
+        // Created concurrently: use whatever won.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            read_token(&api, &name).await?.ok_or_else(|| Error::Kube {
+                action: format!("reading Secret {name}"),
+                source: kube::Error::Api(s),
+            })
+        }
+        Err(e) => Err(kube_err(format!("creating Secret {name}"))(e)),
+    }
+}
+
+async fn read_token(api: &Api<Secret>, name: &str) -> Result<Option<String>, Error> {
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(kube_err(format!("reading Secret {name}")))?;
+    Ok(secret
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(specs::TOKEN_KEY).cloned())
+        .and_then(|b| String::from_utf8(b.0).ok())
+        .filter(|t| !t.is_empty()))
+}
+
+/// Controller owner reference to `owner`.
+pub fn owner_reference<K: Resource<DynamicType = ()>>(owner: &K) -> Result<OwnerReference, Error> {
+    owner
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::NoNamespace(owner.meta().name.clone().unwrap_or_default()))
+}
+
+/// Storage and defaults a fork or follower inherits from its source.
+#[derive(Clone, Debug)]
+pub struct ResolvedSource {
+    pub storage: StorageSpec,
+    pub credentials_secret: Option<String>,
+    pub compression_level: i32,
+    pub first_recoverability_point: Option<DateTime<Utc>>,
+}
+
+/// Resolves `spec.source`; `Ok(Err(message))` when the named
+/// ContinuousBackup does not exist (yet).
+pub async fn resolve_source(
+    ctx: &Context,
+    namespace: &str,
+    source: &SourceSpec,
+    credentials_override: Option<&str>,
+) -> Result<Result<ResolvedSource, String>, Error> {
+    if let Some(name) = &source.continuous_backup {
+        let api: Api<ContinuousBackup> = Api::namespaced(ctx.client.clone(), namespace);
+        let Some(cb) = api
+            .get_opt(name)
+            .await
+            .map_err(kube_err(format!("reading ContinuousBackup {name}")))?
+        else {
+            return Ok(Err(format!(
+                "ContinuousBackup {name} not found in namespace {namespace}"
+            )));
+        };
+        return Ok(Ok(ResolvedSource {
+            storage: cb.spec.storage.clone(),
+            credentials_secret: Some(
+                credentials_override
+                    .map(str::to_string)
+                    .unwrap_or_else(|| cb.spec.target.credentials_secret.clone()),
+            ),
+            compression_level: cb.spec.compression.as_ref().map(|c| c.level).unwrap_or(3),
+            first_recoverability_point: cb
+                .status
+                .as_ref()
+                .and_then(|s| s.first_recoverability_point),
+        }));
+    }
+    match &source.storage {
+        Some(storage) => Ok(Ok(ResolvedSource {
+            storage: storage.clone(),
+            credentials_secret: credentials_override.map(str::to_string),
+            compression_level: 3,
+            first_recoverability_point: None,
+        })),
+        None => Ok(Err(
+            "spec.source needs continuousBackup or storage".to_string()
+        )),
+    }
+}
+
+/// Runs the three controllers until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    futures::join!(
+        continuous_backup::run(ctx.clone(), signal(rx.clone())),
+        fork::run(ctx.clone(), signal(rx.clone())),
+        follower::run(ctx.clone(), signal(rx)),
+    );
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn contains_table() {
+        let cases = [
+            ("equal scalars", json!(1), json!(1), true),
+            ("different scalars", json!(1), json!(2), false),
+            (
+                "extra keys in current",
+                json!({"a":1,"b":2}),
+                json!({"a":1}),
+                true,
+            ),
+            ("missing key", json!({"a":1}), json!({"b":1}), false),
+            (
+                "keyed list subset",
+                json!({"c":[{"name":"pg","image":"x"},{"name":"walden","args":["a"]}]}),
+                json!({"c":[{"name":"walden","args":["a"]}]}),
+                true,
+            ),
+            (
+                "keyed list element differs",
+                json!({"c":[{"name":"walden","args":["a"]}]}),
+                json!({"c":[{"name":"walden","args":["b"]}]}),
+                false,
+            ),
+            (
+                "scalar list must be equal",
+                json!(["a", "b"]),
+                json!(["a"]),
+                false,
+            ),
+            (
+                "scalar list equal",
+                json!(["a", "b"]),
+                json!(["a", "b"]),
+                true,
+            ),
+        ];
+        for (name, cur, des, want) in cases {
+            assert_eq!(contains(&cur, &des), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn set_condition_keeps_transition_time_until_status_changes() {
+        let t0 = DateTime::parse_from_rfc3339("2025-01-01T00:00:00Z")
+            .expect("t0")
+            .with_timezone(&Utc);
+        let t1 = t0 + chrono::Duration::minutes(5);
+        let mut conds = Vec::new();
+        assert!(set_condition(
+            &mut conds,
+            "Ready",
+            Status::False,
+            "A",
+            "m",
+            Some(1),
+            t0
+        ));
+        assert!(!set_condition(
+            &mut conds,
+            "Ready",
+            Status::False,
+            "A",
+            "m2",
+            Some(1),
+            t1
+        ));
+        assert_eq!(conds[0].last_transition_time.0.as_second(), t0.timestamp());
+        assert_eq!(conds[0].message, "m2");
+        assert!(set_condition(
+            &mut conds,
+            "Ready",
+            Status::False,
+            "B",
+            "m",
+            Some(1),
+            t1
+        ));
+        assert_eq!(conds[0].last_transition_time.0.as_second(), t0.timestamp());
+        assert!(set_condition(
+            &mut conds,
+            "Ready",
+            Status::True,
+            "B",
+            "m",
+            Some(2),
+            t1
+        ));
+        assert_eq!(conds[0].last_transition_time.0.as_second(), t1.timestamp());
+        assert_eq!(conds.len(), 1);
+    }
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let a = generate_token().expect("token");
+        let b = generate_token().expect("token");
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

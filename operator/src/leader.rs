@@ -1,0 +1,168 @@
+//! Leader election with a coordination.k8s.io/v1 Lease, so that only one
+//! operator replica reconciles at a time. kube-rs has no elector of its own.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::Client;
+use std::time::Duration;
+
+/// What to do with a Lease as found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// We hold it: refresh renewTime.
+    Renew,
+    /// Nobody holds it, or the holder stopped renewing: take it.
+    Acquire,
+    /// Someone else holds it.
+    Wait,
+}
+
+fn micro(t: DateTime<Utc>) -> MicroTime {
+    MicroTime(
+        k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros()).unwrap_or_default(),
+    )
+}
+
+fn to_chrono(t: &MicroTime) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp_micros(t.0.as_microsecond())
+}
+
+/// Pure decision on a Lease's spec.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: DateTime<Utc>) -> LeaseAction {
+    let Some(spec) = spec else {
+        return LeaseAction::Acquire;
+    };
+    match spec.holder_identity.as_deref() {
+        None | Some("") => LeaseAction::Acquire,
+        Some(holder) if holder == me => LeaseAction::Renew,
+        Some(_) => {
+            let ttl = chrono::Duration::seconds(spec.lease_duration_seconds.unwrap_or(15).into());
+            match spec.renew_time.as_ref().and_then(to_chrono) {
+                Some(renewed) if renewed + ttl > now => LeaseAction::Wait,
+                _ => LeaseAction::Acquire,
+            }
+        }
+    }
+}
+
+/// Holds or competes for one Lease.
+pub struct LeaderElector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    ttl: Duration,
+}
+
+impl LeaderElector {
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, ttl: Duration) -> Self {
+        LeaderElector {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            identity: identity.to_string(),
+            ttl,
+        }
+    }
+
+    /// How often to renew: well inside the TTL.
+    pub fn renew_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Tries once to acquire or renew. `Ok(true)` while we lead. Conflicting
+    /// writes (another replica won the race) are `Ok(false)`.
+    pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        let now = Utc::now();
+        let ttl_secs = i32::try_from(self.ttl.as_secs()).unwrap_or(15);
+        let existing = self.api.get_opt(&self.name).await?;
+        let Some(mut lease) = existing else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(ttl_secs),
+                    acquire_time: Some(micro(now)),
+                    renew_time: Some(micro(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let action = decide(lease.spec.as_ref(), &self.identity, now);
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        match action {
+            LeaseAction::Wait => return Ok(false),
+            LeaseAction::Renew => {
+                spec.renew_time = Some(micro(now));
+                spec.lease_duration_seconds = Some(ttl_secs);
+            }
+            LeaseAction::Acquire => {
+                spec.holder_identity = Some(self.identity.clone());
+                spec.acquire_time = Some(micro(now));
+                spec.renew_time = Some(micro(now));
+                spec.lease_duration_seconds = Some(ttl_secs);
+                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            }
+        }
+        // replace carries resourceVersion: a concurrent writer makes it 409.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        let now = DateTime::parse_from_rfc3339("2025-01-01T00:01:00Z")
+            .expect("now")
+            .with_timezone(&Utc);
+        let spec = |holder: Option<&str>, renewed_secs_ago: i64| LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(micro(now - chrono::Duration::seconds(renewed_secs_ago))),
+            ..Default::default()
+        };
+        let cases = [
+            ("no lease spec", None, LeaseAction::Acquire),
+            ("no holder", Some(spec(None, 1)), LeaseAction::Acquire),
+            ("we hold it", Some(spec(Some("me"), 1)), LeaseAction::Renew),
+            (
+                "we hold it, even expired",
+                Some(spec(Some("me"), 60)),
+                LeaseAction::Renew,
+            ),
+            (
+                "other holder, fresh",
+                Some(spec(Some("other"), 5)),
+                LeaseAction::Wait,
+            ),
+            (
+                "other holder, expired",
+                Some(spec(Some("other"), 16)),
+                LeaseAction::Acquire,
+            ),
+        ];
+        for (name, s, want) in cases {
+            assert_eq!(decide(s.as_ref(), "me", now), want, "{name}");
+        }
+    }
+}
