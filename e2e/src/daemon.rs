@@ -103,6 +103,19 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// (current, peak) resident memory of the daemon in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// SIGKILL: the daemon dies with whatever it was doing.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

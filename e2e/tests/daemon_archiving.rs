@@ -139,12 +139,14 @@ fn archive_keeps_up_with_pgbench_through_the_daemon_on_s3() {
         load.join().expect("pgbench");
     });
     let load_secs = started.elapsed().as_secs_f64();
+    let rss = daemon.rss_kib();
     let last = pg.switch_wal();
     pg.wait_archived(&last, LONG);
     let drained = started.elapsed().as_secs_f64();
     let (archived, failed) = pg.archiver_counts();
     eprintln!(
-        "pgbench load: {load_secs:.1} s, {archived} files archived, all archived after {drained:.1} s, max .ready backlog {max_ready}"
+        "pgbench load: {load_secs:.1} s, {archived} files archived, all archived after {drained:.1} s, \
+         max .ready backlog {max_ready}, daemon RSS (now, peak) KiB {rss:?}"
     );
     assert_eq!(
         failed,

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::protocol::{Request, Response, Status, MAX_LINE};
 
+/// Bytes read from the socket at a time when receiving a WAL file.
+const RECEIVE_BUFFER: usize = 1 << 20;
+
 /// How the client talks to the daemon.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -116,7 +119,7 @@ impl ClientOptions {
         line.push(b'\n');
         stream.write_all(&line).map_err(io)?;
         stream.flush().map_err(io)?;
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::with_capacity(RECEIVE_BUFFER, stream);
         let mut answer = Vec::new();
         (&mut reader)
             .take(MAX_LINE as u64)
@@ -206,12 +209,22 @@ pub fn fetch(opts: &ClientOptions, name: &str, dest: &Path) -> Result<FetchOutco
     };
     let result = (|| {
         let mut out = std::fs::File::create(&tmp).map_err(|e| local("create", e))?;
-        let got = std::io::copy(&mut (&mut reader).take(len), &mut out).map_err(|source| {
-            ClientError::Io {
-                socket: opts.socket_name(),
-                source,
+        let mut buf = vec![0u8; RECEIVE_BUFFER];
+        let mut got = 0u64;
+        while got < len {
+            let want = (len - got).min(RECEIVE_BUFFER as u64) as usize;
+            let n = reader
+                .read(&mut buf[..want])
+                .map_err(|source| ClientError::Io {
+                    socket: opts.socket_name(),
+                    source,
+                })?;
+            if n == 0 {
+                break;
             }
-        })?;
+            out.write_all(&buf[..n]).map_err(|e| local("write", e))?;
+            got += n as u64;
+        }
         if got != len {
             return Err(ClientError::ShortBody {
                 socket: opts.socket_name(),

@@ -2,8 +2,9 @@
 //! next files PostgreSQL has marked `.ready`, so that its later calls find
 //! them stored and return at once.
 //!
-//! A file is answered "archived" only after storage acknowledged it durably
-//! *and* the archive log recorded it (fsynced). Uploads started ahead of
+//! A file is answered "archived" only after storage acknowledged it durably;
+//! it is then appended to the archive log (fsynced), from which later
+//! requests for it are answered at once. Uploads started ahead of
 //! PostgreSQL's request are the same `wal::push` it would have run: the same
 //! checks (system identifier, position, identical-or-conflict), the same
 //! durability. If the daemon dies, nothing half-done is ever reported: the
@@ -58,6 +59,9 @@ pub struct Archiver {
     inner: Mutex<Inner>,
     metrics: Metrics,
     stopping: AtomicBool,
+    /// Set once an upload succeeded: the repository identity (`walden.json`)
+    /// exists, so parallel uploads no longer race to create it.
+    stored_once: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +106,7 @@ impl Archiver {
         log: ArchivedLog,
         metrics: Metrics,
     ) -> Arc<Self> {
+        let stored_once = AtomicBool::new(!log.is_empty());
         let mut status = ArchiveStatus::default();
         if let Some(r) = log.newest_segment() {
             status.last_archived_wal = Some(r.name.clone());
@@ -119,6 +124,7 @@ impl Archiver {
             }),
             metrics,
             stopping: AtomicBool::new(false),
+            stored_once,
         })
     }
 
@@ -196,13 +202,22 @@ impl Archiver {
         let span = tracing::info_span!("archive", file = %name);
         tokio::spawn(
             async move {
-                let outcome = me.upload(&path, &name, before).await;
-                me.finish(&name, &outcome);
-                let _ = tx.send(Some(outcome.clone()));
+                let outcome = me.store(&path, before).await;
                 if outcome.is_ok() {
-                    if let Some(dir) = path.parent() {
-                        me.fill(dir).await;
+                    me.stored_once.store(true, Ordering::SeqCst);
+                    // Durable in storage: the waiting client may hear so now. The
+                    // name stays in flight until it is remembered, so no second
+                    // upload of it starts meanwhile.
+                    let _ = tx.send(Some(Ok(())));
+                    if let Err(e) = me.remember(&name, before).await {
+                        tracing::warn!(error = %e, "archived but not remembered; a later request pushes it again");
                     }
+                }
+                me.finish(&name, &outcome);
+                if let Err(e) = &outcome {
+                    let _ = tx.send(Some(Err(e.clone())));
+                } else if let Some(dir) = path.parent() {
+                    me.fill(dir).await;
                 }
             }
             .instrument(span),
@@ -247,23 +262,29 @@ impl Archiver {
         }
     }
 
-    /// Uploads one file and records it; `Ok` means durable in storage and in the log.
-    async fn upload(&self, path: &Path, name: &str, before: Stamp) -> Outcome {
+    /// Uploads one file; `Ok` means durable in storage, with exactly the
+    /// content the file had when the request was taken.
+    async fn store(&self, path: &Path, before: Stamp) -> Outcome {
         wal::push(self.storage.as_ref(), path, &self.opts)
             .await
             .map_err(|e| format!("{e:#}"))?;
         let after = stamp(path).await.map_err(|e| e.to_string())?;
         if after != before {
-            // Stored what was read, but the file changed meanwhile: do not remember it.
             return Err(format!(
                 "{} changed while it was being archived; PostgreSQL will retry",
                 path.display()
             ));
         }
+        Ok(())
+    }
+
+    /// Appends a stored file to the archive log (fsynced) so that later
+    /// requests for it are answered at once, also after a daemon restart.
+    async fn remember(&self, name: &str, stamp: Stamp) -> Result<(), String> {
         let log = self.log.clone();
         let record = Record {
             name: name.to_string(),
-            stamp: before,
+            stamp,
             archived_at: Utc::now(),
         };
         tokio::task::spawn_blocking(move || lock(&log).record(record))
@@ -274,7 +295,7 @@ impl Archiver {
 
     /// Starts uploads of `.ready` files in `pg_wal` up to the parallelism.
     async fn fill(self: &Arc<Self>, pg_wal: &Path) {
-        if self.stopping.load(Ordering::SeqCst) {
+        if self.stopping.load(Ordering::SeqCst) || !self.stored_once.load(Ordering::SeqCst) {
             return;
         }
         let ready = match ready_files(pg_wal).await {

@@ -22,7 +22,7 @@ const KEEP_JOBS: usize = 64;
 /// Bytes of a failed backup's stderr kept as its error.
 const ERROR_TAIL: usize = 2048;
 const LIST_REFRESH: Duration = Duration::from_secs(300);
-const LIST_TIMEOUT: Duration = Duration::from_secs(120);
+const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -227,6 +227,8 @@ impl Backups {
         } else {
             tracing::error!(backup = %id, seconds = secs, error = ?error, "base backup failed");
         }
+        // The catalog first, so that whoever sees the job finished also sees its backup in the status.
+        self.refresh_catalog().await;
         {
             let mut jobs = lock(&self.jobs);
             if let Some(job) = jobs.map.get_mut(&id) {
@@ -240,7 +242,6 @@ impl Backups {
             }
             jobs.running = None;
         }
-        self.refresh_catalog().await;
     }
 
     /// Re-reads the catalog with `walden backup-list --json`; on failure the

@@ -10,6 +10,16 @@ use crate::pg::{self, PgError};
 /// Status and promotion must answer quickly, whatever PGCONNECT_TIMEOUT says.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("invalid PostgreSQL connection settings: {0}")]
+    Config(String),
+    #[error("connecting to PostgreSQL timed out after {0:?}")]
+    Timeout(Duration),
+}
+
 /// Where and as whom to connect: the libpq variables (`PGHOST`, `PGPORT`,
 /// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, ...) as [`crate::pg`] reads them.
 #[derive(Debug, Clone)]
@@ -24,22 +34,18 @@ impl PgTarget {
         }
     }
 
-    async fn connect(&self) -> Result<Client, PgError> {
+    async fn connect(&self) -> Result<Client, LocalPgError> {
         let config = self
             .config
             .as_ref()
-            .map_err(|e| PgError::Config(e.clone()))?;
-        tokio::time::timeout(CONNECT_TIMEOUT, pg::connect(config))
+            .map_err(|e| LocalPgError::Config(e.clone()))?;
+        Ok(tokio::time::timeout(CONNECT_TIMEOUT, pg::connect(config))
             .await
-            .map_err(|_| {
-                PgError::Config(format!(
-                    "connecting to PostgreSQL timed out after {CONNECT_TIMEOUT:?}"
-                ))
-            })?
+            .map_err(|_| LocalPgError::Timeout(CONNECT_TIMEOUT))??)
     }
 
     /// Role and, on a standby, replay position and lag.
-    pub async fn probe(&self) -> Result<Probe, PgError> {
+    pub async fn probe(&self) -> Result<Probe, LocalPgError> {
         let client = self.connect().await?;
         let row = client
             .query_one(
@@ -67,7 +73,7 @@ impl PgTarget {
     }
 
     /// Promotes a standby and waits (up to 60 s) until it accepts writes.
-    pub async fn promote(&self) -> Result<Promotion, PgError> {
+    pub async fn promote(&self) -> Result<Promotion, LocalPgError> {
         let client = self.connect().await?;
         let in_recovery: bool = client
             .query_one("SELECT pg_is_in_recovery()", &[])

@@ -16,6 +16,9 @@ use super::archiver::Archiver;
 use super::prefetch::Prefetcher;
 use super::protocol::{Request, Response, MAX_LINE};
 
+/// Read size when sending a restored file to a client.
+const SEND_BUFFER: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     #[error("{op} {path}: {source}")]
@@ -142,12 +145,14 @@ async fn handle(
             let span = tracing::info_span!("wal_fetch_request", file = %name);
             match prefetcher.fetch(&name).instrument(span).await {
                 Ok(served) => {
-                    let mut file = tokio::fs::File::open(&served.path).await?;
+                    // Large reads: tokio runs each file read as a blocking task.
+                    let file = tokio::fs::File::open(&served.path).await?;
+                    let mut file = tokio::io::BufReader::with_capacity(SEND_BUFFER, file);
                     write
                         .write_all(&Response::content(served.len).to_line())
                         .await?;
                     let sent =
-                        tokio::io::copy(&mut (&mut file).take(served.len), &mut write).await?;
+                        tokio::io::copy_buf(&mut (&mut file).take(served.len), &mut write).await?;
                     if sent != served.len {
                         // The client sees a short body and fails; never a wrong file.
                         tracing::error!(file = %name, sent, len = served.len, "restored file shrank while being sent");
