@@ -11,10 +11,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/bench/peers.sh}
 [ -f "$PEERS" ] || { echo "peer harness not found at $PEERS (set PEERS=...)" >&2; exit 1; }
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walden-ci/target}
-(cd "$ROOT" && cargo build --release -q -p walden)
-BIN=$CARGO_TARGET_DIR/release/walden
-chmod o+rx "$CARGO_TARGET_DIR" "$CARGO_TARGET_DIR/release" 2>/dev/null || true
+# WALDEN_BIN: a walden binary to measure; by default a release build of this tree.
+BIN=${WALDEN_BIN:-}
+if [ -z "$BIN" ]; then
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/walden-ci/target}
+  (cd "$ROOT" && cargo build --release -q -p walden)
+  BIN=$CARGO_TARGET_DIR/release/walden
+  chmod o+rx "$CARGO_TARGET_DIR" "$CARGO_TARGET_DIR/release" 2>/dev/null || true
+fi
 
 # The harness archives its own WAL with cp, so Walden's backups skip the
 # check that their WAL reached Walden's archive (like pgBackRest's archive-check=n).
