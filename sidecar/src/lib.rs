@@ -8,6 +8,9 @@
 //! - [`backup`]: hot base backups (`pg_backup_start`, PGDATA as tar parts, `pg_backup_stop`);
 //! - [`catalog`]: the backups that exist, the recovery window, which backup fits a target;
 //! - [`restore`]: a backup unpacked into an empty directory with its recovery settings;
+//! - [`retention`]: which backups and WAL a policy lets go (a pure planner) and their deletion;
+//! - [`verify`]: checksums of every object, complete backups, WAL continuity across timelines;
+//! - [`timeline`]: timeline histories, to place WAL positions on a line of history;
 //! - [`pg`]: the connection to the protected server; [`lsn`]: log positions;
 //! - [`retry`]: bounded retries with backoff for transient storage errors.
 
@@ -19,6 +22,9 @@ pub mod object;
 pub mod pg;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod retry;
 pub mod storage;
+pub mod timeline;
+pub mod verify;
 pub mod wal;
