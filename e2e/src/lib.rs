@@ -7,6 +7,7 @@
 //! instance metadata or any outside host.
 
 pub mod archive;
+pub mod ledger;
 pub mod pg;
 pub mod proxy;
 pub mod s3;
