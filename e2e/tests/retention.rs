@@ -75,7 +75,7 @@ fn retain_window_keeps_every_point_inside_it_restorable_and_deletes_the_rest() {
         "retain --dry-run",
     );
     let plan = json(&out);
-    assert_eq!(strs(&plan["deletedBackups"]), [a_id.clone()], "{plan:#}");
+    assert_eq!(strs(&plan["deletedBackups"]), [a_id.as_str()], "{plan:#}");
     assert_eq!(plan["deleted"], 0);
     assert_eq!(plan["dryRun"], true);
     assert_eq!(
