@@ -3,6 +3,7 @@
 //! The binary (`walden`) is a thin layer over these modules:
 //! - [`storage`]: where bytes live (`file://`, `s3://`), behind one small async trait;
 //! - [`object`]: how every stored object is sealed (zstd + a checksum trailer) and verified;
+//! - [`crypt`]: optional client-side encryption of data objects (age, X25519);
 //! - [`repo`]: the repository identity (`walden.json`) that ties a prefix to one database;
 //! - [`wal`]: WAL file names, segment headers, and the push/fetch operations;
 //! - [`backup`]: hot base backups (`pg_backup_start`, PGDATA as tar parts, `pg_backup_stop`);
@@ -17,6 +18,7 @@
 pub mod backup;
 pub mod catalog;
 pub mod config;
+pub mod crypt;
 pub mod lsn;
 pub mod object;
 pub mod pg;

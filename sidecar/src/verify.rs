@@ -226,33 +226,26 @@ async fn check_backup(
     parallelism: usize,
     report: &mut Report,
 ) -> Result<(), VerifyError> {
-    let listed: BTreeMap<String, u64> = storage
+    let listed: BTreeSet<String> = storage
         .list(&BackupManifest::prefix(&b.id))
         .await?
         .into_iter()
-        .map(|o| (o.key, o.size))
+        .map(|o| o.key)
         .collect();
     let mut present = Vec::new();
     for part in &b.parts {
         let key = format!("{}{}", BackupManifest::prefix(&b.id), part.name);
-        match listed.get(&key) {
-            None => report.problems.push(Problem {
+        if listed.contains(&key) {
+            present.push((key, part));
+        } else {
+            report.problems.push(Problem {
                 kind: ProblemKind::MissingPart,
                 object: key,
                 message: format!(
                     "backup {} lists part {} but it is not in storage",
                     b.id, part.name
                 ),
-            }),
-            Some(size) if *size != part.stored_size => report.problems.push(Problem {
-                kind: ProblemKind::PartMismatch,
-                object: key,
-                message: format!(
-                    "backup {} part {} is {size} bytes in storage but {} bytes in backup.json",
-                    b.id, part.name, part.stored_size
-                ),
-            }),
-            Some(_) => present.push((key, part)),
+            });
         }
     }
     let results: Vec<_> = stream::iter(present.iter())
@@ -265,7 +258,17 @@ async fn check_backup(
         match r {
             Ok((len, sha, stored)) => {
                 report.bytes_checked += stored;
-                if len != part.content_size || sha != part.sha256 {
+                // The sealed size (after decryption, for an encrypted archive).
+                if stored != part.stored_size {
+                    report.problems.push(Problem {
+                        kind: ProblemKind::PartMismatch,
+                        object: key.clone(),
+                        message: format!(
+                            "backup {} part {} is {stored} bytes in storage but {} bytes in backup.json",
+                            b.id, part.name, part.stored_size
+                        ),
+                    });
+                } else if len != part.content_size || sha != part.sha256 {
                     report.problems.push(Problem {
                         kind: ProblemKind::PartMismatch,
                         object: key.clone(),
