@@ -7,13 +7,16 @@
 //! instance metadata or any outside host.
 
 pub mod archive;
+pub mod daemon;
 pub mod ledger;
 pub mod pg;
+pub mod pod;
 pub mod proxy;
 pub mod s3;
 pub mod sys;
 
 pub use archive::{Archive, StorageKind};
+pub use daemon::Daemon;
 pub use pg::PgCluster;
 pub use proxy::FaultProxy;
 pub use s3::S3Server;

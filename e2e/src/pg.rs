@@ -74,6 +74,17 @@ impl PgCluster {
         self
     }
 
+    /// libpq settings (`PG*`) that reach this server, and its `PGDATA`, as a sidecar gets them.
+    pub fn libpq_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), "127.0.0.1".into()),
+            ("PGPORT".into(), self.port.to_string()),
+            ("PGUSER".into(), "postgres".into()),
+            ("PGDATABASE".into(), "postgres".into()),
+            ("PGDATA".into(), self.data.display().to_string()),
+        ]
+    }
+
     fn pg_ctl(&self, args: &[&str]) -> Command {
         let mut cmd = as_pg(pg_bin("pg_ctl"));
         cmd.env_clear()
@@ -131,16 +142,6 @@ impl PgCluster {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// libpq settings that reach this server.
-    pub fn libpq_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("PGHOST".into(), "127.0.0.1".into()),
-            ("PGPORT".into(), self.port.to_string()),
-            ("PGUSER".into(), "postgres".into()),
-            ("PGDATABASE".into(), "postgres".into()),
-        ]
     }
 
     /// Runs SQL and returns the unaligned, tuples-only output.

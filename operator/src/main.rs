@@ -91,6 +91,7 @@ fn init_logs(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
+    walden_operator::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;

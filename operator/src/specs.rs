@@ -500,6 +500,11 @@ pub fn release_patch(name: &str, namespace: &str) -> Value {
     })
 }
 
+/// The `restore_command` of forks and followers (design §2).
+pub fn restore_command() -> String {
+    format!("{BIN_DIR}/walden wal-fetch %f %p")
+}
+
 /// `walden restore` arguments (the CLI contract) for a target.
 pub fn restore_args(
     target: Option<&RecoveryTarget>,
@@ -510,6 +515,12 @@ pub fn restore_args(
         IMAGE_BINARY.to_string(),
         "restore".to_string(),
         INSTANCE_PGDATA.to_string(),
+        // PostgreSQL runs restore_command in the postgres container: the
+        // binary there is the installed copy, and WALDEN_SOCKET sends the
+        // fetch to the sidecar (which holds the storage credentials). The
+        // default would name this container's own /usr/local/bin/walden.
+        "--restore-command".to_string(),
+        restore_command(),
     ];
     if let Some(t) = target {
         if let Some(id) = &t.backup_id {
@@ -1093,7 +1104,13 @@ mod tests {
     fn restore_args_table() {
         let t =
             |v: serde_json::Value| -> RecoveryTarget { serde_json::from_value(v).expect("target") };
-        let base = ["/usr/local/bin/walden", "restore", INSTANCE_PGDATA];
+        let base = [
+            "/usr/local/bin/walden",
+            "restore",
+            INSTANCE_PGDATA,
+            "--restore-command",
+            "/walden/bin/walden wal-fetch %f %p",
+        ];
         type Case<'a> = (&'a str, Option<RecoveryTarget>, bool, bool, Vec<&'a str>);
         let cases: Vec<Case> = vec![
             ("end of archive", None, false, false, vec![]),

@@ -187,6 +187,7 @@ impl Cluster {
     }
 
     fn client(&self, token: &str) -> Client {
+        walden_operator::install_crypto_provider();
         let url = self.url.parse().expect("url");
         let mut config = Config::new(url);
         let pem = std::fs::read(self.dir.path().join("certs/apiserver.crt")).expect("serving cert");
@@ -723,6 +724,8 @@ async fn operator_on_a_real_apiserver() {
             "/usr/local/bin/walden",
             "restore",
             "/var/lib/postgresql/data/pgdata",
+            "--restore-command",
+            "/walden/bin/walden wal-fetch %f %p",
             "--target-time",
             "2025-05-01T09:59:00Z",
             "--target-exclusive"
@@ -831,6 +834,8 @@ async fn operator_on_a_real_apiserver() {
             "/usr/local/bin/walden",
             "restore",
             "/var/lib/postgresql/data/pgdata",
+            "--restore-command",
+            "/walden/bin/walden wal-fetch %f %p",
             "--standby",
             "--primary-conninfo",
             "$(WALDEN_PRIMARY_CONNINFO)"

@@ -13,12 +13,16 @@
 //! - [`verify`]: checksums of every object, complete backups, WAL continuity across timelines;
 //! - [`timeline`]: timeline histories, to place WAL positions on a line of history;
 //! - [`pg`]: the connection to the protected server; [`lsn`]: log positions;
-//! - [`retry`]: bounded retries with backoff for transient storage errors.
+//! - [`retry`]: bounded retries with backoff for transient storage errors;
+//! - [`daemon`]: `walden daemon`, the sidecar (socket, parallel archiving, prefetch, HTTP API);
+//! - [`client`]: the thin `wal-push`/`wal-fetch` client that delegates to the daemon.
 
 pub mod backup;
 pub mod catalog;
+pub mod client;
 pub mod config;
 pub mod crypt;
+pub mod daemon;
 pub mod lsn;
 pub mod object;
 pub mod pg;

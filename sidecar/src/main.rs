@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use walden::backup::{self, BackupOptions};
 use walden::catalog;
+use walden::client::{self, ClientArgs, FetchOutcome};
 use walden::config::Settings;
+use walden::daemon::DaemonArgs;
 use walden::restore::{self, settings::RecoverySettings, RestoreOptions};
 use walden::wal::{self, FetchOptions, PushOptions};
 use walden::{retention, verify};
@@ -60,6 +62,8 @@ enum Command {
     WalPush {
         /// Path of the WAL file (%p), relative to the data directory or absolute
         path: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Restore one WAL file: use as restore_command = 'walden wal-fetch %f %p'
     #[command(
@@ -74,7 +78,17 @@ enum Command {
         name: String,
         /// Where to write it (%p), relative to the data directory or absolute
         dest: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
     },
+    /// Run the sidecar: unix socket for wal-push/wal-fetch, parallel archiving, prefetch, HTTP API
+    #[command(long_about = "Run the sidecar daemon.\n\n\
+        wal-push and wal-fetch delegate to it when WALDEN_SOCKET is set. On a push it also uploads the \
+        next .ready segments in parallel and remembers what it stored (WALDEN_STATE_DIR), so PostgreSQL's \
+        next calls return at once; on a fetch it downloads the next segments of the same timeline ahead. \
+        The HTTP API (WALDEN_LISTEN) serves /healthz, /metrics and, with the bearer token of \
+        WALDEN_TOKEN_FILE, /v1/status, /v1/backups and /v1/promote. SIGTERM lets running uploads finish.")]
+    Daemon(DaemonArgs),
     /// Take a base backup of a running server (pg_backup_start/stop over libpq)
     #[command(
         long_about = "Take a hot base backup of a running PostgreSQL server.\n\n\
@@ -260,6 +274,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.log_format);
+    if let Some(code) = delegate(&cli.command) {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -277,7 +294,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let settings = cli.settings;
     match cli.command {
-        Command::WalPush { path } => {
+        Command::WalPush { path, .. } => {
             let result = async {
                 let storage = settings.open_storage().await?;
                 let opts = PushOptions {
@@ -297,7 +314,7 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::WalFetch { name, dest } => {
+        Command::WalFetch { name, dest, .. } => {
             let storage = match settings.open_storage().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -322,6 +339,13 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Daemon(args) => match walden::daemon::run(settings, args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("daemon: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::BackupPush {
             pgdata,
             pg_conninfo,
@@ -483,6 +507,40 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The thin-client path: with WALDEN_SOCKET set, wal-push and wal-fetch ask
+/// the daemon and never touch storage themselves (see [`walden::client`]).
+fn delegate(command: &Command) -> Option<ExitCode> {
+    match command {
+        Command::WalPush { path, client } => {
+            let opts = client.options()?;
+            Some(match client::push(&opts, path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("wal-push {}: {e}", path.display());
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        Command::WalFetch { name, dest, client } => {
+            let opts = client.options()?;
+            Some(match client::fetch(&opts, name, dest) {
+                Ok(FetchOutcome::Restored { .. }) => ExitCode::SUCCESS,
+                Ok(FetchOutcome::NotFound) => {
+                    tracing::info!("wal-fetch {name}: not in the archive");
+                    ExitCode::from(EXIT_NOT_FOUND)
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "wal-fetch {name}: {e}; stopping recovery rather than ending it early"
+                    );
+                    ExitCode::from(EXIT_FETCH_FAILED)
+                }
+            })
+        }
+        _ => None,
     }
 }
 

@@ -11,7 +11,7 @@
 //! Problems are collected, not stopped at, so one run names every damaged
 //! object and every missing segment.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
@@ -454,6 +454,7 @@ mod tests {
     use super::*;
     use crate::catalog::sample_manifest;
     use crate::timeline::parse_history;
+    use std::collections::BTreeMap;
 
     const SIZE: u32 = 16 << 20;
 

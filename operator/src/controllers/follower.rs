@@ -433,6 +433,8 @@ mod tests {
                 "/usr/local/bin/walden",
                 "restore",
                 "/var/lib/postgresql/data/pgdata",
+                "--restore-command",
+                "/walden/bin/walden wal-fetch %f %p",
                 "--standby",
                 "--primary-conninfo",
                 "$(WALDEN_PRIMARY_CONNINFO)"

@@ -642,6 +642,8 @@ mod tests {
                 "/usr/local/bin/walden",
                 "restore",
                 "/var/lib/postgresql/data/pgdata",
+                "--restore-command",
+                "/walden/bin/walden wal-fetch %f %p",
                 "--target-time",
                 "2025-05-01T10:00:00Z"
             ])

@@ -157,7 +157,7 @@ mod tests {
                     "recovery_target_inclusive = on",
                     "recovery_target_action = 'promote'",
                 ],
-                vec!["recovery_target_lsn"],
+                vec!["recovery_target_lsn ="],
             ),
             (
                 RecoverySettings {
@@ -170,7 +170,7 @@ mod tests {
                     "recovery_target_lsn = '0/3000060'",
                     "recovery_target_inclusive = off",
                 ],
-                vec!["recovery_target_time"],
+                vec!["recovery_target_time ="],
             ),
             (
                 RecoverySettings {

@@ -173,7 +173,12 @@ impl Storage for FileStorage {
     }
 
     async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-        let dir = self.path("list", prefix.trim_end_matches('/'))?;
+        let rel = prefix.trim_end_matches('/');
+        let dir = if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.path("list", rel)?
+        };
         let loc = self.location(prefix);
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(e) => e,

@@ -1,0 +1,498 @@
+//! The pods the operator builds, run as local processes (design §8): the
+//! protected primary (the ContinuousBackup's StatefulSet patch), a Fork and
+//! a Follower (their StatefulSets), each from the operator crate's own
+//! builders. Commands, args and env are taken from the built objects, never
+//! retyped; `walden_e2e::pod` maps only pod paths, ports, Secrets and the
+//! user (its module doc lists the whole mapping). PostgreSQL 15 and s3s-fs
+//! are real.
+//!
+//! Checks: the fork holds exactly the rows committed before its target time
+//! and is promoted; the follower replays the archive, streams, follows new
+//! writes, and is promoted through its daemon's API with the token from the
+//! operator's Secret; and in every pod, the `restore_command` that `walden
+//! restore` writes only uses paths the postgres container can see.
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde_json::json;
+use walden_e2e::daemon::http;
+use walden_e2e::pod::{Pod, Secrets};
+use walden_e2e::sys::{wait_for, ACCESS_KEY, BUCKET, SECRET_KEY};
+use walden_e2e::{PgCluster, S3Server, Workdir};
+use walden_operator::api::{ContinuousBackup, Follower, Fork};
+use walden_operator::daemon_client::DAEMON_PORT;
+use walden_operator::specs::{
+    self, InstanceKind, InstancePlan, OperatorConfig, INSTALL_CONTAINER, POSTGRES_CONTAINER,
+    RESTORE_CONTAINER, SIDECAR_CONTAINER,
+};
+
+const LONG: Duration = Duration::from_secs(300);
+const IMAGE: &str = "registry.test/walden:e2e";
+const NS: &str = "db";
+const TOKEN: &str = "pod-test-token-0123456789abcdef";
+
+fn cb(endpoint: &str) -> ContinuousBackup {
+    let mut cb: ContinuousBackup = serde_json::from_value(json!({
+        "apiVersion": "walden.dev/v1alpha1",
+        "kind": "ContinuousBackup",
+        "metadata": {"name": "pg", "namespace": NS, "uid": "cb-uid"},
+        "spec": {
+            "target": {"statefulSet": "pg", "credentialsSecret": "pg-credentials"},
+            "storage": {"s3": {
+                "bucket": BUCKET, "prefix": "prod/pg", "endpoint": endpoint, "pathStyle": true,
+                "credentials": {"secret": "archive-s3"}
+            }},
+            "archiveTimeout": "60s"
+        }
+    }))
+    .expect("ContinuousBackup");
+    cb.metadata.namespace = Some(NS.into());
+    cb
+}
+
+/// The user's own StatefulSet, as a typical chart for the postgres image writes it.
+fn user_statefulset() -> StatefulSet {
+    serde_json::from_value(json!({
+        "metadata": {"name": "pg", "namespace": NS},
+        "spec": {
+            "serviceName": "pg",
+            "selector": {"matchLabels": {"app": "pg"}},
+            "template": {"spec": {"containers": [{
+                "name": "postgres",
+                "image": "postgres:15",
+                "env": [{"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"}],
+                "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}]
+            }]}}
+        }
+    }))
+    .expect("StatefulSet")
+}
+
+/// Server-side apply of the operator's patch onto the user's pod template:
+/// containers merge by name (patch fields replace, lists of env and mounts
+/// are merged by key), new containers and volumes are added.
+fn apply_patch(sts: &StatefulSet, patch: &serde_json::Value) -> PodSpec {
+    let mut pod = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    let p: PodSpec =
+        serde_json::from_value(patch["spec"]["template"]["spec"].clone()).expect("patch pod spec");
+    for pc in p.containers {
+        match pod.containers.iter_mut().find(|c| c.name == pc.name) {
+            Some(c) => {
+                if pc.args.is_some() {
+                    c.args = pc.args;
+                }
+                let env = c.env.get_or_insert_with(Vec::new);
+                for e in pc.env.into_iter().flatten() {
+                    env.retain(|x| x.name != e.name);
+                    env.push(e);
+                }
+                let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+                for m in pc.volume_mounts.into_iter().flatten() {
+                    mounts.retain(|x| x.mount_path != m.mount_path);
+                    mounts.push(m);
+                }
+            }
+            None => pod.containers.push(pc),
+        }
+    }
+    pod.init_containers = p.init_containers;
+    pod.volumes
+        .get_or_insert_with(Vec::new)
+        .extend(p.volumes.into_iter().flatten());
+    pod
+}
+
+fn owner(kind: &str, name: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "walden.dev/v1alpha1".into(),
+        kind: kind.into(),
+        name: name.into(),
+        uid: format!("{name}-uid"),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn secrets(owner_name: &str, extra: &[(&str, &str, &str)]) -> Secrets {
+    let mut s = Secrets::default();
+    s.insert("archive-s3", "AWS_ACCESS_KEY_ID", ACCESS_KEY);
+    s.insert("archive-s3", "AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    s.insert("pg-credentials", "username", "postgres");
+    s.insert("pg-credentials", "password", "unused-trust-auth");
+    // The daemon API token Secret, as the operator builds it.
+    s.add(&specs::token_secret(
+        &specs::token_secret_name(owner_name),
+        NS,
+        owner("X", owner_name),
+        TOKEN,
+    ));
+    for (n, k, v) in extra {
+        s.insert(n, k, v);
+    }
+    s
+}
+
+/// The postgres container as its image runs it: `postgres` on `$PGDATA`
+/// with the container's `-c` settings (written to postgresql.conf, which
+/// PostgreSQL reads the same way), listening on the pod's 5432.
+fn postgres(pod: &Pod, init: bool) -> PgCluster {
+    let c = pod.container(POSTGRES_CONTAINER);
+    let env = pod.env(c);
+    let pgdata = env
+        .iter()
+        .find(|(k, _)| k == "PGDATA")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .expect("the postgres container sets PGDATA");
+    let mut pg = if init {
+        let parent = pgdata.parent().expect("PGDATA parent");
+        let name = pgdata.file_name().and_then(|n| n.to_str()).expect("name");
+        let pg = PgCluster::init(parent, name);
+        // The image's entrypoint runs initdb once; its log lives with the pod.
+        PgCluster::adopt(&pod.root, pg.data.clone())
+    } else {
+        PgCluster::adopt(&pod.root, pgdata)
+    };
+    pg.port = pod.local_port(5432);
+    let mut settings: Vec<(String, String)> = vec![("port".into(), pg.port.to_string())];
+    for (k, v) in pod.postgres_settings(c) {
+        settings.push((k, format!("'{}'", v.replace('\'', "''"))));
+    }
+    let refs: Vec<(&str, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    pg.set(&refs);
+    pg.with_env(env);
+    pg
+}
+
+fn api(pod: &Pod, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let (code, body) = http(
+        pod.local_port(DAEMON_PORT as u16),
+        method,
+        path,
+        Some(TOKEN),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (code, serde_json::from_str(&body).unwrap_or(json!(body)))
+}
+
+fn wait_daemon(pod: &Pod, log: &Path) {
+    wait_for(
+        &format!("the walden sidecar of {} to answer", pod.name),
+        Duration::from_secs(60),
+        || {
+            let ok = http(pod.local_port(DAEMON_PORT as u16), "GET", "/healthz", None)
+                .ok()
+                .is_some_and(|(c, _)| c == 200);
+            if !ok
+                && std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .contains("Error")
+            {
+                return None;
+            }
+            ok.then_some(())
+        },
+    );
+}
+
+fn digest(pg: &PgCluster) -> Result<String, String> {
+    pg.try_sql("SELECT count(*) || ':' || coalesce(md5(string_agg(id || '=' || v, ',' ORDER BY id)), '') FROM t")
+}
+
+fn insert(pg: &PgCluster, from: u32, n: u32) {
+    pg.sql(&format!(
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series({from}, {}) g",
+        from + n - 1
+    ));
+}
+
+/// The restore_command `walden restore` wrote, checked to use only paths
+/// the postgres container sees, then mapped for this machine.
+fn check_restore_command(pod: &Pod, pgdata: &Path) {
+    let conf_path = pgdata.join("postgresql.auto.conf");
+    let conf = std::fs::read_to_string(&conf_path).expect("postgresql.auto.conf");
+    let restore = pod.init_container(RESTORE_CONTAINER);
+    let pg = pod.container(POSTGRES_CONTAINER);
+    let line = conf
+        .lines()
+        .find(|l| l.trim_start().starts_with("restore_command"))
+        .unwrap_or_else(|| panic!("walden restore wrote no restore_command:\n{conf}"));
+    // Back to the restore container's view, then forward to the postgres container's.
+    let mut pod_view = line.to_string();
+    for word in line.split(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+        if word.starts_with('/') {
+            let in_pod = pod
+                .unmap_path(restore, word)
+                .unwrap_or_else(|| word.to_string());
+            pod_view = pod_view.replace(word, &in_pod);
+        }
+    }
+    for word in pod_view.split(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+        if word.starts_with('/') && word != "/dev/null" {
+            assert!(
+                pod.map_path(pg, word).is_some(),
+                "restore_command uses {word}, which the postgres container of pod {} cannot see \
+                 (it sees only its volume mounts): {pod_view}",
+                pod.name
+            );
+        }
+    }
+    let local = pod.map_value(pg, &pod_view);
+    std::fs::write(&conf_path, conf.replace(line, &local)).expect("rewrite postgresql.auto.conf");
+}
+
+struct Source {
+    _s3: S3Server,
+    _pod: Pod,
+    pg: PgCluster,
+    cb: ContinuousBackup,
+}
+
+/// The protected primary: the user's StatefulSet with the operator's patch,
+/// its install init container, postgres and the archiving sidecar; a base
+/// backup through the daemon API, as the operator's scheduler asks for it.
+fn source(work: &Path) -> Source {
+    let s3 = S3Server::start(&work.join("s3"));
+    let cb = cb(&format!("http://127.0.0.1:{}", s3.port));
+    let cfg = OperatorConfig {
+        walden_image: IMAGE.into(),
+    };
+    let sts = user_statefulset();
+    let patch = specs::primary_patch(&cb, &sts, &cfg).expect("primary patch");
+    let spec = apply_patch(&sts, &patch);
+    let mut pod = Pod::new(work, "pg-0", spec, IMAGE, secrets("pg", &[]), &[5432]);
+    pod.run_init(INSTALL_CONTAINER);
+    let mut pg = postgres(&pod, true);
+    let log = pod.start(SIDECAR_CONTAINER);
+    wait_daemon(&pod, &log);
+    pg.start();
+    assert_eq!(pg.sql("SHOW archive_mode"), "on");
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    insert(&pg, 0, 5000);
+    let (code, job) = api(&pod, "POST", "/v1/backups");
+    assert_eq!(code, 202, "POST /v1/backups: {job}");
+    let id = job["id"].as_str().expect("backup id").to_string();
+    wait_for("the base backup to finish", LONG, || {
+        let (_, j) = api(&pod, "GET", &format!("/v1/backups/{id}"));
+        match j["state"].as_str() {
+            Some("succeeded") => Some(()),
+            Some("failed") => panic!(
+                "backup failed: {j}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+            _ => None,
+        }
+    });
+    Source {
+        _s3: s3,
+        _pod: pod,
+        pg,
+        cb,
+    }
+}
+
+fn plan<'a>(
+    kind: InstanceKind,
+    name: &'a str,
+    cb: &'a ContinuousBackup,
+    instance: &'a walden_operator::api::InstanceSpec,
+    target: Option<&'a walden_operator::api::RecoveryTarget>,
+    streaming: Option<&'a walden_operator::api::StreamingSpec>,
+    replicas: i32,
+) -> InstancePlan<'a> {
+    // As the controllers resolve a `source.continuousBackup`: its storage,
+    // compression level and credentials Secret.
+    InstancePlan {
+        kind,
+        name,
+        namespace: NS,
+        owner: owner(
+            if kind == InstanceKind::Fork {
+                "Fork"
+            } else {
+                "Follower"
+            },
+            name,
+        ),
+        replicas,
+        instance,
+        storage: &cb.spec.storage,
+        compression_level: cb.spec.compression.as_ref().map(|c| c.level).unwrap_or(3),
+        credentials_secret: Some(&cb.spec.target.credentials_secret),
+        target,
+        streaming,
+        walden_image: IMAGE,
+    }
+}
+
+/// Runs pod 0 of an instance StatefulSet: install, restore, sidecar, postgres.
+fn run_instance(work: &Path, sts: &StatefulSet, secrets: Secrets) -> (Pod, PgCluster) {
+    let name = format!("{}-0", sts.metadata.name.clone().unwrap_or_default());
+    let spec = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    let mut pod = Pod::new(work, &name, spec, IMAGE, secrets, &[5432]);
+    pod.run_init(INSTALL_CONTAINER);
+    pod.run_init(RESTORE_CONTAINER);
+    let pg_container: Container = pod.container(POSTGRES_CONTAINER).clone();
+    let env = pod.env(&pg_container);
+    let pgdata = env
+        .iter()
+        .find(|(k, _)| k == "PGDATA")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .expect("PGDATA");
+    check_restore_command(&pod, &pgdata);
+    let log = pod.start(SIDECAR_CONTAINER);
+    wait_daemon(&pod, &log);
+    let mut pg = postgres(&pod, false);
+    pg.start();
+    (pod, pg)
+}
+
+#[test]
+fn fork_pod_restores_to_its_target_time() {
+    let work = Workdir::new("pod-fork");
+    let src = source(work.path());
+    insert(&src.pg, 5000, 5000);
+    let before = digest(&src.pg).expect("digest");
+    let target = src.pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    // Committed after the target: the fork must not have these rows.
+    wait_for(
+        "the clock to pass the target",
+        Duration::from_secs(10),
+        || {
+            (src.pg.sql(&format!(
+                "SELECT clock_timestamp() > '{target}'::timestamptz"
+            )) == "t")
+                .then_some(())
+        },
+    );
+    insert(&src.pg, 10000, 5000);
+    let last = src.pg.switch_wal();
+    src.pg.wait_archived(&last, LONG);
+
+    let fork: Fork = serde_json::from_value(json!({
+        "apiVersion": "walden.dev/v1alpha1",
+        "kind": "Fork",
+        "metadata": {"name": "pg-fork", "namespace": NS},
+        "spec": {
+            "source": {"continuousBackup": "pg"},
+            "target": {"time": target},
+            "instance": {"image": "postgres:15", "storageSize": "1Gi"}
+        }
+    }))
+    .expect("Fork");
+    let p = plan(
+        InstanceKind::Fork,
+        "pg-fork",
+        &src.cb,
+        &fork.spec.instance,
+        fork.spec.target.as_ref(),
+        None,
+        1,
+    );
+    let sts = specs::instance_statefulset(&p);
+    let (_pod, fork_pg) = run_instance(work.path(), &sts, secrets("pg-fork", &[]));
+    wait_for("the fork to reach its target and promote", LONG, || {
+        (fork_pg.try_sql("SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+    });
+    assert_eq!(
+        digest(&fork_pg).expect("fork digest"),
+        before,
+        "fork rows at the target"
+    );
+    assert!(before.starts_with("10000:"), "{before}");
+    assert!(
+        fork_pg.log_text().contains("restored log file"),
+        "the fork replayed no WAL through restore_command:\n{}",
+        fork_pg.log_text()
+    );
+    fork_pg.sql("INSERT INTO t VALUES (-1, 'the fork is writable')");
+}
+
+#[test]
+fn follower_pod_replays_streams_follows_and_is_promoted() {
+    let work = Workdir::new("pod-follower");
+    let src = source(work.path());
+    insert(&src.pg, 5000, 5000);
+    let last = src.pg.switch_wal();
+    src.pg.wait_archived(&last, LONG);
+
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres application_name=pg-replicas",
+        src.pg.port
+    );
+    let follower: Follower = serde_json::from_value(json!({
+        "apiVersion": "walden.dev/v1alpha1",
+        "kind": "Follower",
+        "metadata": {"name": "pg-replicas", "namespace": NS},
+        "spec": {
+            "source": {"continuousBackup": "pg"},
+            "replicas": 1,
+            "streaming": {"primaryConninfoSecret": "pg-replication"},
+            "instance": {"image": "postgres:15", "storageSize": "1Gi"}
+        }
+    }))
+    .expect("Follower");
+    let p = plan(
+        InstanceKind::Follower,
+        "pg-replicas",
+        &src.cb,
+        &follower.spec.instance,
+        None,
+        follower.spec.streaming.as_ref(),
+        follower.spec.replicas,
+    );
+    let sts = specs::instance_statefulset(&p);
+    let extra = [("pg-replication", "primary_conninfo", conninfo.as_str())];
+    let (pod, f_pg) = run_instance(work.path(), &sts, secrets("pg-replicas", &extra));
+
+    let want = digest(&src.pg).expect("digest");
+    wait_for("the follower to replay the archive", LONG, || {
+        (digest(&f_pg).ok()? == want).then_some(())
+    });
+    assert_eq!(f_pg.sql("SELECT pg_is_in_recovery()"), "t");
+    assert!(
+        f_pg.log_text().contains("restored log file"),
+        "the follower replayed no WAL from the archive:\n{}",
+        f_pg.log_text()
+    );
+    // It follows: new rows arrive (streaming, with the archive as fallback).
+    insert(&src.pg, 10000, 5000);
+    let want = digest(&src.pg).expect("digest");
+    wait_for("the follower to follow new writes", LONG, || {
+        (digest(&f_pg).ok()? == want).then_some(())
+    });
+    wait_for("the follower to stream from the primary", LONG, || {
+        (f_pg.sql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") == "1")
+            .then_some(())
+    });
+    let (code, status) = api(&pod, "GET", "/v1/status");
+    assert_eq!(code, 200, "{status}");
+
+    // Promote, as the operator does for spec.promote with one replica.
+    let (code, body) = api(&pod, "POST", "/v1/promote");
+    assert!(
+        (200..300).contains(&code),
+        "POST /v1/promote: {code} {body}"
+    );
+    wait_for("the follower to be promoted", LONG, || {
+        (f_pg.try_sql("SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+    });
+    f_pg.sql("INSERT INTO t VALUES (-1, 'promoted')");
+    assert_eq!(f_pg.sql("SELECT v FROM t WHERE id = -1"), "promoted");
+}

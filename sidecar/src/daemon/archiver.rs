@@ -1,0 +1,372 @@
+//! Parallel archiving: a `wal-push` of one file also starts uploads of the
+//! next files PostgreSQL has marked `.ready`, so that its later calls find
+//! them stored and return at once.
+//!
+//! A file is answered "archived" only after storage acknowledged it durably
+//! *and* the archive log recorded it (fsynced). Uploads started ahead of
+//! PostgreSQL's request are the same `wal::push` it would have run: the same
+//! checks (system identifier, position, identical-or-conflict), the same
+//! durability. If the daemon dies, nothing half-done is ever reported: the
+//! log only holds finished uploads, and PostgreSQL asks again.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::metrics::{AnswerLabel, Metrics};
+use super::state::{ArchivedLog, Record, Stamp};
+use crate::storage::Storage;
+use crate::wal::{self, PushOptions, WalFile};
+
+/// A failed upload is not retried ahead of PostgreSQL's own request for this long.
+const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
+
+type Outcome = Result<(), String>;
+
+/// The archiving facts `GET /v1/status` reports.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveStatus {
+    pub last_archived_wal: Option<String>,
+    pub last_archived_time: Option<DateTime<Utc>>,
+    pub last_failed_wal: Option<String>,
+    pub last_failed_time: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub archived_count: u64,
+    pub failed_count: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    in_flight: HashMap<String, watch::Receiver<Option<Outcome>>>,
+    cooldown: HashMap<String, Instant>,
+    /// The pg_wal directory PostgreSQL's requests came from.
+    pg_wal: Option<PathBuf>,
+    status: ArchiveStatus,
+}
+
+pub struct Archiver {
+    storage: Arc<dyn Storage>,
+    opts: PushOptions,
+    parallelism: usize,
+    log: Arc<Mutex<ArchivedLog>>,
+    inner: Mutex<Inner>,
+    metrics: Metrics,
+    stopping: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("{0:?} is not a WAL file name PostgreSQL archives")]
+    InvalidName(String),
+    #[error("cannot read {path}: {source}")]
+    Stat {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+    #[error("the daemon is shutting down; PostgreSQL will retry")]
+    ShuttingDown,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn stamp(path: &Path) -> Result<Stamp, PushError> {
+    tokio::fs::metadata(path)
+        .await
+        .map(|m| Stamp::of(&m))
+        .map_err(|source| PushError::Stat {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// PostgreSQL's archiving order: history files first, then oldest first.
+fn archive_order(name: &str) -> (u8, &str) {
+    (u8::from(!name.ends_with(".history")), name)
+}
+
+impl Archiver {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        opts: PushOptions,
+        parallelism: usize,
+        log: ArchivedLog,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let mut status = ArchiveStatus::default();
+        if let Some(r) = log.newest_segment() {
+            status.last_archived_wal = Some(r.name.clone());
+            status.last_archived_time = Some(r.archived_at);
+            metrics.set_last_archived(&r.name, r.archived_at);
+        }
+        Arc::new(Self {
+            storage,
+            opts,
+            parallelism: parallelism.max(1),
+            log: Arc::new(Mutex::new(log)),
+            inner: Mutex::new(Inner {
+                status,
+                ..Inner::default()
+            }),
+            metrics,
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn status(&self) -> ArchiveStatus {
+        lock(&self.inner).status.clone()
+    }
+
+    /// The pg_wal directory archived from (learned from requests), if any.
+    pub fn pg_wal(&self) -> Option<PathBuf> {
+        lock(&self.inner).pg_wal.clone()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inner).in_flight.len()
+    }
+
+    /// Handles PostgreSQL's `wal-push <path>`: returns once `path` is durably archived.
+    pub async fn push(self: &Arc<Self>, path: PathBuf) -> Result<(), PushError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| WalFile::parse(n).is_some())
+            .ok_or_else(|| PushError::InvalidName(path.display().to_string()))?
+            .to_string();
+        let pg_wal = path.parent().map(Path::to_path_buf);
+        if let Some(dir) = &pg_wal {
+            lock(&self.inner).pg_wal = Some(dir.clone());
+        }
+        let current = stamp(&path).await?;
+        if lock(&self.log).remembers(&name, &current) {
+            self.answer("remembered");
+            tracing::debug!(file = %name, "already archived (remembered)");
+            if let Some(dir) = pg_wal {
+                self.fill(&dir).await;
+            }
+            return Ok(());
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(PushError::ShuttingDown);
+        }
+        let rx = self.start(path, name.clone(), current);
+        if let Some(dir) = pg_wal {
+            self.fill(&dir).await;
+        }
+        let result = wait(rx).await;
+        self.answer(if result.is_ok() { "uploaded" } else { "failed" });
+        result.map_err(PushError::Failed)
+    }
+
+    fn answer(&self, answer: &'static str) {
+        self.metrics
+            .wal_push_answers
+            .get_or_create(&AnswerLabel { answer })
+            .inc();
+    }
+
+    /// Starts uploading `name` unless an upload of it is already running.
+    fn start(
+        self: &Arc<Self>,
+        path: PathBuf,
+        name: String,
+        before: Stamp,
+    ) -> watch::Receiver<Option<Outcome>> {
+        let mut inner = lock(&self.inner);
+        if let Some(rx) = inner.in_flight.get(&name) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        inner.in_flight.insert(name.clone(), rx.clone());
+        self.metrics
+            .wal_uploads_in_flight
+            .set(inner.in_flight.len() as i64);
+        drop(inner);
+        let me = self.clone();
+        let span = tracing::info_span!("archive", file = %name);
+        tokio::spawn(
+            async move {
+                let outcome = me.upload(&path, &name, before).await;
+                me.finish(&name, &outcome);
+                let _ = tx.send(Some(outcome.clone()));
+                if outcome.is_ok() {
+                    if let Some(dir) = path.parent() {
+                        me.fill(dir).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        rx
+    }
+
+    /// Books an upload's outcome; the in-flight entry goes before waiters hear of it.
+    fn finish(&self, name: &str, outcome: &Outcome) {
+        let mut inner = lock(&self.inner);
+        inner.in_flight.remove(name);
+        self.metrics
+            .wal_uploads_in_flight
+            .set(inner.in_flight.len() as i64);
+        let now = Utc::now();
+        match outcome {
+            Ok(()) => {
+                inner.cooldown.remove(name);
+                inner.status.archived_count += 1;
+                self.metrics.wal_archived.inc();
+                let is_segment = name.len() == 24;
+                let newer = inner
+                    .status
+                    .last_archived_wal
+                    .as_deref()
+                    .is_none_or(|last| last <= name);
+                if is_segment && newer {
+                    inner.status.last_archived_wal = Some(name.to_string());
+                    inner.status.last_archived_time = Some(now);
+                    self.metrics.set_last_archived(name, now);
+                }
+            }
+            Err(e) => {
+                inner.cooldown.insert(name.to_string(), Instant::now());
+                inner.status.failed_count += 1;
+                inner.status.last_failed_wal = Some(name.to_string());
+                inner.status.last_failed_time = Some(now);
+                inner.status.last_error = Some(e.clone());
+                self.metrics.wal_archive_failures.inc();
+                tracing::error!(error = %e, "archiving failed; PostgreSQL will retry");
+            }
+        }
+    }
+
+    /// Uploads one file and records it; `Ok` means durable in storage and in the log.
+    async fn upload(&self, path: &Path, name: &str, before: Stamp) -> Outcome {
+        wal::push(self.storage.as_ref(), path, &self.opts)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let after = stamp(path).await.map_err(|e| e.to_string())?;
+        if after != before {
+            // Stored what was read, but the file changed meanwhile: do not remember it.
+            return Err(format!(
+                "{} changed while it was being archived; PostgreSQL will retry",
+                path.display()
+            ));
+        }
+        let log = self.log.clone();
+        let record = Record {
+            name: name.to_string(),
+            stamp: before,
+            archived_at: Utc::now(),
+        };
+        tokio::task::spawn_blocking(move || lock(&log).record(record))
+            .await
+            .map_err(|e| format!("recording {name} in the archive log: {e}"))?
+            .map_err(|e| format!("recording {name} in the archive log: {e}"))
+    }
+
+    /// Starts uploads of `.ready` files in `pg_wal` up to the parallelism.
+    async fn fill(self: &Arc<Self>, pg_wal: &Path) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let ready = match ready_files(pg_wal).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(dir = %pg_wal.display(), error = %e, "cannot list archive_status");
+                return;
+            }
+        };
+        self.metrics.wal_ready_files.set(ready.len() as i64);
+        for name in ready {
+            {
+                let mut inner = lock(&self.inner);
+                if inner.in_flight.len() >= self.parallelism {
+                    return;
+                }
+                if inner.in_flight.contains_key(&name) {
+                    continue;
+                }
+                if let Some(at) = inner.cooldown.get(&name) {
+                    if at.elapsed() < FAILURE_COOLDOWN {
+                        continue;
+                    }
+                    inner.cooldown.remove(&name);
+                }
+            }
+            let path = pg_wal.join(&name);
+            let Ok(current) = stamp(&path).await else {
+                continue;
+            };
+            if lock(&self.log).remembers(&name, &current) {
+                continue;
+            }
+            self.start(path, name, current);
+        }
+    }
+
+    /// Number of `.ready` files in the learned (or given) pg_wal, for status.
+    pub async fn ready_count(&self, pg_wal: Option<PathBuf>) -> Option<u64> {
+        let dir = pg_wal.or_else(|| self.pg_wal())?;
+        let n = ready_files(&dir).await.ok()?.len();
+        self.metrics.wal_ready_files.set(n as i64);
+        Some(n as u64)
+    }
+
+    /// Stops starting uploads and waits up to `timeout` for running ones.
+    /// Unfinished uploads are abandoned: they were never reported, and
+    /// PostgreSQL asks again after the restart.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        loop {
+            let n = self.in_flight();
+            if n == 0 {
+                return;
+            }
+            if started.elapsed() >= timeout {
+                tracing::warn!(
+                    uploads = n,
+                    "abandoning unfinished uploads at shutdown; PostgreSQL will retry them"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn wait(mut rx: watch::Receiver<Option<Outcome>>) -> Outcome {
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v
+            .clone()
+            .unwrap_or_else(|| Err("upload ended without a result".into())),
+        Err(_) => Err("the upload task stopped without a result".into()),
+    }
+}
+
+/// Names of files PostgreSQL marked ready for archiving, in its archiving order.
+async fn ready_files(pg_wal: &Path) -> std::io::Result<Vec<String>> {
+    let mut dir = tokio::fs::read_dir(pg_wal.join("archive_status")).await?;
+    let mut names = Vec::new();
+    while let Some(entry) = dir.next_entry().await? {
+        if let Some(name) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".ready"))
+        {
+            if WalFile::parse(name).is_some() {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names.sort_by(|a, b| archive_order(a).cmp(&archive_order(b)));
+    Ok(names)
+}

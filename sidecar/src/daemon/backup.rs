@@ -1,0 +1,342 @@
+//! Base backups started through the API, each run as a child process
+//! (`walden backup-push` with the daemon's environment), so that a backup's
+//! memory and any crash stay out of the daemon. One at a time.
+//!
+//! The last backup and the recovery window come from `walden backup-list
+//! --json`, refreshed at start, after each backup and every few minutes.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+
+use super::metrics::{Metrics, ResultLabel};
+
+/// Finished jobs remembered for `GET /v1/backups/{id}`.
+const KEEP_JOBS: usize = 64;
+/// Bytes of a failed backup's stderr kept as its error.
+const ERROR_TAIL: usize = 2048;
+const LIST_REFRESH: Duration = Duration::from_secs(300);
+const LIST_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub id: String,
+    pub state: JobState,
+    pub error: Option<String>,
+    pub start_time: DateTime<Utc>,
+    pub stop_time: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    map: HashMap<String, Job>,
+    order: VecDeque<String>,
+    running: Option<String>,
+}
+
+/// What `backup-list --json` says, as the status needs it.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub last_backup: Option<Value>,
+    pub window: Option<Value>,
+}
+
+pub struct Backups {
+    /// A shell command replacing `walden backup-push` (tests, custom tooling).
+    command: Option<String>,
+    jobs: Mutex<Jobs>,
+    catalog: Mutex<Catalog>,
+    metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("a base backup is already running")]
+    Running(String),
+    #[error("cannot start the base backup ({command}): {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+}
+
+impl Backups {
+    pub fn new(command: Option<String>, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            command,
+            jobs: Mutex::new(Jobs::default()),
+            catalog: Mutex::new(Catalog::default()),
+            metrics,
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<Job> {
+        lock(&self.jobs).map.get(id).cloned()
+    }
+
+    pub fn running(&self) -> Option<Job> {
+        let jobs = lock(&self.jobs);
+        jobs.running
+            .as_ref()
+            .and_then(|id| jobs.map.get(id))
+            .cloned()
+    }
+
+    pub fn catalog(&self) -> Catalog {
+        lock(&self.catalog).clone()
+    }
+
+    fn command(&self, id: &str) -> Result<(tokio::process::Command, String), std::io::Error> {
+        let mut cmd;
+        let describe;
+        if let Some(shell) = &self.command {
+            cmd = tokio::process::Command::new("/bin/sh");
+            cmd.arg("-c").arg(shell);
+            describe = shell.clone();
+        } else {
+            let exe = std::env::current_exe()?;
+            cmd = tokio::process::Command::new(&exe);
+            cmd.arg("backup-push");
+            describe = format!("{} backup-push", exe.display());
+        }
+        cmd.env("WALDEN_BACKUP_ID", id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        Ok((cmd, describe))
+    }
+
+    /// Starts a backup unless one is running.
+    pub fn start(self: &Arc<Self>) -> Result<Job, StartError> {
+        let mut jobs = lock(&self.jobs);
+        if let Some(id) = &jobs.running {
+            return Err(StartError::Running(id.clone()));
+        }
+        let now = Utc::now();
+        let base = now.format("%Y%m%dT%H%M%SZ").to_string();
+        let mut id = base.clone();
+        let mut n = 1;
+        while jobs.map.contains_key(&id) {
+            id = format!("{base}-{n}");
+            n += 1;
+        }
+        let spawn = |id: &str| -> Result<tokio::process::Child, StartError> {
+            let (mut cmd, describe) = self.command(id).map_err(|source| StartError::Spawn {
+                command: "walden backup-push".into(),
+                source,
+            })?;
+            cmd.spawn().map_err(|source| StartError::Spawn {
+                command: describe,
+                source,
+            })
+        };
+        let child = spawn(&id)?;
+        let job = Job {
+            id: id.clone(),
+            state: JobState::Running,
+            error: None,
+            start_time: now,
+            stop_time: None,
+        };
+        jobs.map.insert(id.clone(), job.clone());
+        jobs.order.push_back(id.clone());
+        jobs.running = Some(id.clone());
+        while jobs.order.len() > KEEP_JOBS {
+            if let Some(old) = jobs.order.pop_front() {
+                jobs.map.remove(&old);
+            }
+        }
+        drop(jobs);
+        self.metrics.backup_running.set(1);
+        tracing::info!(backup = %id, "base backup started");
+        let me = self.clone();
+        tokio::spawn(async move { me.supervise(id, child).await });
+        Ok(job)
+    }
+
+    async fn supervise(self: Arc<Self>, id: String, mut child: tokio::process::Child) {
+        let started = Instant::now();
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let mut buf = [0u8; 8192];
+            loop {
+                match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        stderr.extend_from_slice(&buf[..n]);
+                        if stderr.len() > 4 * ERROR_TAIL {
+                            stderr.drain(..stderr.len() - ERROR_TAIL);
+                        }
+                    }
+                }
+            }
+        }
+        let status = child.wait().await;
+        let error = match status {
+            Ok(s) if s.success() => None,
+            Ok(s) => {
+                let tail =
+                    String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(ERROR_TAIL)..])
+                        .trim()
+                        .to_string();
+                Some(format!("backup-push exited with {s}: {tail}"))
+            }
+            Err(e) => Some(format!("waiting for backup-push: {e}")),
+        };
+        let result = if error.is_none() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics
+            .backups
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.metrics
+            .backup_duration
+            .get_or_create(&ResultLabel { result })
+            .observe(secs);
+        self.metrics.backup_running.set(0);
+        let now = Utc::now();
+        if error.is_none() {
+            self.metrics
+                .backup_last_success_time
+                .set(now.timestamp_millis() as f64 / 1000.0);
+            tracing::info!(backup = %id, seconds = secs, "base backup succeeded");
+        } else {
+            tracing::error!(backup = %id, seconds = secs, error = ?error, "base backup failed");
+        }
+        {
+            let mut jobs = lock(&self.jobs);
+            if let Some(job) = jobs.map.get_mut(&id) {
+                job.state = if error.is_none() {
+                    JobState::Succeeded
+                } else {
+                    JobState::Failed
+                };
+                job.error = error;
+                job.stop_time = Some(now);
+            }
+            jobs.running = None;
+        }
+        self.refresh_catalog().await;
+    }
+
+    /// Re-reads the catalog with `walden backup-list --json`; on failure the
+    /// status reports no last backup and no window rather than stale ones.
+    pub async fn refresh_catalog(&self) {
+        let catalog = match read_catalog().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "backup-list --json failed; reporting no backups");
+                Catalog::default()
+            }
+        };
+        *lock(&self.catalog) = catalog;
+    }
+
+    /// Refreshes the catalog now and then, for the life of the daemon.
+    pub async fn refresh_forever(self: Arc<Self>) {
+        loop {
+            self.refresh_catalog().await;
+            tokio::time::sleep(LIST_REFRESH).await;
+        }
+    }
+}
+
+async fn read_catalog() -> Result<Catalog, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = tokio::time::timeout(
+        LIST_TIMEOUT,
+        tokio::process::Command::new(exe)
+            .args(["backup-list", "--json"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "backup-list timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "backup-list exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse_catalog(&out.stdout)
+}
+
+/// Picks the newest backup and the window out of `backup-list --json`.
+fn parse_catalog(json: &[u8]) -> Result<Catalog, String> {
+    let v: Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let pick = |b: &Value| {
+        let mut o = serde_json::Map::new();
+        for k in ["id", "startTime", "stopTime", "startLsn", "stopLsn"] {
+            o.insert(k.into(), b.get(k).cloned().unwrap_or(Value::Null));
+        }
+        Value::Object(o)
+    };
+    let last_backup = v.get("backups").and_then(Value::as_array).and_then(|bs| {
+        bs.iter()
+            .max_by(|a, b| {
+                let key = |x: &Value| x.get("stopTime").and_then(Value::as_str).map(String::from);
+                key(a).cmp(&key(b))
+            })
+            .map(pick)
+    });
+    let window = v.get("window").filter(|w| !w.is_null()).map(|w| {
+        let mut o = serde_json::Map::new();
+        for k in ["firstPoint", "firstLsn", "lastArchivedWal"] {
+            o.insert(k.into(), w.get(k).cloned().unwrap_or(Value::Null));
+        }
+        Value::Object(o)
+    });
+    Ok(Catalog {
+        last_backup,
+        window,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_takes_the_newest_backup_and_the_window() {
+        let json = br#"{"backups":[
+            {"id":"20260101T000000Z","startTime":"2026-01-01T00:00:00Z","stopTime":"2026-01-01T00:01:00Z","startLsn":"0/2000028","stopLsn":"0/2000100","timeline":1,"logicalSize":1,"storedSize":1},
+            {"id":"20260102T000000Z","startTime":"2026-01-02T00:00:00Z","stopTime":"2026-01-02T00:01:00Z","startLsn":"0/5000028","stopLsn":"0/5000100","timeline":1,"logicalSize":1,"storedSize":1}],
+            "window":{"firstPoint":"2026-01-01T00:01:00Z","firstLsn":"0/2000100","lastArchivedWal":"000000010000000000000009","lastArchivedTime":"2026-01-03T00:00:00Z"}}"#;
+        let c = parse_catalog(json).unwrap();
+        let b = c.last_backup.unwrap();
+        assert_eq!(b["id"], "20260102T000000Z");
+        assert_eq!(b["stopLsn"], "0/5000100");
+        assert!(b.get("timeline").is_none());
+        let w = c.window.unwrap();
+        assert_eq!(w["lastArchivedWal"], "000000010000000000000009");
+        let empty = parse_catalog(br#"{"backups":[],"window":null}"#).unwrap();
+        assert!(empty.last_backup.is_none() && empty.window.is_none());
+    }
+}

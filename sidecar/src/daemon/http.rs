@@ -1,0 +1,212 @@
+//! The HTTP API the operator talks to: `/healthz`, `/metrics`, and under
+//! `/v1` (bearer token required) status, backups and promotion.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::SecondsFormat;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use super::archiver::Archiver;
+use super::backup::{Backups, StartError};
+use super::metrics::Metrics;
+use super::postgres::{PgTarget, Promotion};
+
+pub struct Api {
+    pub archiver: Arc<Archiver>,
+    pub backups: Arc<Backups>,
+    pub pg: PgTarget,
+    pub pgdata: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub registry: Registry,
+    pub metrics: Metrics,
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    let v1 = Router::new()
+        .route("/status", get(status))
+        .route("/backups", post(start_backup))
+        .route("/backups/{id}", get(backup))
+        .route("/promote", post(promote))
+        .layer(middleware::from_fn_with_state(api.clone(), authorize));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .with_state(api)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Constant-time comparison of the presented token with the file's content.
+/// The file is read on every request, so a rotated Secret takes effect at once.
+async fn authorize(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    let expected = match &api.token_file {
+        Some(path) => match tokio::fs::read_to_string(path).await {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the API token file; refusing /v1 requests");
+                String::new()
+            }
+        },
+        None => String::new(),
+    };
+    let ok = !expected.is_empty()
+        && !presented.is_empty()
+        && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()));
+    if !ok {
+        let mut resp = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    api.archiver
+        .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
+        .await;
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &api.registry) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        );
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> Value {
+    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Secs, true)))
+        .unwrap_or(Value::Null)
+}
+
+async fn status(State(api): State<Arc<Api>>) -> Response {
+    let a = api.archiver.status();
+    let ready = api
+        .archiver
+        .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
+        .await
+        .unwrap_or(0);
+    let (role, replay) = match api.pg.probe().await {
+        Ok(p) => {
+            api.metrics
+                .postgres_in_recovery
+                .set(i64::from(p.in_recovery));
+            let replay = p.replay.map(|r| {
+                api.metrics.replay_lag_seconds.set(r.lag_seconds);
+                api.metrics.replay_lag_bytes.set(r.lag_bytes as i64);
+                json!({"replayLsn": r.replay_lsn, "lagSeconds": r.lag_seconds, "lagBytes": r.lag_bytes})
+            });
+            (if p.in_recovery { "standby" } else { "primary" }, replay)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach PostgreSQL for status");
+            // Without a connection, the data directory still tells a standby apart.
+            let standby = api
+                .pgdata
+                .as_ref()
+                .is_some_and(|d| d.join("standby.signal").exists());
+            (if standby { "standby" } else { "primary" }, None)
+        }
+    };
+    let catalog = api.backups.catalog();
+    let in_progress = api
+        .backups
+        .running()
+        .map(|j| json!({"id": j.id, "startTime": time(Some(j.start_time))}));
+    Json(json!({
+        "role": role,
+        "archiving": {
+            "lastArchivedWal": a.last_archived_wal,
+            "lastArchivedTime": time(a.last_archived_time),
+            "lastFailedWal": a.last_failed_wal,
+            "lastFailedTime": time(a.last_failed_time),
+            "lastError": a.last_error,
+            "archivedCount": a.archived_count,
+            "failedCount": a.failed_count,
+            "readyCount": ready,
+        },
+        "lastBackup": catalog.last_backup,
+        "backupInProgress": in_progress,
+        "recoveryWindow": catalog.window,
+        "replay": replay,
+    }))
+    .into_response()
+}
+
+async fn start_backup(State(api): State<Arc<Api>>) -> Response {
+    match api.backups.start() {
+        Ok(job) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"id": job.id, "state": "running"})),
+        )
+            .into_response(),
+        Err(StartError::Running(id)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "a base backup is already running", "running": id})),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn backup(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+    match api.backups.get(&id) {
+        Some(job) => Json(json!({
+            "id": job.id,
+            "state": job.state,
+            "error": job.error,
+            "startTime": time(Some(job.start_time)),
+            "stopTime": time(job.stop_time),
+        }))
+        .into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no backup job {id}")),
+    }
+}
+
+async fn promote(State(api): State<Arc<Api>>) -> Response {
+    match api.pg.promote().await {
+        Ok(Promotion::Promoted) => {
+            tracing::info!("promoted PostgreSQL");
+            Json(json!({"promoted": true})).into_response()
+        }
+        Ok(Promotion::NotStandby) => error(StatusCode::CONFLICT, "PostgreSQL is not a standby"),
+        Ok(Promotion::TimedOut) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "pg_promote() did not finish within 60 s; the promotion may still complete",
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

@@ -1,0 +1,226 @@
+//! `walden daemon`: the sidecar. One process holding the storage client,
+//! serving PostgreSQL's `wal-push`/`wal-fetch` over a unix socket (with
+//! parallel archiving and prefetch) and the operator's HTTP API.
+
+pub mod archiver;
+pub mod backup;
+pub mod http;
+pub mod metered;
+pub mod metrics;
+pub mod postgres;
+pub mod prefetch;
+pub mod protocol;
+pub mod socket;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::wal::{FetchOptions, PushOptions};
+
+/// Settings of `walden daemon` (flags override the variables).
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Unix socket for wal-push / wal-fetch clients
+    #[arg(long, env = "WALDEN_SOCKET", default_value = "/walden/run/walden.sock")]
+    pub socket: PathBuf,
+
+    /// HTTP address of the API and metrics
+    #[arg(long, env = "WALDEN_LISTEN", default_value = "127.0.0.1:8008")]
+    pub listen: SocketAddr,
+
+    /// File holding the bearer token required under /v1 (without it, /v1 answers 401)
+    #[arg(long, env = "WALDEN_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Directory for the archive log (what was stored; survives daemon restarts)
+    #[arg(long, env = "WALDEN_STATE_DIR", default_value = "/walden/run/state")]
+    pub state_dir: PathBuf,
+
+    /// Directory for prefetched WAL (default: <state-dir>/prefetch; emptied at start)
+    #[arg(long, env = "WALDEN_PREFETCH_DIR", value_name = "PATH")]
+    pub prefetch_dir: Option<PathBuf>,
+
+    /// WAL uploads running at once (the requested file plus the next .ready ones)
+    #[arg(long, env = "WALDEN_ARCHIVE_PARALLELISM", default_value_t = 4)]
+    pub archive_parallelism: usize,
+
+    /// Segments downloaded ahead of PostgreSQL's requests during recovery (0 = off)
+    #[arg(long, env = "WALDEN_PREFETCH", default_value_t = 8)]
+    pub prefetch: usize,
+
+    /// PostgreSQL data directory, for the archive backlog before the first push and the role when PostgreSQL is down
+    #[arg(long, env = "PGDATA", value_name = "DIR")]
+    pub pgdata: Option<PathBuf>,
+
+    /// Seconds to let running uploads finish on SIGTERM before abandoning them
+    #[arg(long, env = "WALDEN_SHUTDOWN_TIMEOUT", default_value_t = 20)]
+    pub shutdown_timeout: u64,
+
+    /// Shell command run instead of `walden backup-push` for POST /v1/backups
+    #[arg(long, env = "WALDEN_BACKUP_COMMAND", value_name = "COMMAND")]
+    pub backup_command: Option<String>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
+    let mut registry = Registry::with_prefix("walden");
+    let metrics = metrics::Metrics::new(&mut registry);
+    let storage = settings.open_storage().await?;
+    let storage: Arc<dyn crate::storage::Storage> = Arc::new(metered::Metered::new(
+        storage,
+        metrics.storage_uploaded_bytes.clone(),
+        metrics.storage_downloaded_bytes.clone(),
+    ));
+    let log = tokio::task::spawn_blocking({
+        let dir = args.state_dir.clone();
+        move || state::ArchivedLog::open(&dir)
+    })
+    .await??;
+    tracing::info!(state = %args.state_dir.display(), remembered = log.len(), "archive log loaded");
+    let archiver = archiver::Archiver::new(
+        storage.clone(),
+        PushOptions {
+            seal: settings.seal_options(),
+            retry: settings.retry_policy(),
+        },
+        args.archive_parallelism,
+        log,
+        metrics.clone(),
+    );
+    let prefetch_dir = args
+        .prefetch_dir
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("prefetch"));
+    let prefetcher = prefetch::Prefetcher::new(
+        storage.clone(),
+        FetchOptions {
+            retry: settings.retry_policy(),
+        },
+        args.prefetch,
+        prefetch_dir.clone(),
+        metrics.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "preparing the prefetch directory {}",
+            prefetch_dir.display()
+        )
+    })?;
+    let backups = backup::Backups::new(args.backup_command.clone(), metrics.clone());
+    if args.token_file.is_none() {
+        tracing::warn!("no WALDEN_TOKEN_FILE: every /v1 request will be refused with 401");
+    }
+    let api = Arc::new(http::Api {
+        archiver: archiver.clone(),
+        backups: backups.clone(),
+        pg: postgres::PgTarget::from_env(),
+        pgdata: args.pgdata.clone(),
+        token_file: args.token_file.clone(),
+        registry,
+        metrics: metrics.clone(),
+    });
+
+    let listener = socket::bind(&args.socket).await?;
+    let tcp = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(
+        socket = %args.socket.display(),
+        listen = %args.listen,
+        storage = %storage.url(),
+        read_only = settings.read_only,
+        parallelism = args.archive_parallelism,
+        prefetch = args.prefetch,
+        "walden daemon ready"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let open = socket::Open::default();
+    let socket_task = tokio::spawn(socket::serve(
+        listener,
+        args.socket.clone(),
+        archiver.clone(),
+        prefetcher.clone(),
+        open.clone(),
+        stop_rx.clone(),
+    ));
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(tcp, http::router(api.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let catalog_task = tokio::spawn(backups.clone().refresh_forever());
+    let watch_task = tokio::spawn(watch_postgres(
+        postgres::PgTarget::from_env(),
+        metrics.clone(),
+    ));
+
+    shutdown_signal().await?;
+    tracing::info!("shutting down: no new requests; waiting for running uploads");
+    let _ = stop_tx.send(true);
+    let _ = socket_task.await;
+    archiver
+        .shutdown(Duration::from_secs(args.shutdown_timeout))
+        .await;
+    // Let the requests whose uploads finished hear so (PostgreSQL then marks them done).
+    let left = open.drain(Duration::from_secs(2)).await;
+    if left > 0 {
+        tracing::warn!(
+            requests = left,
+            "closing unanswered requests; their clients fail and PostgreSQL retries"
+        );
+    }
+    prefetcher.clear();
+    catalog_task.abort();
+    watch_task.abort();
+    match tokio::time::timeout(Duration::from_secs(5), http_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),
+        _ => {}
+    }
+    tracing::info!("walden daemon stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// Keeps the role and replay-lag gauges current between API calls.
+async fn watch_postgres(pg: postgres::PgTarget, metrics: metrics::Metrics) {
+    loop {
+        match pg.probe().await {
+            Ok(p) => {
+                metrics.postgres_in_recovery.set(i64::from(p.in_recovery));
+                if let Some(r) = p.replay {
+                    metrics.replay_lag_seconds.set(r.lag_seconds);
+                    metrics.replay_lag_bytes.set(r.lag_bytes as i64);
+                } else {
+                    metrics.replay_lag_seconds.set(0.0);
+                    metrics.replay_lag_bytes.set(0);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "PostgreSQL not reachable for replay metrics"),
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}

@@ -1,0 +1,118 @@
+//! The daemon's libpq connection to its PostgreSQL (standard `PG*`
+//! variables): role, replay position and lag, and promotion.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, Config};
+
+use crate::pg::{self, PgError};
+
+/// Status and promotion must answer quickly, whatever PGCONNECT_TIMEOUT says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where and as whom to connect: the libpq variables (`PGHOST`, `PGPORT`,
+/// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, ...) as [`crate::pg`] reads them.
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    config: Result<Config, String>,
+}
+
+impl PgTarget {
+    pub fn from_env() -> Self {
+        Self {
+            config: pg::config(None).map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn connect(&self) -> Result<Client, PgError> {
+        let config = self
+            .config
+            .as_ref()
+            .map_err(|e| PgError::Config(e.clone()))?;
+        tokio::time::timeout(CONNECT_TIMEOUT, pg::connect(config))
+            .await
+            .map_err(|_| {
+                PgError::Config(format!(
+                    "connecting to PostgreSQL timed out after {CONNECT_TIMEOUT:?}"
+                ))
+            })?
+    }
+
+    /// Role and, on a standby, replay position and lag.
+    pub async fn probe(&self) -> Result<Probe, PgError> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), \
+                        coalesce(pg_last_wal_replay_lsn()::text, ''), \
+                        coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, 0), \
+                        greatest(coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0), 0)::float8",
+                &[],
+            )
+            .await
+            .map_err(|source| PgError::Query {
+                what: "reading the recovery state",
+                source,
+            })?;
+        let in_recovery: bool = row.get(0);
+        let replay = in_recovery.then(|| Replay {
+            replay_lsn: row.get(1),
+            lag_seconds: row.get::<_, f64>(2).max(0.0),
+            lag_bytes: row.get::<_, f64>(3).max(0.0) as u64,
+        });
+        Ok(Probe {
+            in_recovery,
+            replay,
+        })
+    }
+
+    /// Promotes a standby and waits (up to 60 s) until it accepts writes.
+    pub async fn promote(&self) -> Result<Promotion, PgError> {
+        let client = self.connect().await?;
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|source| PgError::Query {
+                what: "checking the role",
+                source,
+            })?
+            .get(0);
+        if !in_recovery {
+            return Ok(Promotion::NotStandby);
+        }
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await
+            .map_err(|source| PgError::Query {
+                what: "pg_promote()",
+                source,
+            })?
+            .get(0);
+        Ok(if promoted {
+            Promotion::Promoted
+        } else {
+            Promotion::TimedOut
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub in_recovery: bool,
+    pub replay: Option<Replay>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub replay_lsn: String,
+    pub lag_seconds: f64,
+    pub lag_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    Promoted,
+    NotStandby,
+    /// pg_promote() gave up waiting; the promotion may still complete.
+    TimedOut,
+}
