@@ -189,20 +189,20 @@ enum Command {
     /// Delete backups beyond a retention policy and the WAL no retained backup needs
     #[command(
         long_about = "Delete backups beyond a retention policy and the WAL no retained backup needs.\n\n\
-        --full N keeps the newest N backups; --window DURATION (e.g. 7d, 36h) keeps every point of the last \
+        --full N keeps the newest N backups (with --window too: whatever either keeps); --window DURATION (e.g. 7d, 36h) keeps every point of the last \
         DURATION restorable: every backup that finished inside it, plus the newest one that finished before \
         it on each timeline that can hold a point of it. WAL stays from the oldest retained backup's start \
         on, on its timeline and every later one; history files always stay. Backups are ordered by their \
         position in the WAL history (system, timeline, LSN), not by name. Each backup.json is deleted \
         before its parts, so an interrupted run leaves a consistent archive; run it again to finish.",
-        group(clap::ArgGroup::new("policy").required(true).args(["full", "window"]))
+        group(clap::ArgGroup::new("policy").required(true).multiple(true).args(["full", "window"]))
     )]
     Retain {
         /// Keep the newest N full backups
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, env = "WALDEN_RETENTION_FULL", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         full: Option<u64>,
         /// Keep every point of the last DURATION restorable (e.g. 7d, 36h, 1d12h, 90m)
-        #[arg(long, value_name = "DURATION", value_parser = walden::retention::parse_duration)]
+        #[arg(long, env = "WALDEN_RETENTION_WINDOW", value_name = "DURATION", value_parser = walden::retention::parse_duration)]
         window: Option<chrono::Duration>,
         /// Print what would be deleted, delete nothing
         #[arg(long)]
@@ -468,7 +468,11 @@ async fn run(cli: Cli) -> ExitCode {
             json,
         } => {
             let policy = match (full, window) {
-                (Some(n), _) => retention::Policy::Full(n as usize),
+                (Some(n), Some(w)) => retention::Policy::Both {
+                    full: n as usize,
+                    window: w,
+                },
+                (Some(n), None) => retention::Policy::Full(n as usize),
                 (None, Some(w)) => retention::Policy::Window(w),
                 (None, None) => {
                     return fail("retain", anyhow::anyhow!("--full or --window is required"))

@@ -44,6 +44,11 @@ pub enum Policy {
     Full(usize),
     /// Every point in time from `now − window` to now stays restorable.
     Window(chrono::Duration),
+    /// Both: whatever either policy keeps stays.
+    Both {
+        full: usize,
+        window: chrono::Duration,
+    },
 }
 
 impl fmt::Display for Policy {
@@ -51,6 +56,11 @@ impl fmt::Display for Policy {
         match self {
             Policy::Full(n) => write!(f, "keep the newest {n} full backups"),
             Policy::Window(w) => write!(f, "keep a recovery window of {}", format_duration(*w)),
+            Policy::Both { full, window } => write!(
+                f,
+                "keep the newest {full} full backups and a recovery window of {}",
+                format_duration(*window)
+            ),
         }
     }
 }
@@ -195,31 +205,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     if let Some(newest) = ordered.last() {
         keep.insert(newest.id.clone(), "the newest backup".into());
     }
-    match policy {
-        Policy::Full(n) => {
-            for b in ordered.iter().rev().take(n.max(1)) {
-                keep.entry(b.id.clone())
-                    .or_insert_with(|| format!("one of the newest {}", n.max(1)));
-            }
+    let (full, window) = match policy {
+        Policy::Full(n) => (Some(n), None),
+        Policy::Window(w) => (None, Some(w)),
+        Policy::Both { full, window } => (Some(full), Some(window)),
+    };
+    if let Some(n) = full {
+        for b in ordered.iter().rev().take(n.max(1)) {
+            keep.entry(b.id.clone())
+                .or_insert_with(|| format!("one of the newest {}", n.max(1)));
         }
-        Policy::Window(w) => {
-            let cutoff = now - w;
-            for b in ordered.iter().filter(|b| b.stop_time > cutoff) {
-                keep.entry(b.id.clone())
-                    .or_insert_with(|| "finished inside the window".into());
-            }
-            for tli in window_timelines(&ordered, objects, cutoff) {
-                let anchor = ordered.iter().rev().find(|b| {
-                    b.stop_time <= cutoff && histories.on_line(b.timeline, b.stop_lsn, tli)
+    }
+    if let Some(w) = window {
+        let cutoff = now - w;
+        for b in ordered.iter().filter(|b| b.stop_time > cutoff) {
+            keep.entry(b.id.clone())
+                .or_insert_with(|| "finished inside the window".into());
+        }
+        for tli in window_timelines(&ordered, objects, cutoff) {
+            let anchor = ordered
+                .iter()
+                .rev()
+                .find(|b| b.stop_time <= cutoff && histories.on_line(b.timeline, b.stop_lsn, tli));
+            if let Some(b) = anchor {
+                keep.entry(b.id.clone()).or_insert_with(|| {
+                    format!(
+                        "the newest backup that reaches the start of the window ({}) on timeline {tli}",
+                        cutoff.to_rfc3339()
+                    )
                 });
-                if let Some(b) = anchor {
-                    keep.entry(b.id.clone()).or_insert_with(|| {
-                        format!(
-                            "the newest backup that reaches the start of the window ({}) on timeline {tli}",
-                            cutoff.to_rfc3339()
-                        )
-                    });
-                }
             }
         }
     }
@@ -591,6 +605,23 @@ mod tests {
             (hours(36), vec!["B", "C"], 10),
             (hours(37), vec!["A", "B", "C"], 2),
             (hours(1000), vec!["A", "B", "C"], 2),
+            // Both: the union of what each keeps.
+            (
+                Policy::Both {
+                    full: 1,
+                    window: chrono::Duration::hours(13),
+                },
+                vec!["B", "C"],
+                10,
+            ),
+            (
+                Policy::Both {
+                    full: 3,
+                    window: chrono::Duration::hours(12),
+                },
+                vec!["A", "B", "C"],
+                2,
+            ),
         ];
         for (policy, kept, first_wal) in cases {
             let p = run(&backups, &objs, &h, policy, "2026-01-03T12:00:00Z");
