@@ -55,7 +55,7 @@ fn daemon_applies_retention_after_each_successful_backup() {
     pg.pgbench(&["-i", "-s", "1", "-q"]);
 
     let first = backup_through_the_api(&daemon);
-    assert_eq!(listed(&archive), [first.clone()]);
+    assert_eq!(listed(&archive), [first.as_str()]);
     for _ in 0..3 {
         pg.sql(
             "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())",
@@ -65,7 +65,7 @@ fn daemon_applies_retention_after_each_successful_backup() {
     let second = backup_through_the_api(&daemon);
     assert_ne!(first, second);
     wait_for("the first backup to be retired", LONG, || {
-        (listed(&archive) == [second.clone()]).then_some(())
+        (listed(&archive) == [second.as_str()]).then_some(())
     });
     let keys = block_on(archive.keys());
     assert!(
