@@ -54,6 +54,11 @@ fn encrypted_archive_round_trips_hides_plaintext_and_needs_the_right_key() {
         .fingerprint()
         .to_string();
     assert_eq!(identity["encryption_key_fingerprint"], fingerprint.as_str());
+    assert_eq!(
+        m["encryption"],
+        fingerprint.as_str(),
+        "backup.json records the key fingerprint"
+    );
     let key_text = std::fs::read_to_string(&key).expect("key");
     let secret = key_text
         .lines()
