@@ -25,6 +25,8 @@ pub struct Archive {
     pub dir: PathBuf,
     pub s3: Option<S3Server>,
     pub proxy: Option<FaultProxy>,
+    /// More settings every `walden` of this archive gets (e.g. the encryption key file).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Archive {
@@ -41,6 +43,7 @@ impl Archive {
                     dir,
                     s3: None,
                     proxy: None,
+                    extra_env: Vec::new(),
                 }
             }
             StorageKind::S3 => {
@@ -53,6 +56,7 @@ impl Archive {
                     dir,
                     s3: Some(server),
                     proxy: Some(proxy),
+                    extra_env: Vec::new(),
                 }
             }
         }
@@ -69,6 +73,7 @@ impl Archive {
             env.push(("WALDEN_S3_ENDPOINT".into(), p.endpoint()));
             env.push(("WALDEN_S3_PATH_STYLE".into(), "true".into()));
         }
+        env.extend(self.extra_env.iter().cloned());
         env
     }
 

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod daemon;
+pub mod ledger;
 pub mod pg;
 pub mod pod;
 pub mod proxy;

@@ -343,9 +343,7 @@ impl Pod {
     /// Runs an init container to completion; panics with its output on failure.
     pub fn run_init(&self, name: &str) -> std::process::Output {
         let c = self.init_container(name);
-        let out = self
-            .command(c)
-            .output()
+        let out = retry_busy(|| self.command(c).output())
             .unwrap_or_else(|e| panic!("init container {name}: {e}"));
         assert!(
             out.status.success(),
@@ -361,13 +359,14 @@ impl Pod {
         let c = self.container(name).clone();
         let log = self.root.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("container log");
-        let child = self
-            .command(&c)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("container {name}: {e}"));
+        let child = retry_busy(|| {
+            self.command(&c)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(f.try_clone()?)
+                .spawn()
+        })
+        .unwrap_or_else(|e| panic!("container {name}: {e}"));
         self.children.push(child);
         log
     }
@@ -445,5 +444,21 @@ mod tests {
         let env = vec![("A".to_string(), "x y".to_string())];
         assert_eq!(expand("--c=$(A)", &env), "--c=x y");
         assert_eq!(expand("$$(A) $(B) $", &env), "$(A) $(B) $");
+    }
+}
+
+/// Runs `start` again while it fails with ETXTBSY: a binary this process has
+/// just copied can be briefly held open for writing by a child that another
+/// test thread forked at that moment (until that child execs).
+fn retry_busy<T>(mut start: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut attempts = 0;
+    loop {
+        match start() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }

@@ -121,6 +121,30 @@ fn default_uid() -> i64 {
 pub struct StorageSpec {
     /// An S3 or S3-compatible bucket.
     pub s3: S3Spec,
+    /// Client-side encryption of the archive's data (WAL segments, backup
+    /// parts). Chosen when the archive is created; every reader of the
+    /// archive (forks, followers) needs the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionSpec>,
+}
+
+/// The Secret holding the archive's encryption key: an age X25519 identity
+/// (a line `AGE-SECRET-KEY-1...`, as `age-keygen` writes it). Only pods that
+/// run `walden` mount it; the operator never reads it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionSpec {
+    /// Secret name, in the resource's namespace.
+    #[schemars(length(min = 1))]
+    pub secret: String,
+    /// Key of the Secret holding the key file.
+    #[serde(default = "default_encryption_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_encryption_key() -> String {
+    "key".to_string()
 }
 
 /// An S3 location and how to authenticate to it.

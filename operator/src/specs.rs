@@ -42,6 +42,9 @@ pub const POSTGRES_CONTAINER: &str = "postgres";
 pub const BIN_VOLUME: &str = "walden-bin";
 pub const RUN_VOLUME: &str = "walden-run";
 pub const TOKEN_VOLUME: &str = "walden-token";
+/// The archive's encryption key Secret, mounted read-only where `walden` runs.
+pub const ENCRYPTION_VOLUME: &str = "walden-encryption";
+pub const ENCRYPTION_DIR: &str = "/walden/encryption";
 /// Data volume (claim template) of fork and follower pods.
 pub const DATA_VOLUME: &str = "data";
 pub const DATA_MOUNT: &str = "/var/lib/postgresql/data";
@@ -189,7 +192,38 @@ pub fn storage_env(storage: &StorageSpec, compression_level: i32, read_only: boo
         // Invariant 6: the engine refuses every storage write.
         out.push(env("WALDEN_READ_ONLY", "true"));
     }
+    if let Some(e) = &storage.encryption {
+        out.push(env(
+            "WALDEN_ENCRYPTION_KEY_FILE",
+            format!("{ENCRYPTION_DIR}/{}", e.key),
+        ));
+    }
     out
+}
+
+/// The encryption key Secret as a volume, when the archive is encrypted.
+fn encryption_volume(storage: &StorageSpec) -> Option<Volume> {
+    storage.encryption.as_ref().map(|e| Volume {
+        name: ENCRYPTION_VOLUME.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(e.secret.clone()),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Mounts the encryption key into a container that runs `walden` with storage settings.
+fn with_encryption_key(mut c: Container, storage: &StorageSpec) -> Container {
+    if storage.encryption.is_some() {
+        c.volume_mounts.get_or_insert_with(Vec::new).push(mount(
+            ENCRYPTION_VOLUME,
+            ENCRYPTION_DIR,
+            true,
+        ));
+    }
+    c
 }
 
 /// The daemon's configuration: everything `walden daemon` reads (design §5).
@@ -463,14 +497,23 @@ pub fn primary_patch(
         credentials_secret: Some(&target.credentials_secret),
         retention: cb.spec.retention.as_ref(),
     };
-    let sidecar = sidecar_container(
-        &cfg.walden_image,
-        target.run_as_user,
-        daemon_env(&daemon),
-        data_ro,
-        cb.spec.sidecar.as_ref().and_then(|s| s.resources.clone()),
+    let sidecar = with_encryption_key(
+        sidecar_container(
+            &cfg.walden_image,
+            target.run_as_user,
+            daemon_env(&daemon),
+            data_ro,
+            cb.spec.sidecar.as_ref().and_then(|s| s.resources.clone()),
+        ),
+        &cb.spec.storage,
     );
     let token = token_secret_name(&cb.metadata.name.clone().unwrap_or_default());
+    let mut volumes = vec![
+        empty_dir(BIN_VOLUME),
+        empty_dir(RUN_VOLUME),
+        token_volume(&token),
+    ];
+    volumes.extend(encryption_volume(&cb.spec.storage));
     Ok(json!({
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -483,7 +526,7 @@ pub fn primary_patch(
                 "spec": {
                     "initContainers": [install_container(&cfg.walden_image, target.run_as_user)],
                     "containers": [postgres, sidecar],
-                    "volumes": [empty_dir(BIN_VOLUME), empty_dir(RUN_VOLUME), token_volume(&token)],
+                    "volumes": volumes,
                 }
             }
         }
@@ -627,18 +670,21 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
             &s.key,
         ));
     }
-    let restore = Container {
-        name: RESTORE_CONTAINER.to_string(),
-        image: Some(plan.walden_image.to_string()),
-        command: Some(restore_args(plan.target, standby, plan.streaming.is_some())),
-        env: Some(restore_env),
-        volume_mounts: Some(vec![mount(DATA_VOLUME, DATA_MOUNT, false)]),
-        // A failed restore explains itself in the pod status.
-        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-        resources: plan.instance.sidecar_resources.clone(),
-        security_context: Some(restricted_security_context(uid, true)),
-        ..Default::default()
-    };
+    let restore = with_encryption_key(
+        Container {
+            name: RESTORE_CONTAINER.to_string(),
+            image: Some(plan.walden_image.to_string()),
+            command: Some(restore_args(plan.target, standby, plan.streaming.is_some())),
+            env: Some(restore_env),
+            volume_mounts: Some(vec![mount(DATA_VOLUME, DATA_MOUNT, false)]),
+            // A failed restore explains itself in the pod status.
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            resources: plan.instance.sidecar_resources.clone(),
+            security_context: Some(restricted_security_context(uid, true)),
+            ..Default::default()
+        },
+        plan.storage,
+    );
     let postgres = Container {
         name: POSTGRES_CONTAINER.to_string(),
         image: Some(plan.instance.image.clone()),
@@ -685,13 +731,22 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
         // Read-only: a fork or follower never prunes its source's archive.
         retention: None,
     };
-    let sidecar = sidecar_container(
-        plan.walden_image,
-        uid,
-        daemon_env(&daemon),
-        mount(DATA_VOLUME, DATA_MOUNT, true),
-        plan.instance.sidecar_resources.clone(),
+    let sidecar = with_encryption_key(
+        sidecar_container(
+            plan.walden_image,
+            uid,
+            daemon_env(&daemon),
+            mount(DATA_VOLUME, DATA_MOUNT, true),
+            plan.instance.sidecar_resources.clone(),
+        ),
+        plan.storage,
     );
+    let mut volumes = vec![
+        empty_dir(BIN_VOLUME),
+        empty_dir(RUN_VOLUME),
+        token_volume(&token_secret_name(plan.name)),
+    ];
+    volumes.extend(encryption_volume(plan.storage));
     let claim = PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(DATA_VOLUME.to_string()),
@@ -728,11 +783,7 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
                 spec: Some(PodSpec {
                     init_containers: Some(vec![install_container(plan.walden_image, uid), restore]),
                     containers: vec![postgres, sidecar],
-                    volumes: Some(vec![
-                        empty_dir(BIN_VOLUME),
-                        empty_dir(RUN_VOLUME),
-                        token_volume(&token_secret_name(plan.name)),
-                    ]),
+                    volumes: Some(volumes),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(uid),
@@ -794,6 +845,7 @@ mod tests {
                 }),
                 workload_identity: (!creds).then_some(true),
             },
+            encryption: None,
         }
     }
 
@@ -1049,6 +1101,87 @@ mod tests {
             .collect();
         assert_eq!(names, [BIN_VOLUME, RUN_VOLUME, TOKEN_VOLUME]);
         assert_eq!(volumes[2]["secret"]["secretName"], "pg-backup-walden-token");
+    }
+
+    /// The key Secret reaches every container that runs `walden` with storage
+    /// settings (primary sidecar; fork/follower restore and sidecar) and no other.
+    #[test]
+    fn encryption_key_is_mounted_where_walden_runs_and_nowhere_else() {
+        let cfg = OperatorConfig {
+            walden_image: IMAGE.into(),
+        };
+        let mut encrypted = base_cb();
+        encrypted.spec.storage.encryption = Some(crate::api::EncryptionSpec {
+            secret: "archive-key".into(),
+            key: "age.key".into(),
+        });
+        let target = sts(
+            json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]),
+            None,
+        );
+        let key_env =
+            json!({"name": "WALDEN_ENCRYPTION_KEY_FILE", "value": "/walden/encryption/age.key"});
+        let key_mount =
+            json!({"name": ENCRYPTION_VOLUME, "mountPath": ENCRYPTION_DIR, "readOnly": true});
+        let check = |pod: &Value, with: &[&str], without: &[&str], what: &str| {
+            let volume = pod["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .find(|v| v["name"] == ENCRYPTION_VOLUME)
+                .unwrap_or_else(|| panic!("{what}: no key volume"));
+            assert_eq!(volume["secret"]["secretName"], "archive-key", "{what}");
+            for list in ["initContainers", "containers"] {
+                for c in pod[list].as_array().into_iter().flatten() {
+                    let name = c["name"].as_str().expect("name");
+                    let env = c["env"].as_array().cloned().unwrap_or_default();
+                    let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+                    let has = (env.contains(&key_env), mounts.contains(&key_mount));
+                    if with.contains(&name) {
+                        assert_eq!(has, (true, true), "{what}: {name}");
+                    } else {
+                        assert!(
+                            without.contains(&name),
+                            "{what}: unexpected container {name}"
+                        );
+                        assert_eq!(has, (false, false), "{what}: {name} must not see the key");
+                    }
+                }
+            }
+        };
+        let patch = primary_patch(&encrypted, &target, &cfg).expect("patch");
+        check(
+            &patch["spec"]["template"]["spec"],
+            &[SIDECAR_CONTAINER],
+            &[INSTALL_CONTAINER, "postgres"],
+            "primary",
+        );
+        let plain = primary_patch(&base_cb(), &target, &cfg).expect("patch");
+        assert!(!plain.to_string().contains(ENCRYPTION_VOLUME));
+
+        let inst = instance();
+        let st = encrypted.spec.storage.clone();
+        let plan = InstancePlan {
+            kind: InstanceKind::Fork,
+            name: "x",
+            namespace: "db",
+            owner: owner(),
+            replicas: 1,
+            instance: &inst,
+            storage: &st,
+            compression_level: 3,
+            credentials_secret: Some("pg-creds"),
+            target: None,
+            streaming: None,
+            walden_image: IMAGE,
+        };
+        let fork = serde_json::to_value(instance_statefulset(&plan)).expect("sts");
+        check(
+            &fork["spec"]["template"]["spec"],
+            &[RESTORE_CONTAINER, SIDECAR_CONTAINER],
+            &[INSTALL_CONTAINER, POSTGRES_CONTAINER],
+            "fork",
+        );
     }
 
     #[test]

@@ -59,6 +59,16 @@ pub struct Settings {
     )]
     pub retry_delay_ms: u64,
 
+    /// File holding the archive's encryption key (an age X25519 identity,
+    /// AGE-SECRET-KEY-1...); WAL segments and backup parts are then encrypted
+    #[arg(
+        long,
+        env = "WALDEN_ENCRYPTION_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub encryption_key_file: Option<std::path::PathBuf>,
+
     /// Refuse every write to storage (forks and followers reading a source archive)
     #[arg(long, env = "WALDEN_READ_ONLY", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub read_only: bool,
@@ -96,7 +106,16 @@ impl Settings {
                 "no storage configured: set WALDEN_STORAGE or --storage to s3://bucket/prefix or file:///path".into(),
             )
         })?;
-        let inner = storage::open(url, &self.s3_settings()).await?;
+        let keys = match self.encryption_key_file.as_deref() {
+            Some(path) => Some(
+                crate::crypt::Keyring::load(path)
+                    .map_err(|e| StorageError::config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let inner =
+            crate::crypt::Encrypted::open(storage::open(url, &self.s3_settings()).await?, keys)
+                .await?;
         Ok(if self.read_only {
             Arc::new(ReadOnly(inner))
         } else {

@@ -13,6 +13,7 @@ use walden::config::Settings;
 use walden::daemon::DaemonArgs;
 use walden::restore::{self, settings::RecoverySettings, RestoreOptions};
 use walden::wal::{self, FetchOptions, PushOptions};
+use walden::{retention, verify};
 
 /// Exit status of `wal-fetch` when the file is definitively not in the archive:
 /// PostgreSQL then ends archive recovery (or, on a standby, tries streaming).
@@ -21,6 +22,8 @@ const EXIT_NOT_FOUND: u8 = 1;
 /// status above 125 as fatal and aborts recovery instead of ending it early
 /// at the wrong point (safety invariant 4).
 const EXIT_FETCH_FAILED: u8 = 254;
+/// Exit status of `verify` when it ran and found problems (1: it could not run).
+const EXIT_PROBLEMS_FOUND: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -182,6 +185,52 @@ enum Command {
         /// Parts downloaded and unpacked at once
         #[arg(long, env = "WALDEN_RESTORE_PARALLELISM", default_value_t = default_parallelism(), value_name = "N")]
         parallelism: usize,
+    },
+    /// Delete backups beyond a retention policy and the WAL no retained backup needs
+    #[command(
+        long_about = "Delete backups beyond a retention policy and the WAL no retained backup needs.\n\n\
+        --full N keeps the newest N backups (with --window too: whatever either keeps); --window DURATION (e.g. 7d, 36h) keeps every point of the last \
+        DURATION restorable: every backup that finished inside it, plus the newest one that finished before \
+        it on each timeline that can hold a point of it. WAL stays from the oldest retained backup's start \
+        on, on its timeline and every later one; history files always stay. Backups are ordered by their \
+        position in the WAL history (system, timeline, LSN), not by name. Each backup.json is deleted \
+        before its parts, so an interrupted run leaves a consistent archive; run it again to finish.",
+        group(clap::ArgGroup::new("policy").required(true).multiple(true).args(["full", "window"]))
+    )]
+    Retain {
+        /// Keep the newest N full backups
+        #[arg(long, env = "WALDEN_RETENTION_FULL", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        full: Option<u64>,
+        /// Keep every point of the last DURATION restorable (e.g. 7d, 36h, 1d12h, 90m)
+        #[arg(long, env = "WALDEN_RETENTION_WINDOW", value_name = "DURATION", value_parser = walden::retention::parse_duration)]
+        window: Option<chrono::Duration>,
+        /// Print what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Stable JSON output on stdout (the plan, plus "deleted": the number of objects deleted)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check checksums, complete backups and WAL continuity across timelines
+    #[command(long_about = "Check that the archive is whole and intact.\n\n\
+        Streams every backup part and WAL file through its checksum (bounded memory), checks that every \
+        part a backup lists exists with its recorded size and checksum, and that WAL is continuous from \
+        each backup's start to the end of the archive along every timeline that passes through it \
+        (gaps and missing timeline switches are named by segment). Exit status: 0 healthy, 2 problems \
+        found, 1 the check could not run.")]
+    Verify {
+        /// Only this backup and the WAL it needs
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Only WAL: checksums of every WAL file and continuity (skip backup parts)
+        #[arg(long)]
+        wal: bool,
+        /// Objects checked at once
+        #[arg(long, default_value_t = default_parallelism(), value_name = "N")]
+        parallelism: usize,
+        /// Stable JSON output on stdout: {"ok":..,"problems":[..],..}
+        #[arg(long)]
+        json: bool,
     },
     /// Copy this walden binary into a directory (used by the init container of pods)
     Install {
@@ -412,6 +461,46 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail("restore", e),
             }
         }
+        Command::Retain {
+            full,
+            window,
+            dry_run,
+            json,
+        } => {
+            let policy = match (full, window) {
+                (Some(n), Some(w)) => retention::Policy::Both {
+                    full: n as usize,
+                    window: w,
+                },
+                (Some(n), None) => retention::Policy::Full(n as usize),
+                (None, Some(w)) => retention::Policy::Window(w),
+                (None, None) => {
+                    return fail("retain", anyhow::anyhow!("--full or --window is required"))
+                }
+            };
+            match retain(&settings, policy, dry_run, json).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("retain", e),
+            }
+        }
+        Command::Verify {
+            backup,
+            wal,
+            parallelism,
+            json,
+        } => {
+            let opts = verify::VerifyOptions {
+                backup,
+                backups: !wal,
+                wal_checksums: true,
+                parallelism,
+            };
+            match run_verify(&settings, &opts, json).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_PROBLEMS_FOUND),
+                Err(e) => fail("verify", e),
+            }
+        }
         Command::Install { dir } => match install(&dir) {
             Ok(dest) => {
                 tracing::info!("installed {}", dest.display());
@@ -580,6 +669,117 @@ async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
         None => println!("recoverable window: none (no base backup)"),
     }
     Ok(())
+}
+
+/// The stable JSON of `retain --json`: the plan plus what was done.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RetainJson<'a> {
+    dry_run: bool,
+    deleted: usize,
+    #[serde(flatten)]
+    plan: &'a retention::Plan,
+}
+
+async fn retain(
+    settings: &Settings,
+    policy: retention::Policy,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let storage = settings.open_storage().await?;
+    let plan = retention::plan_for(storage.as_ref(), policy, chrono::Utc::now()).await?;
+    if !json {
+        let verb = if dry_run { "would delete" } else { "deleting" };
+        println!(
+            "retention in {}: {}{}",
+            storage.url(),
+            plan.policy,
+            if dry_run {
+                " (dry run: nothing is deleted)"
+            } else {
+                ""
+            }
+        );
+        for k in &plan.kept_backups {
+            println!("  keep    backup {} ({})", k.id, k.reason);
+        }
+        for id in &plan.deleted_backups {
+            println!("  {verb} backup {id}");
+        }
+        for id in &plan.abandoned_backups {
+            println!("  {verb} abandoned backup folder {id} (no backup.json, older than the newest backup)");
+        }
+        for id in &plan.in_progress_backups {
+            println!("  keep    backup folder {id} (no backup.json yet: may be in progress)");
+        }
+        for (tli, seg) in &plan.wal_kept_from {
+            println!("  keep    WAL of timeline {tli} from {seg} on (and every later timeline)");
+        }
+        println!("  {verb} {} WAL object(s)", plan.deleted_wal_objects);
+    }
+    let deleted = if dry_run {
+        0
+    } else {
+        retention::execute(storage.as_ref(), &plan, &settings.retry_policy()).await?
+    };
+    if json {
+        let out = RetainJson {
+            dry_run,
+            deleted,
+            plan: &plan,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if dry_run {
+        println!(
+            "would delete {} object(s), {}",
+            plan.delete.len(),
+            human(plan.deleted_bytes)
+        );
+    } else {
+        println!("deleted {deleted} object(s), {}", human(plan.deleted_bytes));
+    }
+    Ok(())
+}
+
+/// Runs the checks and prints the report; `Ok(false)` when problems were found.
+async fn run_verify(
+    settings: &Settings,
+    opts: &verify::VerifyOptions,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let storage = settings.open_storage().await?;
+    let report = verify::verify(storage.as_ref(), opts).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for t in &report.timelines {
+            let from = match (t.parent, t.switchpoint) {
+                (Some(p), Some(s)) => format!(", branched from timeline {p} at {s}"),
+                _ => String::new(),
+            };
+            println!(
+                "timeline {}: {} segment(s) {} .. {}{from}",
+                t.timeline,
+                t.segments,
+                t.first_segment.as_deref().unwrap_or("-"),
+                t.last_segment.as_deref().unwrap_or("-")
+            );
+        }
+        for p in &report.problems {
+            println!("PROBLEM {:?} {}: {}", p.kind, p.object, p.message);
+        }
+        println!(
+            "{}: {} backup(s), {} part(s), {} WAL object(s), {} checked; {} problem(s)",
+            if report.ok { "OK" } else { "FAILED" },
+            report.backups_checked,
+            report.parts_checked,
+            report.wal_objects_checked,
+            human(report.bytes_checked),
+            report.problems.len()
+        );
+    }
+    Ok(report.ok)
 }
 
 /// Copies the running binary to `<dir>/walden` atomically, executable by all.

@@ -134,6 +134,10 @@ pub async fn push(
         ),
     )
     .await?;
+    // Recorded in backup.json: the key fingerprint when the archive is encrypted.
+    let encryption = repo::require(storage.as_ref())
+        .await?
+        .encryption_key_fingerprint;
 
     let pgdata = opts
         .pgdata
@@ -232,7 +236,7 @@ pub async fn push(
             logical_size: totals.logical,
             stored_size,
             compression: Compression { algorithm: "zstd".into(), level: opts.seal.level },
-            encryption: None,
+            encryption,
             created_by: format!("walden {}", env!("CARGO_PKG_VERSION")),
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Internal(e.to_string()))?;

@@ -242,6 +242,11 @@ impl Backups {
             }
             jobs.running = None;
         }
+        // Retention changes the catalog: read it again afterwards.
+        if result == "succeeded" {
+            apply_retention().await;
+            self.refresh_catalog().await;
+        }
     }
 
     /// Re-reads the catalog with `walden backup-list --json`; on failure the
@@ -263,6 +268,48 @@ impl Backups {
             self.refresh_catalog().await;
             tokio::time::sleep(LIST_REFRESH).await;
         }
+    }
+}
+
+/// After a successful backup, applies the retention policy the operator set
+/// (`WALDEN_RETENTION_FULL` / `WALDEN_RETENTION_WINDOW`, which `walden retain`
+/// reads itself) in a child process, like the backup. A failure is logged and
+/// leaves the archive consistent; the next backup tries again.
+async fn apply_retention() {
+    let configured = ["WALDEN_RETENTION_FULL", "WALDEN_RETENTION_WINDOW"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()));
+    if !configured {
+        return;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "retention skipped: cannot locate the walden binary");
+            return;
+        }
+    };
+    let out = tokio::process::Command::new(exe)
+        .args(["retain", "--json"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {
+            let plan: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            tracing::info!(
+                deleted_objects = %plan["deleted"],
+                deleted_backups = %plan["deletedBackups"],
+                "retention applied"
+            );
+        }
+        Ok(o) => tracing::error!(
+            status = %o.status,
+            error = %String::from_utf8_lossy(&o.stderr).trim(),
+            "retention failed; the next backup retries it"
+        ),
+        Err(e) => tracing::error!(error = %e, "retention could not start"),
     }
 }
 
