@@ -435,18 +435,6 @@ pub fn expand(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::expand;
-
-    #[test]
-    fn kubelet_expansion() {
-        let env = vec![("A".to_string(), "x y".to_string())];
-        assert_eq!(expand("--c=$(A)", &env), "--c=x y");
-        assert_eq!(expand("$$(A) $(B) $", &env), "$(A) $(B) $");
-    }
-}
-
 /// Runs `start` again while it fails with ETXTBSY: a binary this process has
 /// just copied can be briefly held open for writing by a child that another
 /// test thread forked at that moment (until that child execs).
@@ -460,5 +448,17 @@ fn retry_busy<T>(mut start: impl FnMut() -> std::io::Result<T>) -> std::io::Resu
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn kubelet_expansion() {
+        let env = vec![("A".to_string(), "x y".to_string())];
+        assert_eq!(expand("--c=$(A)", &env), "--c=x y");
+        assert_eq!(expand("$$(A) $(B) $", &env), "$(A) $(B) $");
     }
 }
