@@ -26,6 +26,8 @@ pub fn ok(o: Output, what: &str) -> Output {
 pub struct Batch {
     /// PostgreSQL's commit timestamp of the batch's transaction, as text.
     pub commit_time: String,
+    /// The WAL insert position right after the commit.
+    pub lsn_after: String,
 }
 
 /// A primary archiving into an archive, with its ledger.
@@ -58,10 +60,15 @@ impl Primary {
         self.pg.sql(&format!(
             "INSERT INTO ledger (batch, note) SELECT {batch}, '{note} ' || g FROM generate_series(1, {ROWS}) g"
         ));
-        let t = self.pg.sql(&format!(
-            "SELECT pg_xact_commit_timestamp(xmin)::text FROM ledger WHERE batch = {batch} LIMIT 1"
+        let row = self.pg.sql(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text || '|' || pg_current_wal_insert_lsn() \
+             FROM ledger WHERE batch = {batch} LIMIT 1"
         ));
-        self.batches.push(Batch { commit_time: t });
+        let (t, l) = row.split_once('|').expect("two columns");
+        self.batches.push(Batch {
+            commit_time: t.to_string(),
+            lsn_after: l.to_string(),
+        });
         self.pg.sql("SELECT pg_sleep(0.02)");
     }
 
@@ -101,6 +108,19 @@ pub fn restore_and_start(
     name: &str,
     args: &[&str],
 ) -> PgCluster {
+    restore_into(work, archive, source, name, args, false)
+}
+
+/// Like [`restore_and_start`]; with `keep_archiving` the restored server keeps
+/// the source's archive settings (and so archives its new timeline there).
+pub fn restore_into(
+    work: &Workdir,
+    archive: &Archive,
+    source: &PgCluster,
+    name: &str,
+    args: &[&str],
+    keep_archiving: bool,
+) -> PgCluster {
     let dest = work.pg_dir(name);
     let mut full = vec!["restore", dest.to_str().expect("utf-8")];
     full.extend_from_slice(args);
@@ -112,7 +132,9 @@ pub fn restore_and_start(
         &format!("restore {args:?}"),
     );
     let mut pg = PgCluster::adopt(work.path(), dest);
-    pg.set(&[("archive_mode", "off".into())]);
+    if !keep_archiving {
+        pg.set(&[("archive_mode", "off".into())]);
+    }
     pg.with_env(archive.env()).start();
     pg.wait_promoted(LONG);
     pg

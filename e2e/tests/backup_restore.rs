@@ -9,152 +9,38 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
 
+use walden_e2e::ledger::{
+    batches_in, block_on, ok, restore_and_start, restore_into, rfc3339, Primary, LONG,
+};
 use walden_e2e::sys::{run_measured, wait_for};
-use walden_e2e::{walden_bin, Archive, PgCluster, StorageKind, Workdir};
-
-const LONG: Duration = Duration::from_secs(240);
-const ROWS: u32 = 50;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output, what: &str) -> Output {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        stderr(&o)
-    );
-    o
-}
-
-struct Batch {
-    /// PostgreSQL's commit timestamp of the batch's transaction, as text.
-    commit_time: String,
-    /// Insert position right after the commit.
-    lsn_after: String,
-}
-
-struct Primary {
-    pg: PgCluster,
-    batches: Vec<Batch>,
-}
-
-fn start_primary(work: &Workdir, archive: &Archive, name: &str) -> Primary {
-    let mut pg = PgCluster::init(work.path(), name);
-    pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
-        ("track_commit_timestamp", "on".into()),
-    ]);
-    pg.with_env(archive.env()).start();
-    pg.sql("CREATE TABLE ledger (id serial PRIMARY KEY, batch int NOT NULL, note text)");
-    Primary {
-        pg,
-        batches: Vec::new(),
-    }
-}
-
-impl Primary {
-    /// Commits one batch in one transaction and records its commit time and LSN.
-    fn commit_batch(&mut self, batch: u32) {
-        self.pg.sql(&format!(
-            "INSERT INTO ledger (batch, note) SELECT {batch}, 'row ' || g FROM generate_series(1, {ROWS}) g"
-        ));
-        let row = self.pg.sql(&format!(
-            "SELECT pg_xact_commit_timestamp(xmin)::text || '|' || pg_current_wal_insert_lsn() FROM ledger WHERE batch = {batch} LIMIT 1"
-        ));
-        let (t, l) = row.split_once('|').expect("two columns");
-        self.batches.push(Batch {
-            commit_time: t.to_string(),
-            lsn_after: l.to_string(),
-        });
-        // Distinct commit timestamps between batches (correctness does not depend on the length).
-        self.pg.sql("SELECT pg_sleep(0.02)");
-    }
-
-    fn archive_everything(&self) {
-        let last = self.pg.switch_wal();
-        self.pg.wait_archived(&last, LONG);
-    }
-}
+use walden_e2e::{Archive, PgCluster, StorageKind, Workdir};
 
 /// A time halfway between two commit timestamps, in RFC 3339.
 fn between(pg: &PgCluster, a: &str, b: &str) -> String {
-    pg.sql(&format!(
-        "SELECT to_char(('{a}'::timestamptz + ('{b}'::timestamptz - '{a}'::timestamptz) / 2) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-    ))
+    rfc3339(
+        pg,
+        &format!("'{a}'::timestamptz + ('{b}'::timestamptz - '{a}'::timestamptz) / 2"),
+    )
 }
 
 fn as_rfc3339(pg: &PgCluster, t: &str) -> String {
-    pg.sql(&format!("SELECT to_char('{t}'::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"))
+    rfc3339(pg, &format!("'{t}'::timestamptz"))
 }
 
-/// Restores with `args` into a fresh directory, starts it, waits for the end
-/// of recovery, and returns the server (archiving off unless `archive`).
-fn restore_and_start(
-    work: &Workdir,
-    archive: &Archive,
-    source: &PgCluster,
-    name: &str,
-    args: &[&str],
-    keep_archiving: bool,
-) -> PgCluster {
-    let dest = work.pg_dir(name);
-    let mut full = vec!["restore", dest.to_str().expect("utf-8")];
-    full.extend_from_slice(args);
-    ok(
-        archive
-            .walden_pg(source, &full)
-            .output()
-            .expect("run restore"),
-        &format!("restore {args:?}"),
-    );
-    let mut pg = PgCluster::adopt(work.path(), dest);
-    if !keep_archiving {
-        pg.set(&[("archive_mode", "off".into())]);
-    }
-    pg.with_env(archive.env()).start();
-    pg.wait_promoted(LONG);
-    pg
-}
-
-fn batches_in(pg: &PgCluster) -> BTreeSet<u32> {
-    let rows = pg.sql("SELECT batch || ':' || count(*) FROM ledger GROUP BY batch ORDER BY batch");
-    rows.lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (b, n) = l.split_once(':').expect("batch:count");
-            assert_eq!(
-                n,
-                ROWS.to_string(),
-                "batch {b} restored partially: {n} rows"
-            );
-            b.parse().expect("batch")
-        })
-        .collect()
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn set(v: &[u32]) -> BTreeSet<u32> {
     v.iter().copied().collect()
 }
 
-fn backup_push(archive: &Archive, pg: &PgCluster, extra: &[&str]) -> String {
-    let mut args = vec!["backup-push", "--json"];
-    args.extend_from_slice(extra);
-    let out = ok(
-        archive.walden_pg(pg, &args).output().expect("backup-push"),
-        "backup-push",
-    );
-    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest JSON");
-    manifest["id"].as_str().expect("id in manifest").to_string()
+fn backup_push(archive: &Archive, p: &Primary, extra: &[&str]) -> String {
+    p.backup(archive, extra)["id"]
+        .as_str()
+        .expect("id in manifest")
+        .to_string()
 }
 
 fn listed_ids(archive: &Archive, pg: &PgCluster) -> Vec<String> {
@@ -174,28 +60,20 @@ fn listed_ids(archive: &Archive, pg: &PgCluster) -> Vec<String> {
         .collect()
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
 #[test]
 fn point_in_time_restores_are_exact_to_the_transaction() {
     let work = Workdir::new("pitr");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
-    let mut p = start_primary(&work, &archive, "primary");
-    let backup_a = backup_push(&archive, &p.pg, &[]);
+    let mut p = Primary::start(&work, &archive, "primary");
+    let backup_a = backup_push(&archive, &p, &[]);
     for b in 0..9u32 {
-        p.commit_batch(b);
+        p.commit_batch(b, "row");
         if b == 3 {
             p.pg.switch_wal();
         }
         if b == 4 {
             // A second backup in the middle of the history.
-            let backup_b = backup_push(&archive, &p.pg, &[]);
+            let backup_b = backup_push(&archive, &p, &[]);
             assert_ne!(backup_b, backup_a);
         }
         if b == 6 {
@@ -251,8 +129,7 @@ fn point_in_time_restores_are_exact_to_the_transaction() {
     ];
     for (i, (what, args, expected)) in cases.into_iter().enumerate() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut restored =
-            restore_and_start(&work, &archive, &p.pg, &format!("r{i}"), &args, false);
+        let mut restored = restore_and_start(&work, &archive, &p.pg, &format!("r{i}"), &args);
         assert_eq!(batches_in(&restored), expected, "{what}");
         restored.stop();
     }
@@ -262,11 +139,11 @@ fn point_in_time_restores_are_exact_to_the_transaction() {
 fn bad_restore_requests_fail_clearly_and_write_nothing() {
     let work = Workdir::new("badrestore");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
-    let mut p = start_primary(&work, &archive, "primary");
-    p.commit_batch(0);
+    let mut p = Primary::start(&work, &archive, "primary");
+    p.commit_batch(0, "row");
     let before_backup = as_rfc3339(&p.pg, &p.batches[0].commit_time);
-    let id = backup_push(&archive, &p.pg, &[]);
-    p.commit_batch(1);
+    let id = backup_push(&archive, &p, &[]);
+    p.commit_batch(1, "row");
     p.archive_everything();
     let keys_before = block_on(archive.keys());
 
@@ -348,9 +225,9 @@ fn bad_restore_requests_fail_clearly_and_write_nothing() {
 fn corrupt_backup_part_fails_the_restore_and_leaves_nothing_startable() {
     let work = Workdir::new("corruptpart");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
-    let mut p = start_primary(&work, &archive, "primary");
-    p.commit_batch(0);
-    let id = backup_push(&archive, &p.pg, &["--part-size-mb", "1"]);
+    let mut p = Primary::start(&work, &archive, "primary");
+    p.commit_batch(0, "row");
+    let id = backup_push(&archive, &p, &["--part-size-mb", "1"]);
     p.archive_everything();
     let parts: Vec<PathBuf> = std::fs::read_dir(archive.object_path(&format!("backups/{id}")))
         .unwrap()
@@ -385,10 +262,10 @@ fn corrupt_backup_part_fails_the_restore_and_leaves_nothing_startable() {
 fn timelines_restore_exactly_on_either_side_of_a_promotion() {
     let work = Workdir::new("timelines");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
-    let mut p = start_primary(&work, &archive, "primary");
-    backup_push(&archive, &p.pg, &[]);
+    let mut p = Primary::start(&work, &archive, "primary");
+    backup_push(&archive, &p, &[]);
     for b in 0..4 {
-        p.commit_batch(b);
+        p.commit_batch(b, "row");
     }
     p.archive_everything();
     let branch_at = between(&p.pg, &p.batches[1].commit_time, &p.batches[2].commit_time);
@@ -396,7 +273,7 @@ fn timelines_restore_exactly_on_either_side_of_a_promotion() {
     p.pg.stop();
 
     // Restore to a point on timeline 1, promote, and keep archiving into the same prefix.
-    let restored = restore_and_start(
+    let restored = restore_into(
         &work,
         &archive,
         &p.pg,
@@ -414,7 +291,7 @@ fn timelines_restore_exactly_on_either_side_of_a_promotion() {
         batches: Vec::new(),
     };
     for b in 100..103 {
-        fork.commit_batch(b);
+        fork.commit_batch(b, "row");
     }
     fork.archive_everything();
     let keys = block_on(archive.keys());
@@ -442,7 +319,6 @@ fn timelines_restore_exactly_on_either_side_of_a_promotion() {
         &fork_pg,
         "on-tl2",
         &["--target-time", &tl2_point],
-        false,
     );
     assert_eq!(
         batches_in(&on_tl2),
@@ -456,7 +332,6 @@ fn timelines_restore_exactly_on_either_side_of_a_promotion() {
         &fork_pg,
         "on-tl1",
         &["--target-time", &tl1_late, "--target-timeline", "1"],
-        false,
     );
     assert_eq!(
         batches_in(&on_tl1),
@@ -470,9 +345,9 @@ fn timelines_restore_exactly_on_either_side_of_a_promotion() {
 fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
     let work = Workdir::new("killbackup");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
-    let mut p = start_primary(&work, &archive, "primary");
+    let mut p = Primary::start(&work, &archive, "primary");
     p.pg.pgbench(&["-i", "-s", "5", "-q"]);
-    let first = backup_push(&archive, &p.pg, &[]);
+    let first = backup_push(&archive, &p, &[]);
     let (archived_before, failed_before) = p.pg.archiver_counts();
 
     let mut child = archive
@@ -505,7 +380,7 @@ fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
         vec![first.clone()],
         "a killed backup was listed"
     );
-    p.commit_batch(0);
+    p.commit_batch(0, "row");
     p.archive_everything();
     let (archived_after, failed_after) = p.pg.archiver_counts();
     assert!(archived_after > archived_before);
@@ -513,7 +388,7 @@ fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
         failed_after, failed_before,
         "archiving failed after the killed backup"
     );
-    let second = backup_push(&archive, &p.pg, &[]);
+    let second = backup_push(&archive, &p, &[]);
     assert_eq!(listed_ids(&archive, &p.pg), vec![first, second]);
 }
 
@@ -524,7 +399,7 @@ fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
 fn backup_and_restore_memory_stays_bounded() {
     let work = Workdir::new("memory");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
-    let pg = start_primary(&work, &archive, "primary").pg;
+    let pg = Primary::start(&work, &archive, "primary").pg;
     let mut figures = Vec::new();
     let measure = |label: &str, figures: &mut Vec<String>| {
         let mut cmd = archive.walden_pg(&pg, &["backup-push"]);
