@@ -4,8 +4,8 @@
 //! a backup: the operator has no storage credentials at all.
 
 use super::{
-    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, publish, set_condition,
-    Context, Error, PendingEvent, Status,
+    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, publish, report_error,
+    set_condition, Context, Error, PendingEvent, Status,
 };
 use crate::api::{
     BackupInfo, ContinuousBackup, ContinuousBackupStatus, CONTINUOUS_BACKUP_FINALIZER,
@@ -70,42 +70,10 @@ pub async fn reconcile(cb: Arc<ContinuousBackup>, ctx: Arc<Context>) -> Result<A
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     if let Err(err) = &result {
-        report_error(&api, cb.as_ref(), &ctx, err).await;
+        report_error(&ctx, cb.as_ref(), cb.status.as_ref(), err).await;
     }
     ctx.metrics.reconciled(CONTROLLER, result.is_ok());
     result
-}
-
-/// Puts a failed reconcile into the Ready condition and an Event.
-async fn report_error(
-    api: &Api<ContinuousBackup>,
-    cb: &ContinuousBackup,
-    ctx: &Context,
-    err: &Error,
-) {
-    let mut status = cb.status.clone().unwrap_or_default();
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        Status::False,
-        err.reason(),
-        err.to_string(),
-        cb.metadata.generation,
-        ctx.now(),
-    );
-    if let Err(e) = apply_status(api, cb, cb.status.as_ref(), &status).await {
-        warn!(error = %e, "could not record the error in status");
-    }
-    publish(
-        ctx,
-        cb,
-        &[PendingEvent::warning(
-            err.reason(),
-            "Reconcile",
-            err.to_string(),
-        )],
-    )
-    .await;
 }
 
 /// The outcome of asking the StatefulSet's pods who is primary.

@@ -5,7 +5,7 @@
 use super::fork::apply_body;
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    resolve_source, set_condition, Context, Error, PendingEvent, Status,
+    report_error, resolve_source, set_condition, Context, Error, PendingEvent, Status,
 };
 use crate::api::{Follower, FollowerStatus, ReplicaStatus};
 use crate::daemon_client::{Endpoint, Promotion, Role};
@@ -46,32 +46,7 @@ pub async fn run(
 pub async fn reconcile(f: Arc<Follower>, ctx: Arc<Context>) -> Result<Action, Error> {
     let result = apply(&f, &ctx).await;
     if let Err(err) = &result {
-        let mut status = f.status.clone().unwrap_or_default();
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            Status::False,
-            err.reason(),
-            err.to_string(),
-            f.metadata.generation,
-            ctx.now(),
-        );
-        if let Ok(ns) = namespace_of(f.as_ref()) {
-            let api: Api<Follower> = Api::namespaced(ctx.client.clone(), &ns);
-            if let Err(e) = apply_status(&api, f.as_ref(), f.status.as_ref(), &status).await {
-                warn!(error = %e, "could not record the error in status");
-            }
-        }
-        publish(
-            &ctx,
-            f.as_ref(),
-            &[PendingEvent::warning(
-                err.reason(),
-                "Reconcile",
-                err.to_string(),
-            )],
-        )
-        .await;
+        report_error(&ctx, f.as_ref(), f.status.as_ref(), err).await;
     }
     ctx.metrics.reconciled(CONTROLLER, result.is_ok());
     result

@@ -4,7 +4,7 @@
 
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    resolve_source, set_condition, Context, Error, PendingEvent, Status,
+    report_error, resolve_source, set_condition, Context, Error, PendingEvent, Status,
 };
 use crate::api::{Fork, ForkPhase, RecoveryTarget};
 use crate::daemon_client::{DaemonStatus, Endpoint, Role};
@@ -173,32 +173,7 @@ pub fn observe_phase(
 pub async fn reconcile(fork: Arc<Fork>, ctx: Arc<Context>) -> Result<Action, Error> {
     let result = apply(&fork, &ctx).await;
     if let Err(err) = &result {
-        let mut status = fork.status.clone().unwrap_or_default();
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            Status::False,
-            err.reason(),
-            err.to_string(),
-            fork.metadata.generation,
-            ctx.now(),
-        );
-        if let Ok(ns) = namespace_of(fork.as_ref()) {
-            let api: Api<Fork> = Api::namespaced(ctx.client.clone(), &ns);
-            if let Err(e) = apply_status(&api, fork.as_ref(), fork.status.as_ref(), &status).await {
-                warn!(error = %e, "could not record the error in status");
-            }
-        }
-        publish(
-            &ctx,
-            fork.as_ref(),
-            &[PendingEvent::warning(
-                err.reason(),
-                "Reconcile",
-                err.to_string(),
-            )],
-        )
-        .await;
+        report_error(&ctx, fork.as_ref(), fork.status.as_ref(), err).await;
     }
     ctx.metrics.reconciled(CONTROLLER, result.is_ok());
     result

@@ -11,7 +11,9 @@ pub mod continuous_backup;
 pub mod follower;
 pub mod fork;
 
-use crate::api::{ContinuousBackup, SourceSpec, StorageSpec};
+use crate::api::{
+    ContinuousBackup, ContinuousBackupStatus, FollowerStatus, ForkStatus, SourceSpec, StorageSpec,
+};
 use crate::daemon_client::{DaemonApi, DaemonError};
 use crate::metrics::Metrics;
 use crate::specs::{self, OperatorConfig, SpecError, FIELD_MANAGER};
@@ -148,6 +150,68 @@ where
     }
     api.patch(name, &params, &Patch::Apply(desired)).await?;
     Ok(true)
+}
+
+/// A status with conditions, so a failed reconcile can be reported the same
+/// way for every kind.
+pub trait WithConditions {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+}
+
+impl WithConditions for ContinuousBackupStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+}
+
+impl WithConditions for ForkStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+}
+
+impl WithConditions for FollowerStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+}
+
+/// Puts a failed reconcile into the `Ready` condition and a Warning event.
+pub async fn report_error<K, S>(ctx: &Context, obj: &K, current: Option<&S>, err: &Error)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+    S: WithConditions + Default + Clone + Serialize + PartialEq,
+{
+    let mut status = current.cloned().unwrap_or_default();
+    set_condition(
+        status.conditions_mut(),
+        "Ready",
+        Status::False,
+        err.reason(),
+        err.to_string(),
+        obj.meta().generation,
+        ctx.now(),
+    );
+    if let Ok(ns) = namespace_of(obj) {
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Err(e) = apply_status(&api, obj, current, &status).await {
+            tracing::warn!(error = %e, "could not record the error in status");
+        }
+    }
+    publish(
+        ctx,
+        obj,
+        &[PendingEvent::warning(
+            err.reason(),
+            "Reconcile",
+            err.to_string(),
+        )],
+    )
+    .await;
 }
 
 /// Patches the status subresource when it differs from the current one.
