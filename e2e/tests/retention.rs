@@ -275,7 +275,10 @@ fn manifest(id: &str, start: u64, stop_time: &str) -> serde_json::Value {
 fn sealed(content: &[u8]) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut out = Vec::new();
-    let mut sealer = walden::object::Sealer::new(content, walden::object::SealOptions::default());
+    let mut sealer = walden::object::Sealer::new(
+        std::io::Cursor::new(content.to_vec()),
+        walden::object::SealOptions::default(),
+    );
     block_on(sealer.read_to_end(&mut out)).expect("seal");
     out
 }

@@ -144,10 +144,13 @@ fn verify_passes_a_healthy_archive_and_names_every_kind_of_damage() {
     block_on(async {
         use tokio::io::AsyncReadExt;
         let mut sealed = Vec::new();
-        walden::object::Sealer::new(history.as_bytes(), walden::object::SealOptions::default())
-            .read_to_end(&mut sealed)
-            .await
-            .expect("seal");
+        walden::object::Sealer::new(
+            std::io::Cursor::new(history.clone().into_bytes()),
+            walden::object::SealOptions::default(),
+        )
+        .read_to_end(&mut sealed)
+        .await
+        .expect("seal");
         storage
             .create(
                 "wal/00000002.history.zst",

@@ -529,7 +529,7 @@ mod tests {
         let sealer = Sealer::new(io::Cursor::new(content.clone()), SealOptions::default());
         let seal = sealer.seal_handle();
         let mut sealed = Vec::new();
-        Sealer::new(&content[..], SealOptions::default())
+        Sealer::new(io::Cursor::new(content.clone()), SealOptions::default())
             .read_to_end(&mut sealed)
             .await
             .unwrap();

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use super::{WalError, WalFile};
@@ -92,10 +92,11 @@ async fn fetch_once(
         source,
     };
     let result = async {
-        let out = tokio::fs::File::create(&tmp)
+        // Unbuffered: content arrives in large chunks, and the file's own
+        // write-behind already overlaps writing with decompression.
+        let mut out = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| local("create", e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, out);
         let seal = unseal(&object, download, &mut out).await?;
         out.shutdown().await.map_err(|e| local("write", e))?;
         tokio::fs::rename(&tmp, dest)

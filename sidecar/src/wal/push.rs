@@ -171,14 +171,12 @@ async fn push_once(
         Err(e) => return Err(e.into()),
     }
 
-    let f = tokio::fs::File::open(path)
-        .await
-        .map_err(|source| WalError::Local {
-            op: "open",
-            path: path.display().to_string(),
-            source,
-        })?;
-    let sealer = Sealer::new(f, opts.seal);
+    let f = std::fs::File::open(path).map_err(|source| WalError::Local {
+        op: "open",
+        path: path.display().to_string(),
+        source,
+    })?;
+    let sealer = Sealer::from_file(f, opts.seal);
     let seal = sealer.seal_handle();
     match storage.create(&key, Box::pin(sealer)).await? {
         Created::Created => Ok(Pushed {
