@@ -28,7 +28,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "WALDEN_S3_PART_SIZE_MB",
-        default_value_t = 8,
+        default_value_t = 5,
         value_name = "MIB",
         global = true
     )]

@@ -113,7 +113,7 @@ impl Default for SealOptions {
 const CHUNK: usize = 256 << 10;
 /// Chunks queued between two stages; with [`CHUNK`] this bounds the memory
 /// of one object's pipeline to a few MiB whatever the object's size.
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 /// SHA-256 on its own thread, so that hashing overlaps (de)compression and
 /// I/O instead of adding to them: on two cores it takes hashing off the

@@ -22,7 +22,7 @@ use crate::storage::{Created, Storage};
 /// Bytes handed from the tar builder to the compressor at a time.
 const CHUNK: usize = 1 << 20;
 /// Chunks in flight between the tar builder and the compressor of one part.
-const CHUNKS_IN_FLIGHT: usize = 4;
+const CHUNKS_IN_FLIGHT: usize = 2;
 const READ_BUFFER: usize = 256 << 10;
 
 #[derive(Debug, Clone, Copy)]

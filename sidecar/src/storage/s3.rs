@@ -38,7 +38,7 @@ impl Default for S3Settings {
         Self {
             endpoint: None,
             path_style: false,
-            part_size: 8 << 20,
+            part_size: MIN_PART_SIZE,
             upload_concurrency: 2,
         }
     }
