@@ -23,7 +23,8 @@ pub struct StorageError {
     pub op: &'static str,
     /// Full location of the object (`s3://bucket/prefix/key`), or empty.
     pub object: String,
-    #[source]
+    /// Shown in the message itself, not as a `source`: reports print the
+    /// chain of sources too, which would repeat it.
     pub cause: BoxError,
 }
 

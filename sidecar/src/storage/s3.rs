@@ -290,10 +290,17 @@ where
         },
         _ => ErrorKind::Transient,
     };
-    let message = match (status, kind) {
-        (_, ErrorKind::NotFound) => "object not found".to_string(),
-        (Some(s), _) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
-        (None, _) => DisplayErrorContext(&err).to_string(),
+    // The server's error code and message say what is wrong; the SDK's full
+    // context (raw response, headers) is only worth showing when they are absent.
+    let service = err
+        .as_service_error()
+        .and_then(|e| e.code().map(|c| (c, e.message())));
+    let message = match (status, kind, service) {
+        (_, ErrorKind::NotFound, _) => "object not found".to_string(),
+        (Some(s), _, Some((code, Some(text)))) => format!("HTTP {s} {code}: {text}"),
+        (Some(s), _, Some((code, None))) => format!("HTTP {s} {code}"),
+        (Some(s), _, None) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
+        (None, _, _) => DisplayErrorContext(&err).to_string(),
     };
     StorageError::new(kind, op, object, message)
 }
