@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Runs the peer harness (../shared/bench/peers.sh: pgBackRest, barman-cloud,
-# WAL-E, pg_basebackup, raw tar|zstd on the same data and S3 server) with
-# Walden as extra columns: walden_file (file://) and walden_s3 (s3:// on the
-# harness's s3s-fs). Arguments go to peers.sh, e.g.
+# Runs the peer harness (../shared/bench/peers.sh: pgBackRest, barman-cloud, WAL-E,
+# pg_basebackup, raw tar|zstd on the same data and S3 server) with Walden as extra
+# columns (bench/columns.sh): walden_file, walden_s3 (one walden per call) and
+# walden_file_daemon, walden_s3_daemon (thin client through `walden daemon`, WAL rows).
+# Arguments go to the harness, e.g.
 #   bash bench/peers.sh all
 #   TOOLSET="raw_zstd1 pgbr_posix_z1_p2 pgbr_s3_z1_p2" SKIP_WAL=1 REPEATS=2 bash bench/peers.sh bench
-# Everything runs on 127.0.0.1 (ports from 19100). Run as root.
+# bench/run.sh runs everything (main, lag, datasets, replay) and writes the report.
+# Everything runs on 127.0.0.1 (ports from PORT_BASE, default 19100). Run as root.
+# shellcheck source-path=SCRIPTDIR
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/bench/peers.sh}
 [ -f "$PEERS" ] || { echo "peer harness not found at $PEERS (set PEERS=...)" >&2; exit 1; }
 
@@ -20,26 +24,27 @@ if [ -z "$BIN" ]; then
   chmod o+rx "$CARGO_TARGET_DIR" "$CARGO_TARGET_DIR/release" 2>/dev/null || true
 fi
 
-# The harness archives its own WAL with cp, so Walden's backups skip the
-# check that their WAL reached Walden's archive (like pgBackRest's archive-check=n).
-common='WALDEN_BACKUP_NO_ARCHIVE_CHECK=1 WALDEN_LOG=warn'
-export EXTRA_TOOLS="${EXTRA_TOOLS:-walden_file walden_s3}"
+# shellcheck source=columns.sh
+source "$HERE/columns.sh"
+export EXTRA_TOOLS="${EXTRA_TOOLS:-$WALDEN_IDS}"
 
-export walden_file_LABEL="Walden file zstd1 p2"
-export walden_file_ENV="export $common WALDEN_STORAGE=file://\$W/repo/\$ID"
-export walden_file_CLEAN='rm -rf "$W/repo/$ID"'
-export walden_file_SIZE='du -sb "$W/repo/$ID" | cut -f1'
+# the daemons (run as postgres) keep their socket, state and booked rows here
+export W=${W:-/var/tmp/walden-peerbench/run}
+mkdir -p "$W/walden-daemon"; chown postgres: "$W/walden-daemon"
+case ${1:-all} in
+  bench|all)  # a fresh results.tsv: drop rows and fake dirs an interrupted run left behind
+    : >"$W/walden-daemon/records.tsv"; chown postgres: "$W/walden-daemon/records.tsv"
+    for id in $WALDEN_IDS; do rm -rf "$W/walbench/$id"; done ;;
+esac
 
-export walden_s3_LABEL="Walden s3 zstd1 p2"
-export walden_s3_ENV="export $common WALDEN_STORAGE=s3://\$BUCKET/\$ID WALDEN_S3_ENDPOINT=\$S3_ENDPOINT WALDEN_S3_PATH_STYLE=true AWS_EC2_METADATA_DISABLED=true"
-export walden_s3_CLEAN='rm -rf "$W/s3/$BUCKET/$ID"'
-
-for id in walden_file walden_s3; do
-  export "${id}_BACKUP_PUSH=$BIN backup-push --pgdata \"\$PGDATA\""
-  export "${id}_BACKUP_FETCH=$BIN restore \"\$DEST\""
-  export "${id}_WAL_PUSH=$BIN wal-push %p"
-  export "${id}_WAL_FETCH=$BIN wal-fetch %f %p"
-  export "${id}_NOOP=$BIN --version"
-done
-
-exec bash "$PEERS" "$@"
+rc=0
+bash "$PEERS" "$@" || rc=$?
+case ${1:-all} in
+  stop|all)  # the harness knows nothing of the daemons
+    for d in "$W"/walden-daemon/*/; do
+      [ -d "$d" ] && runuser -u postgres -- env W="$W" ID="$(basename "$d")" bash "$HERE/daemon.sh" kill
+    done ;;
+esac
+# the daemons' own CPU / RSS rows join the harness's results
+[ -d "$W/results" ] && bash "$HERE/daemon.sh" merge "$W/results/results.tsv"
+exit $rc
