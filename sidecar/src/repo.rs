@@ -6,6 +6,8 @@
 //! format version so that an unknown layout is refused rather than misread.
 
 use std::io::Cursor;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -98,9 +100,34 @@ impl RepoIdentity {
     }
 }
 
+/// How long a read `walden.json` is reused within one process. It is written
+/// once and never changed, so this only saves requests (one per WAL file in
+/// the daemon); the bound keeps a prefix wiped by hand from being trusted for
+/// long.
+const IDENTITY_TTL: Duration = Duration::from_secs(60);
+static IDENTITIES: Mutex<Vec<(String, Instant, RepoIdentity)>> = Mutex::new(Vec::new());
+
+fn cached(url: &str) -> Option<RepoIdentity> {
+    let cache = IDENTITIES.lock().ok()?;
+    cache
+        .iter()
+        .find(|(u, at, _)| u == url && at.elapsed() < IDENTITY_TTL)
+        .map(|(_, _, id)| id.clone())
+}
+
+fn remember(url: &str, id: &RepoIdentity) {
+    if let Ok(mut cache) = IDENTITIES.lock() {
+        cache.retain(|(u, at, _)| u != url && at.elapsed() < IDENTITY_TTL);
+        cache.push((url.to_string(), Instant::now(), id.clone()));
+    }
+}
+
 /// Reads `walden.json`; `None` when the prefix holds no repository yet.
 pub async fn load(storage: &dyn Storage) -> Result<Option<RepoIdentity>, RepoError> {
     let url = storage.url();
+    if let Some(id) = cached(&url) {
+        return Ok(Some(id));
+    }
     let download = match storage.get(IDENTITY_KEY).await {
         Ok(d) => d,
         Err(e) if e.is_not_found() => return Ok(None),
@@ -122,10 +149,11 @@ pub async fn load(storage: &dyn Storage) -> Result<Option<RepoIdentity>, RepoErr
     if found != FORMAT {
         return Err(RepoError::UnsupportedFormat { url, found });
     }
-    let id = serde_json::from_value(value).map_err(|e| RepoError::Malformed {
-        url,
+    let id: RepoIdentity = serde_json::from_value(value).map_err(|e| RepoError::Malformed {
+        url: url.clone(),
         reason: e.to_string(),
     })?;
+    remember(&url, &id);
     Ok(Some(id))
 }
 

@@ -165,10 +165,11 @@ async fn push_once(
 
     let key = file.object_key();
     let object = format!("{}/{key}", storage.url());
-    match storage.get_tail(&key, TRAILER_LEN as u64).await {
-        Ok(tail) => return compare_existing(&object, &tail, path, file).await,
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e.into()),
+    // A HEAD, not a ranged GET: the usual answer is "absent", and a bodiless
+    // reply never waits on a small error body.
+    if storage.head(&key).await?.is_some() {
+        let tail = storage.get_tail(&key, TRAILER_LEN as u64).await?;
+        return compare_existing(&object, &tail, path, file).await;
     }
 
     let f = std::fs::File::open(path).map_err(|source| WalError::Local {
