@@ -199,7 +199,9 @@ impl Archiver {
             .set(inner.in_flight.len() as i64);
         drop(inner);
         let me = self.clone();
-        let span = tracing::info_span!("archive", file = %name);
+        // A root span: uploads started by `fill` from inside another upload
+        // would otherwise nest one level deeper each, without bound.
+        let span = tracing::info_span!(parent: None, "archive", file = %name);
         tokio::spawn(
             async move {
                 let outcome = me.store(&path, before).await;
