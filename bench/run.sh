@@ -136,9 +136,9 @@ lag_run() {  # MODE (bulk|tpcb)
   # the daemon column goes last: bench/daemon.sh stops it (and books its cost) right after
   local extra="walden_file walden_s3 walden_s3_daemon" tools=""
   [ -n "$LAG_PEERS" ] && tools="$LAG_PEERS $extra"
-  W=$W_MAIN PORT_BASE=$PORT0 LAG_MODE=$1 LAG_TOOLS=$tools EXTRA_TOOLS=$extra WALDEN_BENCH_PHASE=$pfx \
+  W=$W_MAIN PORT_BASE=$PORT0 LAG_MODE=$1 LAG_TOOLS=$tools EXTRA_TOOLS=$extra WALDEN_BENCH_PHASE=$pfx WALDEN_BENCH_REP=1 \
     peers lag >"$W_MAIN/lag-$1.out"
-  runuser -u postgres -- env W="$W_MAIN" ID=walden_s3_daemon WALDEN_LISTEN="127.0.0.1:$((PORT0 + 22))" \
+  runuser -u postgres -- env W="$W_MAIN" ID=walden_s3_daemon WALDEN_LISTEN="127.0.0.1:$((PORT0 + 22))" WALDEN_BENCH_REP=1 \
     bash "$HERE/daemon.sh" stop
   W=$W_MAIN bash "$HERE/daemon.sh" merge "$W_MAIN/results/results.tsv"
 }
