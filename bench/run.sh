@@ -21,8 +21,9 @@
 # REPLAY_NSEG, LAG_TXN, LAG_SECS, MAIN_TOOLS (peer columns of the main run; empty = all),
 # LAG_PEERS (peer columns of the lag runs; empty = the harness's default subset),
 # DATASET_REPEATS (default REPEATS; at 100,000 relations pgBackRest's S3 restore alone takes
-# about 35-40 min per repeat), DATASET_CMD_TIMEOUT (3600 s: the harness's limit per backup or
-# restore command in the dataset runs; its own default of 900 s cuts that restore short), OUT,
+# about 35-40 min per repeat), DATASET_CMD_TIMEOUT (the harness's limit per backup or restore
+# command in the dataset runs: CMD_TIMEOUT if set, else 3600 s; the harness's own default of
+# 900 s cuts that restore short), OUT,
 # REPORT_ONLY=1 (only rebuild the report from the results of PHASES), and WALDEN_BIN (unset:
 # `cargo build --release -p walden` into CARGO_TARGET_DIR, default /var/tmp/walden-ci/target).
 set -euo pipefail
@@ -45,7 +46,7 @@ else
 fi
 : "${PHASES:=main lag datasets replay}" "${LAG_MODES:=bulk tpcb}" "${REPORT_ONLY:=}"
 : "${OUT:=$BASE/${PREFIX}report.md}"
-: "${LAG_TXN:=150}" "${LAG_SECS:=60}" "${DATASET_REPEATS:=$REPEATS}" "${DATASET_CMD_TIMEOUT:=3600}"
+: "${LAG_TXN:=150}" "${LAG_SECS:=60}" "${DATASET_REPEATS:=$REPEATS}" "${DATASET_CMD_TIMEOUT:=${CMD_TIMEOUT:-3600}}"
 export SCALE REPEATS NSEG LAG_TXN LAG_SECS
 # backup rows on the extra datasets: this peer subset and Walden per call
 DATASET_TOOLS="raw_zstd1 pgbb_server_z1 pgbr_posix_z1_p2 pgbr_s3_z1_p2 barman_s3"
