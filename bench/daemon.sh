@@ -21,7 +21,7 @@
 # Phase at start: $WALDEN_BENCH_PHASE if set (lag, lagbulk, replay); otherwise walpushbl
 # when the harness's fake data dir $W/walbench/$ID does not exist yet (its SETUP before the
 # backlog run) and walpush when it does (its SETUP before the trickle run).
-# REP: $WALDEN_BENCH_REP, else 1 + the rows already booked for this ID and phase.
+# REP: $WALDEN_BENCH_REP, else 1 + the rows of this ID and phase already booked or merged.
 #
 # Environment (from the column's ID_ENV): ID W WALDEN_BENCH_D WALDEN_BENCH_BIN WALDEN_SOCKET
 # WALDEN_STATE_DIR WALDEN_LISTEN and the storage settings; WALDEN_BENCH_PGDATA (daemon's
@@ -50,10 +50,14 @@ metric() {  # NAME: a counter from the daemon's /metrics (empty if unreachable)
   curl -s --max-time 2 "http://$WALDEN_LISTEN/metrics" 2>/dev/null | awk -v m="$1" '$1 == m {print $2}'
 }
 record() { printf '%s\t%s\t%s\t%s\n' "$ID" "$1" "$REP" "$2" >>"$REC"; }
-set_rep() {  # PHASE
+set_rep() {  # PHASE: the harness's repeat = 1 + this phase's rows so far (booked or merged)
   REP=${WALDEN_BENCH_REP:-}
   [ -n "$REP" ] && return
-  REP=$(( $(awk -F'\t' -v i="$ID" -v m="$1_daemon_cpu_s" '$1 == i && $2 == m {n++} END {print n + 0}' "$REC" 2>/dev/null || echo 0) + 1 ))
+  local f=() n
+  for n in "$REC" "$W/results/results.tsv"; do [ -r "$n" ] && f+=("$n"); done
+  n=0
+  ((${#f[@]})) && n=$(awk -F'\t' -v i="$ID" -v m="$1_daemon_cpu_s" '$1 == i && $2 == m {n++} END {print n + 0}' "${f[@]}")
+  REP=$((n + 1))
 }
 wait_gone() {  # PID SECONDS
   local i

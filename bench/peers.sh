@@ -45,6 +45,9 @@ case ${1:-all} in
       [ -d "$d" ] && runuser -u postgres -- env W="$W" ID="$(basename "$d")" bash "$HERE/daemon.sh" kill
     done ;;
 esac
-# the daemons' own CPU / RSS rows join the harness's results
-[ -d "$W/results" ] && bash "$HERE/daemon.sh" merge "$W/results/results.tsv"
+# the daemons' own CPU / RSS rows join the harness's results (only after the subcommands
+# that run daemons: a report or versions call must not take the rows of a run in progress)
+case ${1:-all} in
+  bench|all|one|lag) [ -d "$W/results" ] && bash "$HERE/daemon.sh" merge "$W/results/results.tsv" ;;
+esac
 exit $rc

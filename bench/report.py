@@ -14,7 +14,9 @@ import sys
 
 
 def load(res):
-    data, fails = collections.defaultdict(dict), []
+    """{(tool, metric): {rep: value}}; a rep written twice for the same tool and metric (rows
+    booked by overlapping runs) is numbered by order of writing instead of overwritten."""
+    data, fails, seen = collections.defaultdict(dict), [], collections.Counter()
     path = os.path.join(res, 'results.tsv')
     if not os.path.exists(path):
         return data, fails
@@ -26,6 +28,9 @@ def load(res):
         if m.endswith('_fail'):
             fails.append(f'{t}: {m} (rep {r}): {v}')
             continue
+        seen[(t, m)] += 1
+        if r in data[(t, m)]:
+            r = str(seen[(t, m)])
         try:
             data[(t, m)][r] = float(v)
         except ValueError:

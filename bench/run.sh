@@ -21,7 +21,9 @@
 # REPLAY_NSEG, LAG_TXN, LAG_SECS, MAIN_TOOLS (peer columns of the main run; empty = all),
 # LAG_PEERS (peer columns of the lag runs; empty = the harness's default subset),
 # DATASET_REPEATS (default REPEATS; at 100,000 relations pgBackRest's S3 restore alone takes
-# about 35 min per repeat), OUT,
+# about 35-40 min per repeat), DATASET_CMD_TIMEOUT (the harness's limit per backup or restore
+# command in the dataset runs: CMD_TIMEOUT if set, else 3600 s; the harness's own default of
+# 900 s cuts that restore short), OUT,
 # REPORT_ONLY=1 (only rebuild the report from the results of PHASES), and WALDEN_BIN (unset:
 # `cargo build --release -p walden` into CARGO_TARGET_DIR, default /var/tmp/walden-ci/target).
 set -euo pipefail
@@ -44,7 +46,7 @@ else
 fi
 : "${PHASES:=main lag datasets replay}" "${LAG_MODES:=bulk tpcb}" "${REPORT_ONLY:=}"
 : "${OUT:=$BASE/${PREFIX}report.md}"
-: "${LAG_TXN:=150}" "${LAG_SECS:=60}" "${DATASET_REPEATS:=$REPEATS}"
+: "${LAG_TXN:=150}" "${LAG_SECS:=60}" "${DATASET_REPEATS:=$REPEATS}" "${DATASET_CMD_TIMEOUT:=${CMD_TIMEOUT:-3600}}"
 export SCALE REPEATS NSEG LAG_TXN LAG_SECS
 # backup rows on the extra datasets: this peer subset and Walden per call
 DATASET_TOOLS="raw_zstd1 pgbb_server_z1 pgbr_posix_z1_p2 pgbr_s3_z1_p2 barman_s3"
@@ -136,9 +138,9 @@ lag_run() {  # MODE (bulk|tpcb)
   # the daemon column goes last: bench/daemon.sh stops it (and books its cost) right after
   local extra="walden_file walden_s3 walden_s3_daemon" tools=""
   [ -n "$LAG_PEERS" ] && tools="$LAG_PEERS $extra"
-  W=$W_MAIN PORT_BASE=$PORT0 LAG_MODE=$1 LAG_TOOLS=$tools EXTRA_TOOLS=$extra WALDEN_BENCH_PHASE=$pfx \
+  W=$W_MAIN PORT_BASE=$PORT0 LAG_MODE=$1 LAG_TOOLS=$tools EXTRA_TOOLS=$extra WALDEN_BENCH_PHASE=$pfx WALDEN_BENCH_REP=1 \
     peers lag >"$W_MAIN/lag-$1.out"
-  runuser -u postgres -- env W="$W_MAIN" ID=walden_s3_daemon WALDEN_LISTEN="127.0.0.1:$((PORT0 + 22))" \
+  runuser -u postgres -- env W="$W_MAIN" ID=walden_s3_daemon WALDEN_LISTEN="127.0.0.1:$((PORT0 + 22))" WALDEN_BENCH_REP=1 \
     bash "$HERE/daemon.sh" stop
   W=$W_MAIN bash "$HERE/daemon.sh" merge "$W_MAIN/results/results.tsv"
 }
@@ -149,6 +151,7 @@ dataset_run() {  # NAME PORT_BASE KIND ARG
   seed_walsegs "$W_MAIN" "$w"   # SKIP_WAL=1: the batch is never pushed, only counted
   phase "dataset $1: set-up and data" dataset_build "$w" "$2" "$3" "$4"
   phase "dataset $1: backups" env W="$w" PORT_BASE="$2" SCALE=1 REPEATS="$DATASET_REPEATS" TOOLSET="$DATASET_TOOLS" \
+    CMD_TIMEOUT="$DATASET_CMD_TIMEOUT" \
     EXTRA_TOOLS="walden_file walden_s3" SKIP_WAL=1 SKIP_S3RAW=1 SKIP_STARTUP=1 bash "$HERE/peers.sh" bench
   W=$w PORT_BASE=$2 peers stop
   rm -rf "${w:?}"/repo/* "${w:?}"/s3/bench/*   # the stored backups: measured, not needed any more
