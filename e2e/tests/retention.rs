@@ -274,13 +274,17 @@ fn manifest(id: &str, start: u64, stop_time: &str) -> serde_json::Value {
 
 fn sealed(content: &[u8]) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    let mut sealer = walden::object::Sealer::new(
-        std::io::Cursor::new(content.to_vec()),
-        walden::object::SealOptions::default(),
-    );
-    block_on(sealer.read_to_end(&mut out)).expect("seal");
-    out
+    let content = content.to_vec();
+    block_on(async move {
+        // The sealer starts its pipeline on the runtime: create it inside.
+        let mut sealer = walden::object::Sealer::new(
+            std::io::Cursor::new(content),
+            walden::object::SealOptions::default(),
+        );
+        let mut out = Vec::new();
+        sealer.read_to_end(&mut out).await.expect("seal");
+        out
+    })
 }
 
 async fn put_all(storage: &dyn Storage, objects: Vec<(String, Vec<u8>)>) {

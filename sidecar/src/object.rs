@@ -795,6 +795,13 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    async fn unseal_error(body: crate::storage::Reader, size: u64) -> UnsealError {
+        let mut out = Vec::new();
+        unseal("obj", Download { body, size }, &mut out)
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn a_broken_download_is_a_read_error_not_corruption() {
         let data = sample();
@@ -802,36 +809,17 @@ mod tests {
         let size = sealed.len() as u64;
         for cut in [0, sealed.len() / 3, sealed.len() - TRAILER_LEN - 1] {
             // The connection breaks after `cut` bytes.
-            let body = FailingAfter {
+            let failing = FailingAfter {
                 good: io::Cursor::new(sealed[..cut].to_vec()),
             };
-            let mut out = Vec::new();
-            let err = unseal(
-                "obj",
-                Download {
-                    body: Box::pin(body),
-                    size,
-                },
-                &mut out,
-            )
-            .await
-            .unwrap_err();
+            let err = unseal_error(Box::pin(failing), size).await;
             assert!(
                 matches!(err, UnsealError::Read { .. }),
                 "cut at {cut}: {err}"
             );
             // The body ends early without an error: also a read failure.
-            let mut out = Vec::new();
-            let err = unseal(
-                "obj",
-                Download {
-                    body: Box::pin(io::Cursor::new(sealed[..cut].to_vec())),
-                    size,
-                },
-                &mut out,
-            )
-            .await
-            .unwrap_err();
+            let short = io::Cursor::new(sealed[..cut].to_vec());
+            let err = unseal_error(Box::pin(short), size).await;
             assert!(
                 matches!(err, UnsealError::Read { .. }),
                 "short at {cut}: {err}"
