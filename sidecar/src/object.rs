@@ -254,28 +254,25 @@ pub struct Sealer {
 impl Sealer {
     /// Seals what `inner` yields.
     pub fn new<R: AsyncRead + Unpin + Send + 'static>(inner: R, opts: SealOptions) -> Self {
-        Self::start(opts, |hasher, pieces, out| {
-            tokio::spawn(feed(inner, hasher, pieces, out));
+        Self::start(opts, |hasher, pieces| {
+            tokio::spawn(feed(inner, hasher, pieces));
         })
     }
 
     /// Seals a local file, read with plain blocking reads on their own
     /// thread (no extra copy through an async file's buffer).
     pub fn from_file(file: std::fs::File, opts: SealOptions) -> Self {
-        Self::start(opts, |hasher, pieces, out| {
-            tokio::task::spawn_blocking(move || feed_file(file, hasher, pieces, out));
+        Self::start(opts, |hasher, pieces| {
+            tokio::task::spawn_blocking(move || feed_file(file, hasher, pieces));
         })
     }
 
-    fn start(
-        opts: SealOptions,
-        spawn_feed: impl FnOnce(HashThread, mpsc::Sender<Piece>, mpsc::Sender<io::Result<Bytes>>),
-    ) -> Self {
+    fn start(opts: SealOptions, spawn_feed: impl FnOnce(HashThread, mpsc::Sender<Piece>)) -> Self {
         let (out_tx, out) = mpsc::channel(QUEUE);
         let (piece_tx, piece_rx) = mpsc::channel(QUEUE);
         let seal = Arc::new(OnceLock::new());
         let (hasher, seal_rx) = HashThread::start();
-        spawn_feed(hasher, piece_tx, out_tx.clone());
+        spawn_feed(hasher, piece_tx);
         let handle = seal.clone();
         tokio::task::spawn_blocking(move || compress(opts, piece_rx, seal_rx, out_tx, &handle));
         Self {
@@ -292,12 +289,7 @@ impl Sealer {
 }
 
 /// [`feed`] for a local file, on a blocking thread.
-fn feed_file(
-    mut file: std::fs::File,
-    hasher: HashThread,
-    pieces: mpsc::Sender<Piece>,
-    out: mpsc::Sender<io::Result<Bytes>>,
-) {
+fn feed_file(mut file: std::fs::File, hasher: HashThread, pieces: mpsc::Sender<Piece>) {
     loop {
         let mut buf = buffer();
         match io::Read::read_to_end(&mut io::Read::take(&mut file, CHUNK as u64), &mut buf) {
@@ -315,7 +307,7 @@ fn feed_file(
                 }
             }
             Err(e) => {
-                let _ = out.blocking_send(Err(e));
+                let _ = pieces.blocking_send(Piece::Failed(e));
                 return;
             }
         }
@@ -323,12 +315,7 @@ fn feed_file(
 }
 
 /// Reads the content and hands each chunk to the hasher and the compressor.
-async fn feed<R: AsyncRead + Unpin>(
-    mut inner: R,
-    hasher: HashThread,
-    pieces: mpsc::Sender<Piece>,
-    out: mpsc::Sender<io::Result<Bytes>>,
-) {
+async fn feed<R: AsyncRead + Unpin>(mut inner: R, hasher: HashThread, pieces: mpsc::Sender<Piece>) {
     loop {
         match read_chunk(&mut inner).await {
             Ok(chunk) if chunk.is_empty() => {
@@ -344,8 +331,7 @@ async fn feed<R: AsyncRead + Unpin>(
                 }
             }
             Err(e) => {
-                // Reported to the consumer; the compressor sees no End and stops.
-                let _ = out.send(Err(e)).await;
+                let _ = pieces.send(Piece::Failed(e)).await;
                 return;
             }
         }
@@ -375,7 +361,10 @@ fn compress(
             match pieces.blocking_recv() {
                 Some(Piece::Data(chunk)) => io::Write::write_all(&mut encoder, &chunk)?,
                 Some(Piece::End) => break,
-                Some(Piece::Failed(_)) | None => return Ok(()),
+                // The input failed: the consumer hears why, and no trailer follows.
+                Some(Piece::Failed(e)) => return Err(e),
+                // The feeder gave up (its other stage went away): end without a seal.
+                None => return Ok(()),
             }
         }
         let mut sink = encoder.finish()?;
@@ -604,14 +593,14 @@ async fn download_pieces(
         }
     }
     if compressed.limit() != 0 {
-        let e = io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the download ended before its announced size",
-        );
-        let _ = pieces
-            .send(Piece::Failed(io::Error::new(e.kind(), e.to_string())))
-            .await;
-        return Err(e);
+        let short = || {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the download ended before its announced size",
+            )
+        };
+        let _ = pieces.send(Piece::Failed(short())).await;
+        return Err(short());
     }
     let _ = pieces.send(Piece::End).await;
     let mut body = compressed.into_inner();
