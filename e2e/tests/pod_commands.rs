@@ -276,7 +276,7 @@ fn source(work: &Path) -> Source {
     let log = pod.start(SIDECAR_CONTAINER);
     wait_daemon(&pod, &log);
     pg.start();
-    assert_eq!(pg.sql("SHOW archive_mode"), "on");
+    assert_eq!(pg.sql("SHOW archive_mode"), "always");
     pg.sql("CREATE TABLE t (id int PRIMARY KEY, v text)");
     insert(&pg, 0, 5000);
     let (code, job) = api(&pod, "POST", "/v1/backups");

@@ -378,7 +378,7 @@ pub fn archive_settings(
         _ => "replica",
     };
     vec![
-        ("archive_mode".into(), "on".into()),
+        ("archive_mode".into(), "always".into()),
         ("wal_level".into(), wal_level.into()),
         (
             "archive_command".into(),
@@ -986,7 +986,7 @@ mod tests {
         let ours = |timeout: &str, level: &str| {
             vec![
                 "-c".to_string(),
-                "archive_mode=on".into(),
+                "archive_mode=always".into(),
                 "-c".into(),
                 format!("wal_level={level}"),
                 "-c".into(),

@@ -589,7 +589,7 @@ async fn operator_on_a_real_apiserver() {
     let args = pg["args"].to_string();
     assert!(
         args.contains("archive_command=/walden/bin/walden wal-push %p")
-            && args.contains("archive_mode=on"),
+            && args.contains("archive_mode=always"),
         "{args}"
     );
     let sidecar = find(&pod["containers"], "walden").expect("sidecar");
@@ -681,7 +681,7 @@ async fn operator_on_a_real_apiserver() {
         let pg = find(&s["spec"]["template"]["spec"]["containers"], "postgres")
             .cloned()
             .unwrap_or_default();
-        if pg["args"].to_string().contains("archive_mode=on") {
+        if pg["args"].to_string().contains("archive_mode=always") {
             Ok(pg)
         } else {
             Err(pg["args"].to_string())
