@@ -260,7 +260,13 @@ impl Prefetcher {
 
     async fn download(&self, name: &str) -> Result<Ready, String> {
         let tmp = self.temp_name(name, "pf");
-        let result = wal::fetch(self.storage.as_ref(), name, &tmp, &self.opts).await;
+        // A guess ahead of PostgreSQL: no hole check and no waiting; the real
+        // request checks for a hole itself.
+        let opts = FetchOptions {
+            hole_grace: None,
+            ..self.opts
+        };
+        let result = wal::fetch(self.storage.as_ref(), name, &tmp, &opts).await;
         let mut inner = lock(&self.inner);
         inner.in_flight.remove(name);
         match result {
@@ -319,10 +325,18 @@ mod tests {
     use crate::storage::FileStorage;
     use prometheus_client::registry::Registry;
 
-    const SIZE: u32 = 16 << 20;
+    const SIZE: u32 = 1 << 20;
 
+    /// A valid segment for `name` (what every fetch checks), tagged with the name.
     fn content(name: &str) -> Vec<u8> {
-        format!("segment {name}").into_bytes().repeat(100)
+        let seg = SegmentName::parse(name).unwrap();
+        crate::wal::header::sample_segment(
+            1,
+            seg.timeline,
+            seg.start_lsn(SIZE),
+            SIZE,
+            name.as_bytes(),
+        )
     }
 
     async fn archive(dir: &Path, names: &[String]) -> Arc<dyn Storage> {
@@ -450,6 +464,7 @@ mod tests {
                     retries: 0,
                     ..Default::default()
                 },
+                hole_grace: None,
             },
             4,
             tmp.path().join("spool"),
