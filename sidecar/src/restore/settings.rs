@@ -153,7 +153,7 @@ impl RecoverySettings {
             Target::Name(n) => Some(("recovery_target_name", n.clone())),
         };
         for key in TARGET_KEYS {
-            if chosen.as_ref().is_none_or(|(k, _)| k != key) {
+            if chosen.as_ref().is_none_or(|(k, _)| *k != key) {
                 set(key, "''".into());
             }
         }
@@ -411,7 +411,7 @@ mod tests {
             ..base()
         };
         let out = rewrite_auto_conf(inherited, &settings, "walden restore");
-        assert_eq!(out.removed.len(), 9, "{:?}", out.removed);
+        assert_eq!(out.removed.len(), 8, "{:?}", out.removed);
         assert!(out.removed[1].starts_with("Recovery_Target_Time"));
         assert!(out
             .text
