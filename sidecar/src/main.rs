@@ -669,6 +669,10 @@ struct BackupJson {
 async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let storage = settings.open_storage().await?;
     let catalog::Catalog { backups, damaged } = catalog::scan_backups(storage.as_ref()).await?;
+    if backups.is_empty() && damaged.is_empty() {
+        // A mistyped URL must say so, not look like an archive without backups.
+        walden::repo::require(storage.as_ref()).await?;
+    }
     let window = catalog::recovery_window(storage.as_ref(), &backups).await?;
     if json {
         let out = BackupListJson {
