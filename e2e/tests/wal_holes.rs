@@ -99,8 +99,16 @@ fn a_hole_in_the_archive_stops_recovery_and_a_late_upload_is_waited_for() {
     wait_for("wal-fetch to wait for the missing segment", LONG, || {
         pg.log_text().contains("waiting for an upload in flight").then_some(())
     });
-    std::fs::copy(&saved, &object).expect("the upload lands");
-    pg.wait_promoted(LONG);
+    // Lands atomically, as a storage upload does.
+    let landing = work.path().join("landing");
+    std::fs::copy(&saved, &landing).expect("copy the upload");
+    walden_e2e::sys::chown_pg(&landing);
+    std::fs::rename(&landing, &object).expect("the upload lands");
+    wait_for("recovery to end", LONG, || {
+        (pg.try_sql("SELECT pg_is_in_recovery()").ok().as_deref() == Some("f") || !pg.is_running())
+            .then_some(())
+    });
+    assert!(pg.is_running(), "recovery failed:\n{}", pg.log_text());
     assert_eq!(batches_in(&pg), (0..6).collect());
 }
 
