@@ -476,4 +476,34 @@ mod tests {
         assert!(!err.is_not_found());
         assert!(err.to_string().contains("corrupt"), "{err}");
     }
+
+    #[tokio::test]
+    async fn a_segment_stored_under_another_name_is_never_served_even_prefetched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (1..=3).map(|n| seg(1, n)).collect();
+        let root = tmp.path().join("archive");
+        let storage = archive(&root, &names).await;
+        // Segment 2's (valid, checksummed) object under segment 3's name.
+        let key3 = WalFile::parse(&seg(1, 3)).unwrap().object_key();
+        std::fs::remove_file(root.join(&key3)).unwrap();
+        let body = Sealer::new(
+            std::io::Cursor::new(content(&seg(1, 2))),
+            SealOptions::default(),
+        );
+        storage.create(&key3, Box::pin(body)).await.unwrap();
+        let metrics = Metrics::new(&mut Registry::default());
+        let p = Prefetcher::new(
+            storage,
+            FetchOptions::default(),
+            4,
+            tmp.path().join("spool"),
+            metrics,
+        )
+        .unwrap();
+        drop(p.fetch(&seg(1, 1)).await.unwrap());
+        drop(p.fetch(&seg(1, 2)).await.unwrap());
+        let err = p.fetch(&seg(1, 3)).await.unwrap_err();
+        assert!(!err.is_not_found());
+        assert!(err.to_string().contains("another segment"), "{err}");
+    }
 }
