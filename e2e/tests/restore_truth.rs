@@ -4,9 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use walden_e2e::ledger::{
-    batches_in, ok, restore_and_start, restore_fork, rfc3339, Primary, LONG,
-};
+use walden_e2e::ledger::{batches_in, ok, restore_and_start, restore_fork, rfc3339, Primary, LONG};
 use walden_e2e::{Archive, StorageKind, Workdir};
 
 fn set(v: &[u32]) -> BTreeSet<u32> {
@@ -51,8 +49,19 @@ fn a_protected_fork_restores_to_its_end_whatever_target_made_it() {
     for (kind, args) in targets {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let prefix = Archive::new(StorageKind::File, work.path(), &format!("fork-{kind}"));
-        let (fork, _) = restore_fork(&work, &source, &p.pg, &format!("fork-{kind}"), &args, &prefix);
-        assert_eq!(batches_in(&fork), set(&[0, 1, 2]), "{kind}: the fork itself");
+        let (fork, _) = restore_fork(
+            &work,
+            &source,
+            &p.pg,
+            &format!("fork-{kind}"),
+            &args,
+            &prefix,
+        );
+        assert_eq!(
+            batches_in(&fork),
+            set(&[0, 1, 2]),
+            "{kind}: the fork itself"
+        );
 
         let mut fork = Primary {
             pg: fork,
@@ -168,7 +177,10 @@ fn a_damaged_manifest_affects_only_its_backup() {
     std::fs::remove_file(&manifest).unwrap();
     std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
 
-    let out = ok(archive.walden_output(&["backup-list", "--json"]), "backup-list");
+    let out = ok(
+        archive.walden_output(&["backup-list", "--json"]),
+        "backup-list",
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["backups"][0]["id"], good.as_str());
@@ -179,7 +191,10 @@ fn a_damaged_manifest_affects_only_its_backup() {
     let out = archive.walden_output(&["verify"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{stdout}{}", stderr(&out));
-    assert!(stdout.contains(&format!("backups/{bad}/backup.json")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("backups/{bad}/backup.json")),
+        "{stdout}"
+    );
 
     let bad_keys = |a: &Archive| {
         walden_e2e::ledger::block_on(a.keys())
@@ -194,7 +209,11 @@ fn a_damaged_manifest_affects_only_its_backup() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert_eq!(bad_keys(&archive), before, "retention deleted the damaged backup");
+    assert_eq!(
+        bad_keys(&archive),
+        before,
+        "retention deleted the damaged backup"
+    );
 
     let restored = restore_and_start(&work, &archive, &p.pg, "restored", &[]);
     assert_eq!(batches_in(&restored), set(&[0, 1]));
@@ -214,8 +233,14 @@ fn bad_input_gets_one_clear_error_and_writes_nothing() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--target-name", "two\nlines"], "control character"),
         (vec!["--target-name", &long], "longer than 63 bytes"),
-        (vec!["--target-timeline", "abc"], "not latest, current or a timeline number"),
-        (vec!["--target-timeline", "0"], "not latest, current or a timeline number"),
+        (
+            vec!["--target-timeline", "abc"],
+            "not latest, current or a timeline number",
+        ),
+        (
+            vec!["--target-timeline", "0"],
+            "not latest, current or a timeline number",
+        ),
         (
             vec!["--target-time", "2099-01-01T00:00:00Z"],
             "after the end of the archive",
@@ -228,9 +253,20 @@ fn bad_input_gets_one_clear_error_and_writes_nothing() {
         let out = archive.walden_pg(&p.pg, &full).output().unwrap();
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
-        assert!(err.len() < 1000, "{args:?}: the message echoes too much: {} bytes", err.len());
-        assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 0, "{args:?} wrote");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+        assert!(
+            err.len() < 1000,
+            "{args:?}: the message echoes too much: {} bytes",
+            err.len()
+        );
+        assert_eq!(
+            std::fs::read_dir(&dest).unwrap().count(),
+            0,
+            "{args:?} wrote"
+        );
     }
 
     let out = archive.walden_output(&["wal-fetch", &long, "/tmp/never-written"]);
@@ -246,7 +282,11 @@ fn bad_input_gets_one_clear_error_and_writes_nothing() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(stderr(&out).contains("no Walden repository at"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no Walden repository at"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
 
     // An OS error is printed once.
@@ -267,9 +307,10 @@ fn an_encrypted_restore_starts_without_extra_settings() {
     let key = work.path().join("walden.key");
     std::fs::write(&key, walden::crypt::Keyring::generate_key_file()).unwrap();
     walden_e2e::sys::chown_pg(&key);
-    archive
-        .extra_env
-        .push(("WALDEN_ENCRYPTION_KEY_FILE".into(), key.display().to_string()));
+    archive.extra_env.push((
+        "WALDEN_ENCRYPTION_KEY_FILE".into(),
+        key.display().to_string(),
+    ));
     let mut p = Primary::start(&work, &archive, "primary");
     p.backup(&archive, &[]);
     p.commit_batch(0, "row");

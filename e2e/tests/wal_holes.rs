@@ -90,14 +90,28 @@ fn a_hole_in_the_archive_stops_recovery_and_a_late_upload_is_waited_for() {
     let saved = work.path().join("saved-object");
     std::fs::rename(&object, &saved).expect("take the segment out");
 
-    let mut pg = restore_unstarted(&work, &archive, &p.pg, "holed", &[("WALDEN_HOLE_GRACE", "1")]);
+    let mut pg = restore_unstarted(
+        &work,
+        &archive,
+        &p.pg,
+        "holed",
+        &[("WALDEN_HOLE_GRACE", "1")],
+    );
     assert_recovery_stops(&mut pg, &["hole", &missing]);
 
     // The same hole, but the upload lands while wal-fetch waits for it.
-    let mut pg = restore_unstarted(&work, &archive, &p.pg, "late", &[("WALDEN_HOLE_GRACE", "120")]);
+    let mut pg = restore_unstarted(
+        &work,
+        &archive,
+        &p.pg,
+        "late",
+        &[("WALDEN_HOLE_GRACE", "120")],
+    );
     pg.start();
     wait_for("wal-fetch to wait for the missing segment", LONG, || {
-        pg.log_text().contains("waiting for an upload in flight").then_some(())
+        pg.log_text()
+            .contains("waiting for an upload in flight")
+            .then_some(())
     });
     // Lands atomically, as a storage upload does.
     let landing = work.path().join("landing");
@@ -119,7 +133,10 @@ fn a_missing_history_file_stops_recovery() {
     let work = Workdir::new("nohistory");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
     let (p, _) = segmented(&work, &archive, 4);
-    let t = rfc3339(&p.pg, &format!("'{}'::timestamptz", p.batches[1].commit_time));
+    let t = rfc3339(
+        &p.pg,
+        &format!("'{}'::timestamptz", p.batches[1].commit_time),
+    );
     // A fork archiving its timeline 2 into the same archive.
     let mut fork = restore_into(&work, &archive, &p.pg, "fork", &["--target-time", &t], true);
     let last = fork.switch_wal();
@@ -129,7 +146,13 @@ fn a_missing_history_file_stops_recovery() {
     assert!(history.exists(), "the fork archived its history file");
     std::fs::remove_file(&history).expect("lose the history file");
 
-    let mut pg = restore_unstarted(&work, &archive, &p.pg, "restored", &[("WALDEN_HOLE_GRACE", "1")]);
+    let mut pg = restore_unstarted(
+        &work,
+        &archive,
+        &p.pg,
+        "restored",
+        &[("WALDEN_HOLE_GRACE", "1")],
+    );
     assert_recovery_stops(&mut pg, &["hole", "00000002.history"]);
 }
 
@@ -171,7 +194,12 @@ fn a_segment_under_another_name_or_truncated_is_refused() {
     drop(daemon);
 
     let out = archive.walden_output(&["verify", "--wal"]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("WrongContent") && stdout.contains(victim.as_str()),
@@ -210,7 +238,10 @@ fn truncated_object(archive: &Archive, name: &str, work: &Workdir) -> PathBuf {
             std::io::Cursor::new(bytes[..8192].to_vec()),
             walden::object::SealOptions::default(),
         );
-        storage.create(&seg_key(name), Box::pin(body)).await.unwrap();
+        storage
+            .create(&seg_key(name), Box::pin(body))
+            .await
+            .unwrap();
     });
     other.object_path(&seg_key(name))
 }
@@ -235,7 +266,11 @@ fn files_that_are_not_what_their_names_say_are_refused_at_push() {
     let cases: Vec<(String, Vec<u8>, &str)> = vec![
         (segments[0].clone(), short, "8192 bytes"),
         ("00000005.history".into(), Vec::new(), "names no parent"),
-        ("00000006.history".into(), b"this is not a history\n".to_vec(), "not a valid timeline history"),
+        (
+            "00000006.history".into(),
+            b"this is not a history\n".to_vec(),
+            "not a valid timeline history",
+        ),
         (
             format!("{}.00000028.backup", segments[0]),
             b"garbage".to_vec(),
@@ -250,7 +285,11 @@ fn files_that_are_not_what_their_names_say_are_refused_at_push() {
         assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
         assert!(stderr(&out).contains(needle), "{name}: {}", stderr(&out));
     }
-    assert_eq!(block_on(archive.keys()), before, "a refused push stored something");
+    assert_eq!(
+        block_on(archive.keys()),
+        before,
+        "a refused push stored something"
+    );
 
     // Stored behind walden's back: verify names it with exit 2, not 1.
     block_on(async {

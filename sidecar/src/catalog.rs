@@ -395,7 +395,11 @@ mod tests {
                 Err("recoverable window starts"),
             ),
             (None, Target::Name("before-upgrade".into()), Ok("A")),
-            (Some("LATEST"), Target::Name("before-upgrade".into()), Ok("A")),
+            (
+                Some("LATEST"),
+                Target::Name("before-upgrade".into()),
+                Ok("A"),
+            ),
             (Some("B"), Target::Name("before-upgrade".into()), Ok("B")),
             (Some("A"), t("2026-01-01T13:00:00Z"), Ok("A")),
             (

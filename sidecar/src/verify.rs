@@ -20,11 +20,11 @@ use crate::catalog::{self, BackupManifest, CatalogError};
 use crate::lsn::Lsn;
 use crate::object::unseal;
 use crate::repo::{self, RepoError, RepoIdentity};
+use crate::storage::{ObjectInfo, Storage, StorageError};
+use crate::timeline::{Histories, HistoryError};
 use crate::wal::fetch::check_header;
 use crate::wal::files::{self, MAX_HISTORY_BYTES};
 use crate::wal::header::{PageHeader, LONG_HEADER_LEN};
-use crate::storage::{ObjectInfo, Storage, StorageError};
-use crate::timeline::{Histories, HistoryError};
 use crate::wal::{SegmentName, WalFile};
 
 #[derive(Debug, Clone)]
@@ -219,11 +219,20 @@ pub fn check_wal_content(
             let header = PageHeader::parse(head).map_err(|r| (ProblemKind::WrongContent, r))?;
             check_header(seg, &header, identity).map_err(|r| (ProblemKind::WrongContent, r))
         }
-        WalFile::History(tli) => files::check_history(tli, head)
-            .map(|_| ())
-            .map_err(|r| (ProblemKind::Malformed, format!("not a valid timeline history file: {r}"))),
-        WalFile::BackupHistory { segment, offset } => files::check_backup_history(segment, offset, head)
-            .map_err(|r| (ProblemKind::Malformed, format!("not a valid backup history file: {r}"))),
+        WalFile::History(tli) => files::check_history(tli, head).map(|_| ()).map_err(|r| {
+            (
+                ProblemKind::Malformed,
+                format!("not a valid timeline history file: {r}"),
+            )
+        }),
+        WalFile::BackupHistory { segment, offset } => {
+            files::check_backup_history(segment, offset, head).map_err(|r| {
+                (
+                    ProblemKind::Malformed,
+                    format!("not a valid backup history file: {r}"),
+                )
+            })
+        }
     }
 }
 

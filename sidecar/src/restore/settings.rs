@@ -180,7 +180,11 @@ impl RecoverySettings {
             "primary_conninfo",
             conf_quote(self.primary_conninfo.as_deref().unwrap_or("")),
         );
-        for key in ["primary_slot_name", "recovery_end_command", "archive_cleanup_command"] {
+        for key in [
+            "primary_slot_name",
+            "recovery_end_command",
+            "archive_cleanup_command",
+        ] {
             set(key, "''".into());
         }
         out
@@ -299,11 +303,20 @@ mod tests {
             .collect()
     }
 
+    /// (settings, signal file, the one non-empty target, inclusive, action, conninfo)
+    type RenderCase = (
+        RecoverySettings,
+        &'static str,
+        Option<(&'static str, &'static str)>,
+        &'static str,
+        &'static str,
+        &'static str,
+    );
+
     #[test]
     fn renders_every_recovery_setting_with_the_chosen_target_last() {
         let t: DateTime<Utc> = "2026-11-24T01:30:00.5Z".parse().unwrap();
-        // (settings, signal file, the one non-empty target, inclusive, action, conninfo)
-        let cases: Vec<(RecoverySettings, &str, Option<(&str, &str)>, &str, &str, &str)> = vec![
+        let cases: Vec<RenderCase> = vec![
             (base(), "recovery.signal", None, "on", "'pause'", "''"),
             (
                 RecoverySettings {
@@ -371,7 +384,11 @@ mod tests {
             assert_eq!(value("recovery_target_inclusive"), inclusive);
             assert_eq!(value("recovery_target_action"), action);
             assert_eq!(value("primary_conninfo"), conninfo);
-            for k in ["primary_slot_name", "recovery_end_command", "archive_cleanup_command"] {
+            for k in [
+                "primary_slot_name",
+                "recovery_end_command",
+                "archive_cleanup_command",
+            ] {
                 assert_eq!(value(k), "''", "{k}");
             }
             let targets: Vec<&(String, String)> = got
@@ -421,9 +438,14 @@ mod tests {
             "the old restore's comment goes with its settings:\n{}",
             out.text
         );
-        assert!(out.text.contains("# recovery_target_lsn = '0/1' (a comment stays)\nwork_mem = '8MB'\n"));
+        assert!(out
+            .text
+            .contains("# recovery_target_lsn = '0/1' (a comment stays)\nwork_mem = '8MB'\n"));
         let got = assigned(&out.text);
-        let lsn: Vec<_> = got.iter().filter(|(k, _)| k == "recovery_target_lsn").collect();
+        let lsn: Vec<_> = got
+            .iter()
+            .filter(|(k, _)| k == "recovery_target_lsn")
+            .collect();
         assert_eq!(lsn.len(), 1);
         assert_eq!(lsn[0].1, "'0/5000000'");
         assert!(!out.text.contains("old"), "{}", out.text);
@@ -469,7 +491,10 @@ mod tests {
             assert_eq!(check_timeline(ok), Ok(()), "{ok}");
         }
         for bad in ["abc", "0", "-1", "", "0x2"] {
-            assert!(check_timeline(bad).unwrap_err().contains("not latest"), "{bad}");
+            assert!(
+                check_timeline(bad).unwrap_err().contains("not latest"),
+                "{bad}"
+            );
         }
         assert_eq!(echo("short"), "\"short\"");
         assert!(echo(&"é".repeat(100)).ends_with("... (200 bytes)"));

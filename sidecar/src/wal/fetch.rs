@@ -112,9 +112,11 @@ async fn absent(
     let identity = repo::require(storage).await?;
     let around = opts
         .retry
-        .run("looking around a missing WAL file", WalError::is_transient, || {
-            holes::surroundings(storage, file)
-        })
+        .run(
+            "looking around a missing WAL file",
+            WalError::is_transient,
+            || holes::surroundings(storage, file),
+        )
         .await?;
     let Some(reason) = holes::judge(file, &around, identity.wal_segment_size) else {
         return Err(not_found);

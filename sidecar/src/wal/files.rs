@@ -95,10 +95,18 @@ mod tests {
             ),
             (2, b"", Err("names no parent")),
             (2, b"\n# only a comment\n", Err("names no parent")),
-            (2, b"garbage here\n", Err("does not start with a timeline number")),
+            (
+                2,
+                b"garbage here\n",
+                Err("does not start with a timeline number"),
+            ),
             (2, b"1\tnope\n", Err("no switch point")),
             (2, b"2\t0/3000060\tx\n", Err("as an ancestor of timeline 2")),
-            (4, b"2\t0/5000000\tx\n1\t0/3000000\tx\n", Err("out of order")),
+            (
+                4,
+                b"2\t0/5000000\tx\n1\t0/3000000\tx\n",
+                Err("out of order"),
+            ),
             (2, &[0xff, 0xfe, 0x00], Err("not text")),
         ];
         for (tli, bytes, want) in cases {

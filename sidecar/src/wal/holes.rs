@@ -35,7 +35,9 @@ pub fn judge(file: WalFile, around: &Surroundings, segment_size: u32) -> Option<
     match file {
         WalFile::Segment(seg) => {
             if let Some(later) = around.later_on_timeline.first() {
-                return Some(format!("the archive holds the later segment {later} of the same timeline"));
+                return Some(format!(
+                    "the archive holds the later segment {later} of the same timeline"
+                ));
             }
             let next_start = Lsn(seg.next(segment_size).start_lsn(segment_size));
             around.histories.iter().find_map(|(tli, ancestors)| {
@@ -67,10 +69,7 @@ pub fn judge(file: WalFile, around: &Surroundings, segment_size: u32) -> Option<
 /// Reads what [`judge`] needs from storage: one folder listing of `wal/`,
 /// the missing segment's folder (and the next of its timeline), and the
 /// history files of the timelines that have WAL.
-pub async fn surroundings(
-    storage: &dyn Storage,
-    file: WalFile,
-) -> Result<Surroundings, WalError> {
+pub async fn surroundings(storage: &dyn Storage, file: WalFile) -> Result<Surroundings, WalError> {
     let mut around = Surroundings::default();
     let folders: Vec<(u32, u32)> = storage
         .list_folders("wal/")
@@ -78,7 +77,12 @@ pub async fn surroundings(
         .iter()
         .filter_map(|f| {
             (f.len() == 16)
-                .then(|| Some((u32::from_str_radix(&f[..8], 16).ok()?, u32::from_str_radix(&f[8..], 16).ok()?)))
+                .then(|| {
+                    Some((
+                        u32::from_str_radix(&f[..8], 16).ok()?,
+                        u32::from_str_radix(&f[8..], 16).ok()?,
+                    ))
+                })
                 .flatten()
         })
         .collect();
