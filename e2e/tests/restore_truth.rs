@@ -4,7 +4,10 @@
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
 use walden_e2e::ledger::{batches_in, ok, restore_and_start, restore_fork, rfc3339, Primary, LONG};
+
+use walden_e2e::sys::wait_for;
 use walden_e2e::{Archive, StorageKind, Workdir};
 
 fn set(v: &[u32]) -> BTreeSet<u32> {
@@ -82,17 +85,17 @@ fn a_protected_fork_restores_to_its_end_whatever_target_made_it() {
                 .expect("restore"),
             "restore of the fork's prefix",
         );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("removed from the backup") && stderr.contains("recovery_target_"),
-            "{kind}: the restore names the inherited target it removed:\n{stderr}"
-        );
         let auto = std::fs::read_to_string(dest.join("postgresql.auto.conf")).expect("auto.conf");
         let restored = restore_started(&work, &prefix, dest);
         assert_eq!(
             batches_in(&restored),
             set(&[0, 1, 2, 10, 11, 12, 13]),
             "{kind}: every row of the fork; postgresql.auto.conf:\n{auto}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("removed from the backup") && stderr.contains("recovery_target_"),
+            "{kind}: the restore names the inherited target it removed:\n{stderr}"
         );
     }
 }
@@ -324,15 +327,19 @@ fn an_encrypted_restore_starts_without_extra_settings() {
             .unwrap(),
         "restore",
     );
+    let mut pg = walden_e2e::PgCluster::adopt(work.path(), dest);
+    pg.set(&[("archive_mode", "off".into())]);
+    // Only what a plain server has: no walden settings in its environment.
+    let _ = pg.with_env(Vec::new()).try_start(Duration::from_secs(60));
+    wait_for("recovery to end", LONG, || {
+        (pg.try_sql("SELECT pg_is_in_recovery()").ok().as_deref() == Some("f") || !pg.is_running())
+            .then_some(())
+    });
+    assert!(pg.is_running(), "recovery failed:\n{}", pg.log_text());
+    assert_eq!(batches_in(&pg), set(&[0, 1]));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("encryption key"),
         "the hint names the key: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let mut pg = walden_e2e::PgCluster::adopt(work.path(), dest);
-    pg.set(&[("archive_mode", "off".into())]);
-    // Only what a plain server has: no walden settings in its environment.
-    pg.with_env(Vec::new()).start();
-    pg.wait_promoted(LONG);
-    assert_eq!(batches_in(&pg), set(&[0, 1]));
 }
