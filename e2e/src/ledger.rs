@@ -140,6 +140,30 @@ pub fn restore_into(
     pg
 }
 
+/// Restores from `from` with `args` and starts the result archiving into
+/// `protect_into`: a fork that is then protected in a prefix of its own.
+/// Returns the running, promoted server and the restore's stderr.
+pub fn restore_fork(
+    work: &Workdir,
+    from: &Archive,
+    source: &PgCluster,
+    name: &str,
+    args: &[&str],
+    protect_into: &Archive,
+) -> (PgCluster, String) {
+    let dest = work.pg_dir(name);
+    let mut full = vec!["restore", dest.to_str().expect("utf-8")];
+    full.extend_from_slice(args);
+    let out = ok(
+        from.walden_pg(source, &full).output().expect("run restore"),
+        &format!("restore {args:?}"),
+    );
+    let mut pg = PgCluster::adopt(work.path(), dest);
+    pg.with_env(protect_into.env()).start();
+    pg.wait_promoted(LONG);
+    (pg, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// The batches a server holds; panics on a partially restored batch.
 pub fn batches_in(pg: &PgCluster) -> BTreeSet<u32> {
     let rows = pg.sql("SELECT batch || ':' || count(*) FROM ledger GROUP BY batch ORDER BY batch");

@@ -508,7 +508,8 @@ fn history_partial_and_backup_files_round_trip() {
     let label = dir.join("000000010000000000000001.00000028.backup");
     std::fs::write(
         &label,
-        "START WAL LOCATION: 0/1000028 (file 000000010000000000000001)\n",
+        "START WAL LOCATION: 0/1000028 (file 000000010000000000000001)\n\
+         STOP WAL LOCATION: 0/1000100 (file 000000010000000000000001)\n",
     )
     .unwrap();
     let partial = copy_as(&work, &a, "files", "000000010000000000000001.partial", None);

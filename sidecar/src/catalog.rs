@@ -94,19 +94,64 @@ impl CatalogError {
     }
 }
 
+/// A `backup.json` that cannot be read as a manifest: only its own backup is
+/// affected (it is listed as damaged, never restored, never deleted by retention).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DamagedBackup {
+    pub id: String,
+    pub object: String,
+    pub reason: String,
+}
+
+/// Every backup folder with a manifest: the readable ones, oldest first, and the damaged.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub backups: Vec<BackupManifest>,
+    pub damaged: Vec<DamagedBackup>,
+}
+
 /// Every complete backup, oldest first. One listing of `backups/`, then one
 /// small read per backup: the cost does not depend on the amount of WAL.
+/// A damaged manifest is logged and left out (see [`scan_backups`]).
 pub async fn list_backups(storage: &dyn Storage) -> Result<Vec<BackupManifest>, CatalogError> {
-    let mut out = Vec::new();
+    let catalog = scan_backups(storage).await?;
+    for d in &catalog.damaged {
+        tracing::warn!(backup = %d.id, "{}: damaged manifest, backup skipped: {}", d.object, d.reason);
+    }
+    Ok(catalog.backups)
+}
+
+/// Like [`list_backups`], with the damaged manifests named. Storage errors
+/// still fail the whole scan: they say nothing about one backup.
+pub async fn scan_backups(storage: &dyn Storage) -> Result<Catalog, CatalogError> {
+    let mut out = Catalog::default();
     for obj in storage.list("backups/").await? {
         let Some(dir) = obj.key.strip_suffix(&format!("/{MANIFEST_NAME}")) else {
             continue;
         };
         if dir.contains('/') && dir.matches('/').count() == 1 {
-            out.push(read_manifest(storage, &obj.key).await?);
+            let id = dir.trim_start_matches("backups/");
+            match read_manifest(storage, &obj.key).await {
+                Ok(m) if m.id == id => out.backups.push(m),
+                Ok(m) => out.damaged.push(DamagedBackup {
+                    id: id.to_string(),
+                    object: format!("{}/{}", storage.url(), obj.key),
+                    reason: format!("it describes backup {:?}, not {id:?}", m.id),
+                }),
+                Err(CatalogError::Malformed { object, reason }) => {
+                    out.damaged.push(DamagedBackup {
+                        id: id.to_string(),
+                        object,
+                        reason,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
-    out.sort_by(|a, b| (a.stop_time, &a.id).cmp(&(b.stop_time, &b.id)));
+    out.backups
+        .sort_by(|a, b| (a.stop_time, &a.id).cmp(&(b.stop_time, &b.id)));
     Ok(out)
 }
 
@@ -230,7 +275,8 @@ pub enum ChooseError {
 }
 
 /// Picks the backup a restore starts from: the one asked for, or the newest
-/// that finished before the target (backups sorted oldest first).
+/// that finished before the target (backups sorted oldest first). For a
+/// restore point, the oldest backup: it is the only one sure to start before it.
 pub fn choose_backup<'a>(
     backups: &'a [BackupManifest],
     requested: Option<&str>,
@@ -270,6 +316,9 @@ pub fn choose_backup<'a>(
             }
             Ok(b)
         }
+        // When a restore point was made is not known without reading the WAL,
+        // and the newest backup may start after it: the oldest surely precedes it.
+        None if matches!(target, Target::Name(_)) => Ok(oldest),
         None => {
             backups
                 .iter()
@@ -345,7 +394,13 @@ mod tests {
                 Target::Lsn(Lsn(0xfff)),
                 Err("recoverable window starts"),
             ),
-            (None, Target::Name("before-upgrade".into()), Ok("C")),
+            (None, Target::Name("before-upgrade".into()), Ok("A")),
+            (
+                Some("LATEST"),
+                Target::Name("before-upgrade".into()),
+                Ok("A"),
+            ),
+            (Some("B"), Target::Name("before-upgrade".into()), Ok("B")),
             (Some("A"), t("2026-01-01T13:00:00Z"), Ok("A")),
             (
                 Some("C"),

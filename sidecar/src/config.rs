@@ -69,6 +69,17 @@ pub struct Settings {
     )]
     pub encryption_key_file: Option<std::path::PathBuf>,
 
+    /// Seconds a wal-fetch of a segment missing from the middle of the archive
+    /// waits for it (an upload in flight) before failing recovery as a hole
+    #[arg(
+        long,
+        env = "WALDEN_HOLE_GRACE",
+        default_value_t = crate::wal::DEFAULT_HOLE_GRACE.as_secs(),
+        value_name = "SECONDS",
+        global = true
+    )]
+    pub hole_grace: u64,
+
     /// Refuse every write to storage (forks and followers reading a source archive)
     #[arg(long, env = "WALDEN_READ_ONLY", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub read_only: bool,
@@ -80,6 +91,14 @@ impl Settings {
             retries: self.retries,
             base_delay: Duration::from_millis(self.retry_delay_ms),
             max_delay: Duration::from_secs(10),
+        }
+    }
+
+    /// Options of a wal-fetch PostgreSQL asked for (holes checked).
+    pub fn fetch_options(&self) -> crate::wal::FetchOptions {
+        crate::wal::FetchOptions {
+            retry: self.retry_policy(),
+            hole_grace: Some(Duration::from_secs(self.hole_grace)),
         }
     }
 

@@ -12,7 +12,7 @@ use walden::client::{self, ClientArgs, FetchOutcome};
 use walden::config::Settings;
 use walden::daemon::DaemonArgs;
 use walden::restore::{self, settings::RecoverySettings, RestoreOptions};
-use walden::wal::{self, FetchOptions, PushOptions};
+use walden::wal::{self, PushOptions};
 use walden::{retention, verify};
 
 /// Exit status of `wal-fetch` when the file is definitively not in the archive:
@@ -309,31 +309,30 @@ async fn run(cli: Cli) -> ExitCode {
             match result {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("wal-push {}: {e:#}", path.display());
+                    tracing::error!("wal-push {}: {}", path.display(), error_chain(&e));
                     ExitCode::FAILURE
                 }
             }
         }
         Command::WalFetch { name, dest, .. } => {
+            let shown = short(&name);
             let storage = match settings.open_storage().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::error!("wal-fetch {name}: {e}");
+                    tracing::error!("wal-fetch {shown}: {e}");
                     return ExitCode::from(EXIT_FETCH_FAILED);
                 }
             };
-            let opts = FetchOptions {
-                retry: settings.retry_policy(),
-            };
+            let opts = settings.fetch_options();
             match wal::fetch(storage.as_ref(), &name, &dest, &opts).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) if e.is_not_found() => {
-                    tracing::info!("wal-fetch {name}: {e}");
+                    tracing::info!("wal-fetch {shown}: {e}");
                     ExitCode::from(EXIT_NOT_FOUND)
                 }
                 Err(e) => {
                     tracing::error!(
-                        "wal-fetch {name}: {e}; stopping recovery rather than ending it early"
+                        "wal-fetch {shown}: {e}; stopping recovery rather than ending it early"
                     );
                     ExitCode::from(EXIT_FETCH_FAILED)
                 }
@@ -342,7 +341,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Daemon(args) => match walden::daemon::run(settings, args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("daemon: {e:#}");
+                tracing::error!("daemon: {}", error_chain(&e));
                 ExitCode::FAILURE
             }
         },
@@ -411,6 +410,7 @@ async fn run(cli: Cli) -> ExitCode {
                     target_name.as_deref(),
                 )
                 .map_err(anyhow::Error::msg)?;
+                restore::settings::check_timeline(&target_timeline).map_err(anyhow::Error::msg)?;
                 let storage = settings.open_storage().await?;
                 let restore_command = match restore_command {
                     Some(c) => c,
@@ -419,6 +419,7 @@ async fn run(cli: Cli) -> ExitCode {
                         &storage.url(),
                         settings.s3_endpoint.as_deref(),
                         settings.s3_path_style,
+                        settings.encryption_key_file.as_deref(),
                     ),
                 };
                 let opts = RestoreOptions {
@@ -445,8 +446,15 @@ async fn run(cli: Cli) -> ExitCode {
             .await;
             match result {
                 Ok((r, opts)) => {
+                    for line in &r.cleared.removed {
+                        eprintln!("walden restore: removed from the backup, so only this restore's recovery settings apply: {line}");
+                    }
+                    for line in &r.cleared.overridden {
+                        eprintln!("walden restore: postgresql.conf sets {line}; overridden in postgresql.auto.conf");
+                    }
+                    let needs = needs_env(&settings);
                     println!(
-                        "restored backup {} into {}: {} files, {} in {:.1}s; {} written, recovery target: {}. Start it with: pg_ctl -D {} start",
+                        "restored backup {} into {}: {} files, {} in {:.1}s; {} written, recovery target: {}. Start it with: pg_ctl -D {} start{}",
                         r.backup.id,
                         opts.dest.display(),
                         r.files,
@@ -454,7 +462,8 @@ async fn run(cli: Cli) -> ExitCode {
                         r.seconds,
                         opts.recovery.signal_file(),
                         opts.recovery.target,
-                        opts.dest.display()
+                        opts.dest.display(),
+                        needs
                     );
                     ExitCode::SUCCESS
                 }
@@ -507,7 +516,7 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                tracing::error!("install into {}: {e:#}", dir.display());
+                tracing::error!("install into {}: {}", dir.display(), error_chain(&e));
                 ExitCode::FAILURE
             }
         },
@@ -530,15 +539,16 @@ fn delegate(command: &Command) -> Option<ExitCode> {
         }
         Command::WalFetch { name, dest, client } => {
             let opts = client.options()?;
+            let shown = short(name);
             Some(match client::fetch(&opts, name, dest) {
                 Ok(FetchOutcome::Restored { .. }) => ExitCode::SUCCESS,
                 Ok(FetchOutcome::NotFound) => {
-                    tracing::info!("wal-fetch {name}: not in the archive");
+                    tracing::info!("wal-fetch {shown}: not in the archive");
                     ExitCode::from(EXIT_NOT_FOUND)
                 }
                 Err(e) => {
                     tracing::error!(
-                        "wal-fetch {name}: {e}; stopping recovery rather than ending it early"
+                        "wal-fetch {shown}: {e}; stopping recovery rather than ending it early"
                     );
                     ExitCode::from(EXIT_FETCH_FAILED)
                 }
@@ -548,9 +558,56 @@ fn delegate(command: &Command) -> Option<ExitCode> {
     }
 }
 
+/// A name as given when it is short, else its start and length.
+fn short(name: &str) -> String {
+    if name.len() <= 80 {
+        name.to_string()
+    } else {
+        restore::settings::echo(name)
+    }
+}
+
 fn fail(what: &str, e: anyhow::Error) -> ExitCode {
-    tracing::error!("{what}: {e:#}");
+    tracing::error!("{what}: {}", error_chain(&e));
     ExitCode::FAILURE
+}
+
+/// An error and its causes, each cause once: a message that already quotes
+/// its source (`{path}: {source}`) is not followed by the source again.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
+/// What the server started on a restored directory needs besides the
+/// restore_command: the key file for an encrypted archive, credentials for S3.
+fn needs_env(settings: &Settings) -> String {
+    let mut needs = Vec::new();
+    if let Some(k) = &settings.encryption_key_file {
+        needs.push(format!(
+            "the restore_command reads the encryption key from {} (the server's OS user must be able to read it)",
+            k.display()
+        ));
+    }
+    if settings
+        .storage
+        .as_deref()
+        .is_some_and(|u| u.starts_with("s3://"))
+    {
+        needs.push("S3 credentials (AWS_*) in the server's environment".into());
+    }
+    if needs.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", needs.join("; "))
+    }
 }
 
 fn default_parallelism() -> usize {
@@ -589,6 +646,7 @@ fn human(bytes: u64) -> String {
 #[serde(rename_all = "camelCase")]
 struct BackupListJson {
     backups: Vec<BackupJson>,
+    damaged: Vec<catalog::DamagedBackup>,
     window: Option<catalog::RecoveryWindow>,
 }
 
@@ -610,7 +668,11 @@ struct BackupJson {
 
 async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let storage = settings.open_storage().await?;
-    let backups = catalog::list_backups(storage.as_ref()).await?;
+    let catalog::Catalog { backups, damaged } = catalog::scan_backups(storage.as_ref()).await?;
+    if backups.is_empty() && damaged.is_empty() {
+        // A mistyped URL must say so, not look like an archive without backups.
+        walden::repo::require(storage.as_ref()).await?;
+    }
     let window = catalog::recovery_window(storage.as_ref(), &backups).await?;
     if json {
         let out = BackupListJson {
@@ -630,10 +692,14 @@ async fn backup_list(settings: &Settings, json: bool) -> anyhow::Result<()> {
                     pg_version_num: b.pg_version_num,
                 })
                 .collect(),
+            damaged,
             window,
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
+    }
+    for d in &damaged {
+        println!("DAMAGED backup {}: {}: {}", d.id, d.object, d.reason);
     }
     if backups.is_empty() {
         println!("no base backups in {}", storage.url());
@@ -709,6 +775,9 @@ async fn retain(
         }
         for id in &plan.abandoned_backups {
             println!("  {verb} abandoned backup folder {id} (no backup.json, older than the newest backup)");
+        }
+        for id in &plan.damaged_backups {
+            println!("  keep    damaged backup folder {id} (its backup.json cannot be read; left for a person to look at)");
         }
         for id in &plan.in_progress_backups {
             println!("  keep    backup folder {id} (no backup.json yet: may be in progress)");

@@ -129,6 +129,8 @@ pub struct Plan {
     pub abandoned_backups: Vec<String>,
     /// Backup folders without `backup.json` that may still be being written: kept.
     pub in_progress_backups: Vec<String>,
+    /// Backups whose `backup.json` is damaged: kept untouched, for a person to look at.
+    pub damaged_backups: Vec<String>,
     /// Per timeline, the first WAL segment kept (everything on later timelines stays).
     pub wal_kept_from: BTreeMap<String, String>,
     pub deleted_wal_objects: usize,
@@ -347,6 +349,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         deleted_backups: doomed.iter().map(|b| b.id.clone()).collect(),
         abandoned_backups: abandoned,
         in_progress_backups: in_progress,
+        damaged_backups: Vec::new(),
         wal_kept_from: floors
             .iter()
             .map(|(t, s)| (format!("{t:08X}"), s.to_string()))
@@ -438,7 +441,8 @@ pub async fn plan_for(
     policy: Policy,
     now: DateTime<Utc>,
 ) -> Result<Plan, RetainError> {
-    let backups = crate::catalog::list_backups(storage).await?;
+    let catalog = crate::catalog::scan_backups(storage).await?;
+    let backups = catalog.backups;
     let list = |what: &'static str| async move {
         storage
             .list(what)
@@ -450,15 +454,21 @@ pub async fn plan_for(
             })
     };
     let mut objects = list("backups/").await?;
+    // A damaged backup's folder is not abandoned: nobody can tell what it
+    // holds, so retention leaves it alone.
+    let damaged: BTreeSet<&str> = catalog.damaged.iter().map(|d| d.id.as_str()).collect();
+    objects.retain(|o| backup_dir(&o.key).is_none_or(|id| !damaged.contains(id)));
     objects.extend(list("wal/").await?);
     let histories = Histories::load(storage).await?;
-    Ok(plan(&PlanInput {
+    let mut planned = plan(&PlanInput {
         backups: &backups,
         objects: &objects,
         histories: &histories,
         policy,
         now,
-    }))
+    });
+    planned.damaged_backups = catalog.damaged.iter().map(|d| d.id.clone()).collect();
+    Ok(planned)
 }
 
 /// Deletes the plan's keys in order, in batches, retrying transient errors.

@@ -87,6 +87,19 @@ impl Histories {
 
     /// Reads every `wal/<TLI>.history.zst` of the archive, verified.
     pub async fn load(storage: &dyn Storage) -> Result<Self, HistoryError> {
+        let (histories, bad) = Self::load_checked(storage).await?;
+        match bad.into_iter().next() {
+            Some((object, reason)) => Err(HistoryError::Unreadable { object, reason }),
+            None => Ok(histories),
+        }
+    }
+
+    /// Like [`Histories::load`], but a damaged or malformed history file is
+    /// returned as (object, reason) beside the readable ones instead of failing.
+    pub async fn load_checked(
+        storage: &dyn Storage,
+    ) -> Result<(Self, Vec<(String, String)>), HistoryError> {
+        let mut bad = Vec::new();
         let mut out = BTreeMap::new();
         for obj in storage.list("wal/").await? {
             let Some(WalFile::History(tli)) = WalFile::from_object_key(&obj.key) else {
@@ -95,18 +108,18 @@ impl Histories {
             let object = format!("{}/{}", storage.url(), obj.key);
             let download = storage.get(&obj.key).await?;
             let mut bytes = Vec::new();
-            unseal(&object, download, &mut bytes)
-                .await
-                .map_err(|e| HistoryError::Unreadable {
-                    object: object.clone(),
-                    reason: e.to_string(),
-                })?;
-            let text = String::from_utf8_lossy(&bytes);
-            let ancestors = parse_history(&text)
-                .map_err(|reason| HistoryError::Unreadable { object, reason })?;
-            out.insert(tli, ancestors);
+            if let Err(e) = unseal(&object, download, &mut bytes).await {
+                bad.push((object, e.to_string()));
+                continue;
+            }
+            match crate::wal::files::check_history(tli, &bytes) {
+                Ok(ancestors) => {
+                    out.insert(tli, ancestors);
+                }
+                Err(reason) => bad.push((object, reason)),
+            }
         }
-        Ok(Self(out))
+        Ok((Self(out), bad))
     }
 }
 

@@ -19,9 +19,12 @@ use serde::Serialize;
 use crate::catalog::{self, BackupManifest, CatalogError};
 use crate::lsn::Lsn;
 use crate::object::unseal;
-use crate::repo::{self, RepoError};
+use crate::repo::{self, RepoError, RepoIdentity};
 use crate::storage::{ObjectInfo, Storage, StorageError};
 use crate::timeline::{Histories, HistoryError};
+use crate::wal::fetch::check_header;
+use crate::wal::files::{self, MAX_HISTORY_BYTES};
+use crate::wal::header::{PageHeader, LONG_HEADER_LEN};
 use crate::wal::{SegmentName, WalFile};
 
 #[derive(Debug, Clone)]
@@ -53,6 +56,11 @@ pub enum ProblemKind {
     BackupNotConsistent,
     /// The object could not be read (storage error).
     Unreadable,
+    /// A WAL object holds another file than its name says (wrong position,
+    /// timeline, size or database).
+    WrongContent,
+    /// A history or backup history file, or a `backup.json`, that cannot be parsed.
+    Malformed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -106,8 +114,50 @@ pub enum VerifyError {
     },
 }
 
-/// Streams one object through the checksum check; `Ok` holds (content length, SHA-256 hex).
-async fn check_object(storage: &dyn Storage, key: &str) -> Result<(u64, String, u64), Problem> {
+/// Keeps the first `limit` bytes written to it and drops the rest.
+struct Head {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl tokio::io::AsyncWrite for Head {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        let room = me.limit.saturating_sub(me.bytes.len()).min(buf.len());
+        me.bytes.extend_from_slice(&buf[..room]);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// One object streamed through its checksum.
+struct Checked {
+    content_len: u64,
+    sha256: String,
+    stored: u64,
+    /// The first bytes of the content, as many as asked for.
+    head: Vec<u8>,
+}
+
+/// Streams one object through the checksum check, keeping its first `keep` bytes.
+async fn check_object(storage: &dyn Storage, key: &str, keep: usize) -> Result<Checked, Problem> {
     let object = format!("{}/{key}", storage.url());
     let download = storage.get(key).await.map_err(|e| Problem {
         kind: if e.is_not_found() {
@@ -119,9 +169,17 @@ async fn check_object(storage: &dyn Storage, key: &str) -> Result<(u64, String, 
         message: e.to_string(),
     })?;
     let stored = download.size;
-    let mut sink = tokio::io::sink();
-    match unseal(&object, download, &mut sink).await {
-        Ok(seal) => Ok((seal.content_len, seal.sha256_hex(), stored)),
+    let mut head = Head {
+        bytes: Vec::new(),
+        limit: keep,
+    };
+    match unseal(&object, download, &mut head).await {
+        Ok(seal) => Ok(Checked {
+            content_len: seal.content_len,
+            sha256: seal.sha256_hex(),
+            stored,
+            head: head.bytes,
+        }),
         Err(e) => Err(Problem {
             kind: match e {
                 crate::object::UnsealError::Corrupt { .. } => ProblemKind::Corrupt,
@@ -133,11 +191,60 @@ async fn check_object(storage: &dyn Storage, key: &str) -> Result<(u64, String, 
     }
 }
 
+/// How many leading bytes of a WAL object its content check needs.
+fn head_needed(file: WalFile) -> usize {
+    match file {
+        WalFile::Segment(_) | WalFile::Partial(_) => LONG_HEADER_LEN,
+        WalFile::History(_) | WalFile::BackupHistory { .. } => MAX_HISTORY_BYTES as usize,
+    }
+}
+
+/// Whether a WAL object's content is the file its name promises, as
+/// `wal-fetch` would check it before handing it to PostgreSQL. Pure.
+pub fn check_wal_content(
+    file: WalFile,
+    content_len: u64,
+    head: &[u8],
+    identity: &RepoIdentity,
+) -> Result<(), (ProblemKind, String)> {
+    match file {
+        WalFile::Segment(seg) | WalFile::Partial(seg) => {
+            let size = identity.wal_segment_size;
+            if matches!(file, WalFile::Segment(_)) && content_len != u64::from(size) {
+                return Err((
+                    ProblemKind::WrongContent,
+                    format!("it holds {content_len} bytes, but a segment of this archive is {size} bytes"),
+                ));
+            }
+            let header = PageHeader::parse(head).map_err(|r| (ProblemKind::WrongContent, r))?;
+            check_header(seg, &header, identity).map_err(|r| (ProblemKind::WrongContent, r))
+        }
+        WalFile::History(tli) => files::check_history(tli, head).map(|_| ()).map_err(|r| {
+            (
+                ProblemKind::Malformed,
+                format!("not a valid timeline history file: {r}"),
+            )
+        }),
+        WalFile::BackupHistory { segment, offset } => {
+            files::check_backup_history(segment, offset, head).map_err(|r| {
+                (
+                    ProblemKind::Malformed,
+                    format!("not a valid backup history file: {r}"),
+                )
+            })
+        }
+    }
+}
+
 /// Runs every check the options ask for.
 pub async fn verify(storage: &dyn Storage, opts: &VerifyOptions) -> Result<Report, VerifyError> {
     let identity = repo::require(storage).await?;
-    let all = catalog::list_backups(storage).await?;
+    let catalog = catalog::scan_backups(storage).await?;
+    let damaged = catalog.damaged;
+    let all = catalog.backups;
     let backups: Vec<BackupManifest> = match &opts.backup {
+        // A damaged one is reported below as a problem, not as unknown.
+        Some(id) if damaged.iter().any(|d| &d.id == id) => Vec::new(),
         Some(id) => {
             let b = all
                 .iter()
@@ -160,6 +267,19 @@ pub async fn verify(storage: &dyn Storage, opts: &VerifyOptions) -> Result<Repor
         ..Report::default()
     };
     let parallelism = opts.parallelism.max(1);
+    for d in damaged
+        .iter()
+        .filter(|d| opts.backup.as_ref().is_none_or(|id| *id == d.id))
+    {
+        report.problems.push(Problem {
+            kind: ProblemKind::Malformed,
+            object: BackupManifest::key(&d.id),
+            message: format!(
+                "backup {} cannot be used: its backup.json is damaged: {}",
+                d.id, d.reason
+            ),
+        });
+    }
 
     if opts.backups {
         for b in &backups {
@@ -168,7 +288,16 @@ pub async fn verify(storage: &dyn Storage, opts: &VerifyOptions) -> Result<Repor
     }
 
     let wal_objects = storage.list("wal/").await?;
-    let histories = Histories::load(storage).await?;
+    let (histories, bad_histories) = Histories::load_checked(storage).await?;
+    for (object, reason) in bad_histories {
+        report.problems.push(Problem {
+            kind: ProblemKind::Malformed,
+            object,
+            message: format!(
+                "unusable timeline history file: {reason}; every restore that reads it fails"
+            ),
+        });
+    }
     if opts.wal_checksums {
         let needed = |o: &ObjectInfo| match (&opts.backup, WalFile::from_object_key(&o.key)) {
             (None, Some(_)) => true,
@@ -181,20 +310,31 @@ pub async fn verify(storage: &dyn Storage, opts: &VerifyOptions) -> Result<Repor
             },
             (_, None) => false,
         };
-        let keys: Vec<String> = wal_objects
+        let keys: Vec<(String, WalFile)> = wal_objects
             .iter()
             .filter(|o| needed(o))
-            .map(|o| o.key.clone())
+            .filter_map(|o| Some((o.key.clone(), WalFile::from_object_key(&o.key)?)))
             .collect();
+        let identity = &identity;
         let results: Vec<_> = stream::iter(keys.iter())
-            .map(|k| async move { check_object(storage, k).await })
+            .map(|(k, file)| async move {
+                let checked = check_object(storage, k, head_needed(*file)).await?;
+                check_wal_content(*file, checked.content_len, &checked.head, identity).map_err(
+                    |(kind, message)| Problem {
+                        kind,
+                        object: k.clone(),
+                        message: format!("{message}; wal-fetch refuses to hand it to PostgreSQL"),
+                    },
+                )?;
+                Ok::<_, Problem>(checked.stored)
+            })
             .buffer_unordered(parallelism)
             .collect()
             .await;
         for r in results {
             report.wal_objects_checked += 1;
             match r {
-                Ok((_, _, stored)) => report.bytes_checked += stored,
+                Ok(stored) => report.bytes_checked += stored,
                 Err(p) => report.problems.push(p),
             }
         }
@@ -249,14 +389,19 @@ async fn check_backup(
         }
     }
     let results: Vec<_> = stream::iter(present.iter())
-        .map(|(key, part)| async move { (key, part, check_object(storage, key).await) })
+        .map(|(key, part)| async move { (key, part, check_object(storage, key, 0).await) })
         .buffer_unordered(parallelism)
         .collect()
         .await;
     for (key, part, r) in results {
         report.parts_checked += 1;
         match r {
-            Ok((len, sha, stored)) => {
+            Ok(Checked {
+                content_len: len,
+                sha256: sha,
+                stored,
+                ..
+            }) => {
                 report.bytes_checked += stored;
                 // The sealed size (after decryption, for an encrypted archive).
                 if stored != part.stored_size {

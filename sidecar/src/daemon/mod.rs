@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::config::Settings;
-use crate::wal::{FetchOptions, PushOptions};
+use crate::wal::PushOptions;
 
 /// Settings of `walden daemon` (flags override the variables).
 #[derive(Debug, Clone, Args)]
@@ -102,9 +102,7 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| args.state_dir.join("prefetch"));
     let prefetcher = prefetch::Prefetcher::new(
         storage.clone(),
-        FetchOptions {
-            retry: settings.retry_policy(),
-        },
+        settings.fetch_options(),
         args.prefetch,
         prefetch_dir.clone(),
         metrics.clone(),

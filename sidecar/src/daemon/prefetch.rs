@@ -260,7 +260,13 @@ impl Prefetcher {
 
     async fn download(&self, name: &str) -> Result<Ready, String> {
         let tmp = self.temp_name(name, "pf");
-        let result = wal::fetch(self.storage.as_ref(), name, &tmp, &self.opts).await;
+        // A guess ahead of PostgreSQL: no hole check and no waiting; the real
+        // request checks for a hole itself.
+        let opts = FetchOptions {
+            hole_grace: None,
+            ..self.opts
+        };
+        let result = wal::fetch(self.storage.as_ref(), name, &tmp, &opts).await;
         let mut inner = lock(&self.inner);
         inner.in_flight.remove(name);
         match result {
@@ -319,10 +325,18 @@ mod tests {
     use crate::storage::FileStorage;
     use prometheus_client::registry::Registry;
 
-    const SIZE: u32 = 16 << 20;
+    const SIZE: u32 = 1 << 20;
 
+    /// A valid segment for `name` (what every fetch checks), tagged with the name.
     fn content(name: &str) -> Vec<u8> {
-        format!("segment {name}").into_bytes().repeat(100)
+        let seg = SegmentName::parse(name).unwrap();
+        crate::wal::header::sample_segment(
+            1,
+            seg.timeline,
+            seg.start_lsn(SIZE),
+            SIZE,
+            name.as_bytes(),
+        )
     }
 
     async fn archive(dir: &Path, names: &[String]) -> Arc<dyn Storage> {
@@ -450,6 +464,7 @@ mod tests {
                     retries: 0,
                     ..Default::default()
                 },
+                hole_grace: None,
             },
             4,
             tmp.path().join("spool"),
@@ -460,5 +475,35 @@ mod tests {
         let err = p.fetch(&seg(1, 2)).await.unwrap_err();
         assert!(!err.is_not_found());
         assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_segment_stored_under_another_name_is_never_served_even_prefetched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (1..=3).map(|n| seg(1, n)).collect();
+        let root = tmp.path().join("archive");
+        let storage = archive(&root, &names).await;
+        // Segment 2's (valid, checksummed) object under segment 3's name.
+        let key3 = WalFile::parse(&seg(1, 3)).unwrap().object_key();
+        std::fs::remove_file(root.join(&key3)).unwrap();
+        let body = Sealer::new(
+            std::io::Cursor::new(content(&seg(1, 2))),
+            SealOptions::default(),
+        );
+        storage.create(&key3, Box::pin(body)).await.unwrap();
+        let metrics = Metrics::new(&mut Registry::default());
+        let p = Prefetcher::new(
+            storage,
+            FetchOptions::default(),
+            4,
+            tmp.path().join("spool"),
+            metrics,
+        )
+        .unwrap();
+        drop(p.fetch(&seg(1, 1)).await.unwrap());
+        drop(p.fetch(&seg(1, 2)).await.unwrap());
+        let err = p.fetch(&seg(1, 3)).await.unwrap_err();
+        assert!(!err.is_not_found());
+        assert!(err.to_string().contains("another segment"), "{err}");
     }
 }

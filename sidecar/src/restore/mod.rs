@@ -26,6 +26,7 @@ use self::extract::{Layout, PG_CONTROL, PG_CONTROL_PARTIAL};
 use self::settings::RecoverySettings;
 use crate::catalog::{self, BackupManifest, CatalogError, ChooseError, Part, Target};
 use crate::object::{unseal, UnsealError};
+use crate::repo::{self, RepoError};
 use crate::retry::RetryPolicy;
 use crate::storage::{Storage, StorageError};
 
@@ -39,6 +40,18 @@ pub enum RestoreError {
         path: String,
         original: String,
     },
+    #[error(
+        "the target time {target} is after the end of the archive: its newest segment, {segment}, was \
+         stored at {stored}, so recovery could never reach the target. Wait until the WAL of that time is \
+         archived (pg_switch_wal() on the source forces it), or restore without a target"
+    )]
+    AfterArchive {
+        target: String,
+        segment: String,
+        stored: String,
+    },
+    #[error(transparent)]
+    Repo(#[from] RepoError),
     #[error(transparent)]
     Choose(#[from] ChooseError),
     #[error(transparent)]
@@ -63,6 +76,7 @@ impl RestoreError {
         match self {
             RestoreError::Storage(e) => e.is_transient(),
             RestoreError::Catalog(e) => e.is_transient(),
+            RestoreError::Repo(e) => e.is_transient(),
             RestoreError::Unseal(UnsealError::Read { .. }) => true,
             _ => false,
         }
@@ -87,6 +101,7 @@ pub struct Restored {
     pub files: u64,
     pub bytes: u64,
     pub seconds: f64,
+    pub cleared: Cleared,
 }
 
 fn local(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
@@ -116,12 +131,26 @@ pub async fn restore(
             path: dest.display().to_string(),
         });
     }
+    // A mistyped URL must say so, not look like an archive without backups.
+    repo::require(storage.as_ref()).await?;
     let backups = opts
         .retry
         .run("listing backups", CatalogError::is_transient, || {
             catalog::list_backups(storage.as_ref())
         })
         .await?;
+    if let (Target::Time(t), false) = (&opts.recovery.target, opts.recovery.standby) {
+        let last = catalog::last_archived_segment(storage.as_ref()).await?;
+        if let Some((segment, Some(stored))) = last {
+            if *t > stored {
+                return Err(RestoreError::AfterArchive {
+                    target: t.to_rfc3339(),
+                    segment,
+                    stored: stored.to_rfc3339(),
+                });
+            }
+        }
+    }
     let chosen = catalog::choose_backup(
         &backups,
         opts.backup.as_deref(),
@@ -162,10 +191,11 @@ pub async fn restore(
         .instrument(span)
         .await;
     match result {
-        Ok((files, bytes)) => Ok(Restored {
+        Ok((files, bytes, cleared)) => Ok(Restored {
             backup: chosen,
             files,
             bytes,
+            cleared,
             seconds: started.elapsed().as_secs_f64(),
         }),
         Err(e) => {
@@ -205,7 +235,7 @@ async fn unpack(
     backup: &BackupManifest,
     layout: &Layout,
     opts: &RestoreOptions,
-) -> Result<(u64, u64), RestoreError> {
+) -> Result<(u64, u64, Cleared), RestoreError> {
     let dest = &layout.dest;
     std::fs::create_dir_all(dest).map_err(local(dest))?;
     std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700)).map_err(local(dest))?;
@@ -251,10 +281,11 @@ async fn unpack(
             .await;
     let totals = results.into_iter().collect::<Result<Vec<_>, _>>()?;
 
-    finish(backup, layout, &opts.recovery)?;
+    let cleared = finish(backup, layout, &opts.recovery)?;
     Ok((
         totals.iter().map(|t| t.files).sum(),
         totals.iter().map(|t| t.bytes).sum(),
+        cleared,
     ))
 }
 
@@ -315,7 +346,7 @@ fn finish(
     backup: &BackupManifest,
     layout: &Layout,
     recovery: &RecoverySettings,
-) -> Result<(), RestoreError> {
+) -> Result<Cleared, RestoreError> {
     let dest = &layout.dest;
     let write = |name: &str, content: &str| {
         let path = dest.join(name);
@@ -335,12 +366,36 @@ fn finish(
     let status = dest.join("pg_wal/archive_status");
     std::fs::create_dir_all(&status).map_err(local(&status))?;
     let conf = dest.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
-    text.push_str(&recovery.render(&format!(
-        "Added by walden restore: backup {} (LSN {} .. {}), target {}",
-        backup.id, backup.start_lsn, backup.stop_lsn, recovery.target
-    )));
-    write("postgresql.auto.conf", &text)?;
+    let existing = match std::fs::read_to_string(&conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(local(&conf)(e)),
+    };
+    let auto = settings::rewrite_auto_conf(
+        &existing,
+        recovery,
+        &format!(
+            "Added by walden restore: backup {} (LSN {} .. {}), target {}",
+            backup.id, backup.start_lsn, backup.stop_lsn, recovery.target
+        ),
+    );
+    write("postgresql.auto.conf", &auto.text)?;
+    let mut cleared = Cleared {
+        removed: auto.removed,
+        ..Cleared::default()
+    };
+    let main_conf = dest.join("postgresql.conf");
+    if let Ok(text) = std::fs::read_to_string(&main_conf) {
+        cleared.overridden = settings::overridden_in_conf(&text);
+    }
+    // The backup's own signal files are not this restore's decision.
+    for stray in ["recovery.signal", "standby.signal"] {
+        let path = dest.join(stray);
+        if stray != recovery.signal_file() && path.exists() {
+            std::fs::remove_file(&path).map_err(local(&path))?;
+            cleared.removed.push(stray.to_string());
+        }
+    }
     write(recovery.signal_file(), "")?;
     let partial = dest.join(PG_CONTROL_PARTIAL);
     if !partial.exists() {
@@ -350,7 +405,20 @@ fn finish(
         });
     }
     std::fs::rename(&partial, dest.join(PG_CONTROL)).map_err(local(&partial))?;
-    Ok(())
+    for line in &cleared.removed {
+        tracing::warn!(removed = %line, "the backup carried a recovery setting of its own; removed it");
+    }
+    Ok(cleared)
+}
+
+/// What a restore took out of the backup's configuration so that only its
+/// own recovery settings apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleared {
+    /// Lines removed from `postgresql.auto.conf`, and stray signal files removed.
+    pub removed: Vec<String>,
+    /// Recovery lines of `postgresql.conf`, overridden by `postgresql.auto.conf`.
+    pub overridden: Vec<String>,
 }
 
 /// The default restore_command: this binary, with the storage settings that
@@ -360,9 +428,17 @@ pub fn default_restore_command(
     storage_url: &str,
     s3_endpoint: Option<&str>,
     path_style: bool,
+    key_file: Option<&Path>,
 ) -> String {
     use settings::shell_quote;
     let mut cmd = format!("WALDEN_STORAGE={}", shell_quote(storage_url));
+    // The path, not the key: the server must be able to read that file.
+    if let Some(k) = key_file {
+        cmd.push_str(&format!(
+            " WALDEN_ENCRYPTION_KEY_FILE={}",
+            shell_quote(&k.display().to_string())
+        ));
+    }
     if let Some(e) = s3_endpoint.filter(|e| !e.is_empty()) {
         cmd.push_str(&format!(" WALDEN_S3_ENDPOINT={}", shell_quote(e)));
     }
@@ -389,8 +465,7 @@ pub fn target_from(
             .parse()
             .map(Target::Lsn)
             .map_err(|e| format!("target LSN: {e}")),
-        (None, None, Some(n)) if !n.is_empty() => Ok(Target::Name(n.to_string())),
-        (None, None, Some(_)) => Err("target name is empty".into()),
+        (None, None, Some(n)) => settings::check_name(n).map(|()| Target::Name(n.to_string())),
         _ => Err("give at most one of --target-time, --target-lsn, --target-name".into()),
     }
 }

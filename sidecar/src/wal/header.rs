@@ -96,6 +96,24 @@ pub(crate) fn sample_header(sysid: u64, page_addr: u64) -> Vec<u8> {
     b
 }
 
+/// A whole segment of `segment_size` bytes whose long header names `timeline`,
+/// `page_addr` and the database `sysid`; `tag` is written after the header.
+#[cfg(test)]
+pub(crate) fn sample_segment(
+    sysid: u64,
+    timeline: u32,
+    page_addr: u64,
+    segment_size: u32,
+    tag: &[u8],
+) -> Vec<u8> {
+    let mut b = sample_header(sysid, page_addr);
+    b[4..8].copy_from_slice(&timeline.to_le_bytes());
+    b[32..36].copy_from_slice(&segment_size.to_le_bytes());
+    b.resize(segment_size as usize, 0);
+    b[64..64 + tag.len()].copy_from_slice(tag);
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

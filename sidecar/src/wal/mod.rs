@@ -2,13 +2,15 @@
 //! (its `restore_command`).
 
 pub mod fetch;
+pub mod files;
 pub mod header;
+pub mod holes;
 pub mod name;
 pub mod push;
 
 use std::io;
 
-pub use fetch::{fetch, FetchOptions, Fetched};
+pub use fetch::{fetch, FetchOptions, Fetched, DEFAULT_HOLE_GRACE};
 pub use name::{SegmentName, WalFile};
 pub use push::{push, PushOptions, PushResult, Pushed};
 
@@ -18,10 +20,12 @@ use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("{name:?} is not a WAL file name PostgreSQL uses (a 24-hex-digit segment, .partial, .history or .backup file)")]
+    #[error("{} is not a WAL file name PostgreSQL uses (a 24-hex-digit segment, .partial, .history or .backup file)", crate::restore::settings::echo(.name))]
     InvalidName { name: String },
     #[error("refusing to archive {path}: {reason}")]
     NotASegment { path: String, reason: String },
+    #[error("refusing to archive {path}: {reason}; nothing was stored")]
+    Malformed { path: String, reason: String },
     #[error(
         "refusing to archive {path}: its header says it starts at LSN {found:X}/{found_lo:08X}, but its name means \
          {expected:X}/{expected_lo:08X}; the file was renamed or recycled",
@@ -61,6 +65,22 @@ pub enum WalError {
     ForeignObject { object: String },
     #[error("{name} is not in the archive {url}")]
     NotFound { name: String, url: String },
+    #[error(
+        "{name} is missing from {url}, but {reason}: a hole in the archive (waited {waited:.1}s for an \
+         upload in flight). Recovery must not end here; restore the missing file, or restore to a target before it"
+    )]
+    Hole {
+        name: String,
+        url: String,
+        reason: String,
+        waited: f64,
+    },
+    #[error("{object} is not {name}: {reason}; refusing to hand it to PostgreSQL")]
+    WrongContent {
+        object: String,
+        name: String,
+        reason: String,
+    },
 }
 
 impl WalError {

@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 use tracing::Instrument;
 
 use super::header::{PageHeader, LONG_HEADER_LEN};
-use super::{WalError, WalFile};
+use super::{files, WalError, WalFile};
 use crate::object::{seal_of, Seal, SealOptions, Sealer, TRAILER_LEN};
 use crate::repo;
 use crate::retry::RetryPolicy;
@@ -99,6 +99,50 @@ async fn read_header(path: &Path) -> Result<PageHeader, WalError> {
     })
 }
 
+/// Refuses a history or backup-history file whose content is not one: the
+/// archive is write-once, and a stored garbage file would break every restore.
+async fn check_small_file(path: &Path, file: WalFile) -> Result<(), WalError> {
+    let local = |op, source| WalError::Local {
+        op,
+        path: path.display().to_string(),
+        source,
+    };
+    let f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| local("open", e))?;
+    let mut bytes = Vec::new();
+    f.take(files::MAX_HISTORY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| local("read", e))?;
+    let checked = if bytes.len() as u64 > files::MAX_HISTORY_BYTES {
+        Err(format!(
+            "it is larger than {} bytes",
+            files::MAX_HISTORY_BYTES
+        ))
+    } else {
+        match file {
+            WalFile::History(tli) => files::check_history(tli, &bytes).map(|_| ()),
+            WalFile::BackupHistory { segment, offset } => {
+                files::check_backup_history(segment, offset, &bytes)
+            }
+            WalFile::Segment(_) | WalFile::Partial(_) => Ok(()),
+        }
+    };
+    checked.map_err(|reason| WalError::Malformed {
+        path: path.display().to_string(),
+        reason: format!("it is not a valid {} file: {reason}", kind_of(file)),
+    })
+}
+
+fn kind_of(file: WalFile) -> &'static str {
+    match file {
+        WalFile::History(_) => "timeline history",
+        WalFile::BackupHistory { .. } => "backup history",
+        WalFile::Segment(_) | WalFile::Partial(_) => "WAL segment",
+    }
+}
+
 async fn local_seal(path: &Path) -> Result<Seal, WalError> {
     let local = |op, source| WalError::Local {
         op,
@@ -157,8 +201,29 @@ async fn push_once(
                 });
             }
         }
+        if matches!(file, WalFile::Segment(_)) {
+            let len = tokio::fs::metadata(path)
+                .await
+                .map_err(|source| WalError::Local {
+                    op: "stat",
+                    path: path.display().to_string(),
+                    source,
+                })?
+                .len();
+            if len != u64::from(header.segment_size) {
+                return Err(WalError::NotASegment {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "it is {len} bytes, but its header says segments are {} bytes (a truncated or \
+                         padded copy; nothing was stored)",
+                        header.segment_size
+                    ),
+                });
+            }
+        }
         repo::ensure(storage, &header, &path.display().to_string()).await?;
     } else {
+        check_small_file(path, file).await?;
         // History and backup-history files name no database; still refuse an unknown format.
         repo::load(storage).await?;
     }
