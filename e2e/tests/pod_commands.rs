@@ -268,7 +268,7 @@ fn source(work: &Path) -> Source {
         walden_image: IMAGE.into(),
     };
     let sts = user_statefulset();
-    let patch = specs::primary_patch(&cb, &sts, &cfg).expect("primary patch");
+    let patch = specs::primary_patch(&cb, &sts, &cfg.walden_image).expect("primary patch");
     let spec = apply_patch(&sts, &patch);
     let mut pod = Pod::new(work, "pg-0", spec, IMAGE, secrets("pg", &[]), &[5432]);
     pod.run_init(INSTALL_CONTAINER);

@@ -452,7 +452,7 @@ fn pgdata_mount(container: &Container, pgdata: &str) -> Option<VolumeMount> {
 pub fn primary_patch(
     cb: &ContinuousBackup,
     sts: &StatefulSet,
-    cfg: &OperatorConfig,
+    image: &str,
 ) -> Result<Value, SpecError> {
     let target = &cb.spec.target;
     let sts_name = sts.metadata.name.clone().unwrap_or_default();
@@ -499,7 +499,7 @@ pub fn primary_patch(
     };
     let sidecar = with_encryption_key(
         sidecar_container(
-            &cfg.walden_image,
+            image,
             target.run_as_user,
             daemon_env(&daemon),
             data_ro,
@@ -524,13 +524,35 @@ pub fn primary_patch(
         "spec": {
             "template": {
                 "spec": {
-                    "initContainers": [install_container(&cfg.walden_image, target.run_as_user)],
+                    "initContainers": [install_container(image, target.run_as_user)],
                     "containers": [postgres, sidecar],
                     "volumes": volumes,
                 }
             }
         }
     }))
+}
+
+/// What the primary patch is built from besides the operator's own code: the
+/// spec, the sidecar image, and what it reads from the user's StatefulSet
+/// (the postgres container's arguments as the patch sets them, the PGDATA
+/// mount). A change of these re-applies the injection; a change of the
+/// operator alone does not (see `controllers::decide_apply`).
+pub fn primary_inputs(cb: &ContinuousBackup, sts: &StatefulSet, image: &str) -> Value {
+    let target = &cb.spec.target;
+    let pg = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == target.container));
+    let args = pg.map(|c| {
+        postgres_args(
+            c.args.as_deref().unwrap_or_default(),
+            &cb.spec.archive_timeout,
+        )
+    });
+    let data = pg.and_then(|c| pgdata_mount(c, &target.pgdata));
+    json!({"spec": cb.spec, "image": image, "postgresArgs": args, "dataMount": data})
 }
 
 /// Applying this releases every field the operator owns on the StatefulSet,
@@ -663,6 +685,11 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
     let standby = plan.kind == InstanceKind::Follower;
     let storage_env = storage_env(plan.storage, plan.compression_level, true);
     let mut restore_env = storage_env.clone();
+    // The init container runs again whenever the pod is recreated on the
+    // kept volume: it must recognise its own finished restore and step
+    // aside (a half-finished one is redone, another target refused).
+    restore_env.push(env("WALDEN_RESTORE_IF_RESTORED", "skip"));
+    restore_env.push(env("WALDEN_TERMINATION_LOG", "/dev/termination-log"));
     if let Some(s) = plan.streaming {
         restore_env.push(env_from_secret(
             CONNINFO_ENV,
@@ -717,6 +744,10 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
             ..Default::default()
         }),
         resources: plan.instance.resources.clone(),
+        // PostgreSQL's last log lines ("recovery ended before configured
+        // recovery target was reached") become the termination message the
+        // Fork controller reads.
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         // PostgreSQL writes its socket and pid under /var/run/postgresql.
         security_context: Some(restricted_security_context(uid, false)),
         ..Default::default()
@@ -1044,7 +1075,7 @@ mod tests {
             json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]),
             Some(vec!["-c", "max_connections=50"]),
         );
-        let patch = primary_patch(&base_cb(), &target, &cfg).expect("patch");
+        let patch = primary_patch(&base_cb(), &target, &cfg.walden_image).expect("patch");
         assert_eq!(patch["apiVersion"], "apps/v1");
         assert_eq!(patch["metadata"], json!({"name": "pg", "namespace": "db"}));
         let pod = &patch["spec"]["template"]["spec"];
@@ -1149,14 +1180,14 @@ mod tests {
                 }
             }
         };
-        let patch = primary_patch(&encrypted, &target, &cfg).expect("patch");
+        let patch = primary_patch(&encrypted, &target, &cfg.walden_image).expect("patch");
         check(
             &patch["spec"]["template"]["spec"],
             &[SIDECAR_CONTAINER],
             &[INSTALL_CONTAINER, "postgres"],
             "primary",
         );
-        let plain = primary_patch(&base_cb(), &target, &cfg).expect("patch");
+        let plain = primary_patch(&base_cb(), &target, &cfg.walden_image).expect("patch");
         assert!(!plain.to_string().contains(ENCRYPTION_VOLUME));
 
         let inst = instance();
@@ -1218,7 +1249,7 @@ mod tests {
         for (name, mounts, container_name, want) in cases {
             let mut c = base_cb();
             c.spec.target.container = container_name.into();
-            let got = primary_patch(&c, &sts(mounts, None), &cfg);
+            let got = primary_patch(&c, &sts(mounts, None), &cfg.walden_image);
             match (got, want) {
                 (Ok(p), Ok(vol)) => {
                     let side = container(

@@ -4,7 +4,8 @@
 
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, resolve_source, set_condition, Context, Error, PendingEvent, Status,
+    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, Context, Desired,
+    Error, PendingEvent, Status,
 };
 use crate::api::{Fork, ForkPhase, RecoveryTarget};
 use crate::daemon_client::{DaemonStatus, Endpoint, Role};
@@ -193,6 +194,17 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
     let mut events = Vec::new();
 
     let action = 'outcome: {
+        let violations = crate::rules::fork(&fork.spec);
+        if report_invalid(
+            &mut status.conditions,
+            &violations,
+            generation,
+            now,
+            &mut events,
+        ) {
+            status.phase = ForkPhase::Failed;
+            break 'outcome Action::await_change();
+        }
         let source = match resolve_source(
             ctx,
             &ns,
@@ -270,13 +282,23 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             .get_opt(&svc_name)
             .await
             .map_err(kube_err(format!("reading Service {svc_name}")))?;
-        let mut created = apply_if_changed(&svc_api, &svc_name, current_svc.as_ref(), &svc, false)
+        let svc = Desired::derived(svc);
+        let mut created = apply_if_changed(
+            &svc_api,
+            &svc_name,
+            current_svc.as_ref(),
+            &svc,
+            false,
+            false,
+        )
+        .await
+        .map_err(kube_err(format!("applying Service {svc_name}")))?
+            == ApplyDecision::Apply;
+        let sts = Desired::derived(apply_body(&specs::instance_statefulset(&plan))?);
+        created |= apply_if_changed(&sts_api, &name, existing.as_ref(), &sts, false, false)
             .await
-            .map_err(kube_err(format!("applying Service {svc_name}")))?;
-        let sts = apply_body(&specs::instance_statefulset(&plan))?;
-        created |= apply_if_changed(&sts_api, &name, existing.as_ref(), &sts, false)
-            .await
-            .map_err(kube_err(format!("applying StatefulSet {name}")))?;
+            .map_err(kube_err(format!("applying StatefulSet {name}")))?
+            == ApplyDecision::Apply;
         if created {
             events.push(PendingEvent::normal(
                 "Applied",
@@ -682,6 +704,33 @@ mod tests {
             );
             assert_eq!(api.event_reasons(), vec![reason.to_string()], "{name}");
         }
+    }
+
+    /// On a cluster with the legacy CRDs (no CEL) a spec breaking a CEL
+    /// rule reaches the operator; it refuses it the same way.
+    #[tokio::test]
+    async fn rule_violations_are_refused_before_anything_is_created() {
+        let api = FakeApi::default();
+        api.insert(source_cb(Some("2025-05-01T03:00:00Z")));
+        api.insert(fork(
+            json!({"time": "2025-05-01T10:00:00Z", "lsn": "0/3000060"}),
+        ));
+        let ctx = context(&api, Arc::new(FakeDaemon::default()), time(NOW));
+        let action = reconcile(stored(&api), ctx).await.expect("reconcile");
+        assert_eq!(action, Action::await_change());
+        let f = stored(&api);
+        assert_eq!(f.status.as_ref().map(|s| s.phase), Some(ForkPhase::Failed));
+        let (status, reason, message) = ready(&f);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+        assert!(
+            message.contains("spec.target: set at most one recovery target"),
+            "{message}"
+        );
+        assert!(api.get(STS_PATH).is_none() && api.get(SVC_PATH).is_none());
+        assert!(api
+            .get("/api/v1/namespaces/db/secrets/f-walden-token")
+            .is_none());
+        assert_eq!(api.event_reasons(), vec!["Invalid".to_string()]);
     }
 
     #[tokio::test]
