@@ -246,12 +246,33 @@ pub struct RetentionSpec {
     pub recovery_window: Option<String>,
 }
 
-/// The walden sidecar's resources.
+/// The walden sidecar: resources, and which image it runs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Run this walden image instead of the one the injection already runs
+    /// (changing it restarts the database's pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    /// Manual (default): an operator upgrade never changes the sidecar of a
+    /// running database (status says SidecarCurrent=False UpdateAvailable);
+    /// Automatic: the sidecar follows the operator's image, restarting the
+    /// database's pods when it changes.
+    #[serde(default)]
+    pub update_policy: SidecarUpdatePolicy,
+}
+
+/// When the sidecar image of a protected database changes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SidecarUpdatePolicy {
+    /// Only when spec.sidecar.image or this policy says so.
+    #[default]
+    Manual,
+    /// With the operator: every operator upgrade rolls the database's pods.
+    Automatic,
 }
 
 /// Observed state of a ContinuousBackup.

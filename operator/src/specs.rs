@@ -6,7 +6,8 @@
 //! `postgres`, so no config file in PGDATA has to be edited.
 
 use crate::api::{
-    ContinuousBackup, InstanceSpec, RecoveryTarget, RetentionSpec, StorageSpec, StreamingSpec,
+    ContinuousBackup, InstanceSpec, RecoveryTarget, RetentionSpec, SidecarSpec,
+    SidecarUpdatePolicy, StorageSpec, StreamingSpec,
 };
 use crate::daemon_client::DAEMON_PORT;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -555,6 +556,67 @@ pub fn primary_inputs(cb: &ContinuousBackup, sts: &StatefulSet, image: &str) -> 
     json!({"spec": cb.spec, "image": image, "postgresArgs": args, "dataMount": data})
 }
 
+/// Which walden image a protected primary's injection runs, and whether it
+/// is the operator's own (the `SidecarCurrent` condition).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarChoice {
+    pub image: String,
+    pub current: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Chooses the sidecar image (pure): an explicit `spec.sidecar.image`;
+/// with `updatePolicy: Automatic` the operator's; otherwise the image the
+/// live injection already runs, so that an operator upgrade does not restart
+/// every protected database (the operator's image only for a new injection).
+pub fn choose_sidecar_image(
+    spec: Option<&SidecarSpec>,
+    live: Option<&str>,
+    operator_image: &str,
+) -> SidecarChoice {
+    let current = |image: &str| SidecarChoice {
+        image: image.to_string(),
+        current: true,
+        reason: "Current",
+        message: format!("the sidecar runs {image}, the operator's walden image"),
+    };
+    if let Some(image) = spec.and_then(|s| s.image.as_deref()) {
+        if image == operator_image {
+            return current(image);
+        }
+        return SidecarChoice {
+            image: image.to_string(),
+            current: false,
+            reason: "Pinned",
+            message: format!(
+                "spec.sidecar.image pins {image}; this operator ships {operator_image}"
+            ),
+        };
+    }
+    let automatic = spec.is_some_and(|s| s.update_policy == SidecarUpdatePolicy::Automatic);
+    match live {
+        Some(image) if !automatic && image != operator_image => SidecarChoice {
+            image: image.to_string(),
+            current: false,
+            reason: "UpdateAvailable",
+            message: format!(
+                "the sidecar runs {image}; this operator ships {operator_image}. Nothing restarts by itself: set spec.sidecar.updatePolicy: Automatic (or spec.sidecar.image) when the database's pods may restart"
+            ),
+        },
+        _ => current(operator_image),
+    }
+}
+
+/// The walden image the injected sidecar of `sts` runs, if injected.
+pub fn live_sidecar_image(sts: &StatefulSet) -> Option<String> {
+    sts.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == SIDECAR_CONTAINER))
+        .and_then(|c| c.image.clone())
+}
+
 /// Applying this releases every field the operator owns on the StatefulSet,
 /// which removes the injection (fields also set by another manager stay).
 pub fn release_patch(name: &str, namespace: &str) -> Value {
@@ -1010,6 +1072,68 @@ mod tests {
             .expect("secretKeyRef");
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("s3", "key"));
         assert!(key.value.is_none(), "credentials never inline");
+    }
+
+    #[test]
+    fn sidecar_image_table() {
+        let op = "walden:2";
+        let spec = |image: Option<&str>, policy| SidecarSpec {
+            resources: None,
+            image: image.map(str::to_string),
+            update_policy: policy,
+        };
+        use SidecarUpdatePolicy::{Automatic, Manual};
+        let cases = [
+            ("new injection", None, None, "walden:2", "Current"),
+            ("same image", None, Some("walden:2"), "walden:2", "Current"),
+            (
+                "upgrade, default policy: pinned to live",
+                None,
+                Some("walden:1"),
+                "walden:1",
+                "UpdateAvailable",
+            ),
+            (
+                "upgrade, Manual",
+                Some(spec(None, Manual)),
+                Some("walden:1"),
+                "walden:1",
+                "UpdateAvailable",
+            ),
+            (
+                "upgrade, Automatic",
+                Some(spec(None, Automatic)),
+                Some("walden:1"),
+                "walden:2",
+                "Current",
+            ),
+            (
+                "explicit image",
+                Some(spec(Some("walden:1.5"), Manual)),
+                Some("walden:1"),
+                "walden:1.5",
+                "Pinned",
+            ),
+            (
+                "explicit image wins over Automatic",
+                Some(spec(Some("walden:1.5"), Automatic)),
+                Some("walden:2"),
+                "walden:1.5",
+                "Pinned",
+            ),
+            (
+                "explicit operator image",
+                Some(spec(Some("walden:2"), Manual)),
+                Some("walden:1"),
+                "walden:2",
+                "Current",
+            ),
+        ];
+        for (name, spec, live, image, reason) in cases {
+            let got = choose_sidecar_image(spec.as_ref(), live, op);
+            assert_eq!((got.image.as_str(), got.reason), (image, reason), "{name}");
+            assert_eq!(got.current, reason == "Current", "{name}");
+        }
     }
 
     #[test]

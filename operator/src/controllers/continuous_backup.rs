@@ -8,7 +8,8 @@ use super::{
     report_invalid, set_condition, ApplyDecision, Context, Desired, Error, PendingEvent, Status,
 };
 use crate::api::{
-    BackupInfo, ContinuousBackup, ContinuousBackupStatus, CONTINUOUS_BACKUP_FINALIZER,
+    BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
+    CONTINUOUS_BACKUP_FINALIZER,
 };
 use crate::daemon_client::{BackupState, DaemonStatus, Endpoint, Role, StartBackup};
 use crate::schedule::{decide, Schedule};
@@ -180,7 +181,17 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
         };
 
         let token = ensure_token(ctx, cb.as_ref()).await?;
-        let image = ctx.config.walden_image.clone();
+        let sidecar = specs::choose_sidecar_image(
+            cb.spec.sidecar.as_ref(),
+            specs::live_sidecar_image(&sts).as_deref(),
+            &ctx.config.walden_image,
+        );
+        let image = sidecar.image.clone();
+        let hold_back = cb
+            .spec
+            .sidecar
+            .as_ref()
+            .is_none_or(|s| s.update_policy == SidecarUpdatePolicy::Manual);
         let patch = match specs::primary_patch(&cb, &sts, &image) {
             Ok(p) => Desired::new(p, &specs::primary_inputs(&cb, &sts, &image)),
             Err(e) => {
@@ -204,11 +215,12 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             Some(&sts),
             &patch,
             cb.spec.target.force_conflicts,
-            true,
+            hold_back,
         )
         .await
         {
             Ok(ApplyDecision::Apply) => {
+                report_sidecar(&mut status, &sidecar, generation, now, &mut events);
                 info!(statefulset = %target, "injected archiving");
                 events.push(PendingEvent::normal(
                     "Injected",
@@ -216,9 +228,20 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                     format!("walden sidecar and archive settings applied to StatefulSet {target}"),
                 ));
             }
-            Ok(ApplyDecision::Unchanged) => {}
+            Ok(ApplyDecision::Unchanged) => {
+                report_sidecar(&mut status, &sidecar, generation, now, &mut events);
+            }
             Ok(ApplyDecision::HoldBack) => {
                 info!(statefulset = %target, "operator changed its injection; held back until the spec changes");
+                let held = specs::SidecarChoice {
+                    current: false,
+                    reason: "UpdateAvailable",
+                    message: format!(
+                        "this operator would change the injection on StatefulSet {target} (an upgrade); held back so the database does not restart: it is applied with the next change of this ContinuousBackup's spec, or at once with spec.sidecar.updatePolicy: Automatic"
+                    ),
+                    ..sidecar.clone()
+                };
+                report_sidecar(&mut status, &held, generation, now, &mut events);
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 let msg = format!(
@@ -386,6 +409,37 @@ fn mirror_daemon_status(
         ) {
             events.push(PendingEvent::normal("Protected", "Archive", msg));
         }
+    }
+}
+
+/// The `SidecarCurrent` condition, with an Event when it changes.
+fn report_sidecar(
+    status: &mut ContinuousBackupStatus,
+    choice: &specs::SidecarChoice,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let s = if choice.current {
+        Status::True
+    } else {
+        Status::False
+    };
+    if set_condition(
+        &mut status.conditions,
+        "SidecarCurrent",
+        s,
+        choice.reason,
+        &choice.message,
+        generation,
+        now,
+    ) && !choice.current
+    {
+        events.push(PendingEvent::normal(
+            &format!("Sidecar{}", choice.reason),
+            "Inject",
+            choice.message.clone(),
+        ));
     }
 }
 
@@ -710,7 +764,7 @@ async fn cleanup(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Err
 mod tests {
     use super::*;
     use crate::controllers::testing::{
-        context, pod, primary_status, time, FakeApi, FakeDaemon, IMAGE,
+        context, context_with_image, pod, primary_status, time, FakeApi, FakeDaemon, IMAGE,
     };
     use crate::daemon_client::{BackupJob, DaemonStatus};
     use serde_json::{json, Value};
@@ -1003,6 +1057,81 @@ mod tests {
             "then nothing more: {:?}",
             api.writes()
         );
+    }
+
+    fn sidecar_image(sts: &Value) -> Option<String> {
+        sts["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == "walden"))
+            .and_then(|c| c["image"].as_str().map(str::to_string))
+    }
+
+    /// Issue 14.2: an operator upgrade (a new walden image) does not touch
+    /// the protected StatefulSet; the status says an update is available,
+    /// and the user opts in with updatePolicy: Automatic.
+    #[tokio::test]
+    async fn an_operator_upgrade_does_not_restart_the_database() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let now = time("2025-05-01T10:05:00Z");
+        reconcile(stored_cb(&api), context(&api, daemon.clone(), now))
+            .await
+            .expect("first reconcile");
+        assert_eq!(
+            sidecar_image(&api.get(STS_PATH).expect("sts")).as_deref(),
+            Some(IMAGE)
+        );
+        assert_eq!(condition(&stored_cb(&api), "SidecarCurrent").0, "True");
+
+        let upgraded =
+            context_with_image(&api, daemon.clone(), now, "ghcr.io/walden-dev/walden:next");
+        api.clear_requests();
+        reconcile(stored_cb(&api), upgraded.clone())
+            .await
+            .expect("reconcile after the upgrade");
+        assert!(
+            api.writes().iter().all(|r| r.path != STS_PATH),
+            "no write to the StatefulSet: {:?}",
+            api.writes()
+        );
+        let cb = stored_cb(&api);
+        let (current, reason, message) = condition(&cb, "SidecarCurrent");
+        assert_eq!(
+            (current.as_str(), reason.as_str()),
+            ("False", "UpdateAvailable")
+        );
+        assert!(
+            message.contains("walden:next") && message.contains(IMAGE),
+            "{message}"
+        );
+        assert!(api
+            .event_reasons()
+            .contains(&"SidecarUpdateAvailable".to_string()));
+
+        // A spec change re-applies, still with the running image.
+        let mut changed = api.get(CB_PATH).expect("cb");
+        changed["spec"]["archiveTimeout"] = json!("30s");
+        api.insert(changed);
+        reconcile(stored_cb(&api), upgraded.clone())
+            .await
+            .expect("reconcile");
+        let sts = api.get(STS_PATH).expect("sts");
+        assert_eq!(sidecar_image(&sts).as_deref(), Some(IMAGE), "still pinned");
+        assert!(sts["spec"]["template"]["spec"]["containers"]
+            .to_string()
+            .contains("archive_timeout=30s"));
+
+        // Opt in: the sidecar follows the operator.
+        let mut auto = api.get(CB_PATH).expect("cb");
+        auto["spec"]["sidecar"] = json!({"updatePolicy": "Automatic"});
+        api.insert(auto);
+        reconcile(stored_cb(&api), upgraded)
+            .await
+            .expect("reconcile");
+        assert_eq!(
+            sidecar_image(&api.get(STS_PATH).expect("sts")).as_deref(),
+            Some("ghcr.io/walden-dev/walden:next")
+        );
+        assert_eq!(condition(&stored_cb(&api), "SidecarCurrent").0, "True");
     }
 
     #[tokio::test]

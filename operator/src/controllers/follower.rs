@@ -93,6 +93,16 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
         .await?
         {
             Ok(s) => s,
+            Err(msg) if status.promoted => {
+                super::fork::source_gone(
+                    &mut status.conditions,
+                    &msg,
+                    generation,
+                    now,
+                    &mut events,
+                );
+                break 'outcome;
+            }
             Err(msg) => {
                 if set_condition(
                     &mut status.conditions,
