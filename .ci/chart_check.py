@@ -20,9 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "walden"
 RBAC = ROOT / "operator" / "deploy" / "rbac.yaml"
 CRDS = ROOT / "crds" / "walden.dev.yaml"
-# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the
+# Without CEL rules, for clusters before 1.25 (crdgen --legacy).
+CRDS_LEGACY = ROOT / "crds" / "walden.dev.legacy.yaml"
+CRD_NAMES = ["continuousbackups.walden.dev", "followers.walden.dev", "forks.walden.dev"]
+# Schemas manifests are validated against: the oldest with CEL rules and the
 # version the operator is built against (k8s-openapi feature v1_33).
+# kubernetes-validate has no schemas before 1.25; the chart's own floor is
+# Chart.yaml's kubeVersion (1.20), checked by rendering and linting there.
 KUBE_VERSIONS = ["1.25.0", "1.33.0"]
+# Clusters that must get the legacy CRDs, and ones that must get CEL rules.
+OLD_CLUSTERS = ["1.20.2", "1.24.17"]
+NEW_CLUSTERS = ["1.25.0", "1.33.0"]
 NAMESPACE = "walden-system"
 RELEASE = "walden"
 
@@ -86,10 +94,21 @@ def check(name):
     return wrap
 
 
-def render(values=None):
-    """Rendered documents (parsed), in template order, empty ones dropped."""
+def render(values=None, kube_version=None):
+    """Rendered documents (parsed), in template order, empty ones dropped.
+
+    kube_version sets .Capabilities.KubeVersion; Chart.render has no argument
+    for it, so that case calls the pinned SDK's native render with the option
+    its Go side reads ("kube_version").
+    """
     with helm.Chart.load(str(CHART)) as chart:
-        manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        if kube_version is None:
+            manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        else:
+            opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True, "kube_version": kube_version}
+            manifests = json.loads(
+                helm._native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps(opts))
+            )
     docs = []
     for path, text in sorted(manifests.items()):
         if path.endswith("NOTES.txt"):
@@ -104,8 +123,8 @@ def notes(manifests):
     return next(v for k, v in manifests.items() if k.endswith("NOTES.txt"))
 
 
-def lint(values):
-    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
+def lint(values, kube_version=None):
+    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=kube_version)
     bad = [m for m in report.get("messages") or [] if m.get("severity", 0) >= 2]
     if report.get("errors") or bad:
         raise AssertionError(json.dumps({"errors": report.get("errors"), "messages": bad}, indent=1))
@@ -245,11 +264,19 @@ def _():
     lint(CUSTOM)
 
 
+@check("helm lint --strict on the oldest supported cluster (1.20)")
+def _():
+    lint(None, kube_version=OLD_CLUSTERS[0])
+
+
 @check("default render: every manifest valid (kubernetes-validate --strict)")
 def _():
     docs, _ = render()
     kinds = sorted(d["kind"] for _, d in docs)
-    want = sorted(["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"])
+    want = sorted(
+        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
+        + ["CustomResourceDefinition"] * 3
+    )
     if kinds != want:
         raise AssertionError(f"kinds {kinds}, expected {want}")
     validate(docs)
@@ -262,19 +289,72 @@ def _():
     validate(docs)
 
 
-@check("chart CRDs valid and byte-identical to crds/walden.dev.yaml")
+def source_crds(path):
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+
+
+def without_cel(value):
+    if isinstance(value, dict):
+        return {k: without_cel(v) for k, v in value.items() if k != "x-kubernetes-validations"}
+    if isinstance(value, list):
+        return [without_cel(v) for v in value]
+    return value
+
+
+def rendered_crds(docs):
+    """Rendered CRDs by name, with what the template adds checked and removed."""
+    out = {}
+    for _, d in docs:
+        if d.get("kind") != "CustomResourceDefinition":
+            continue
+        d = copy.deepcopy(d)
+        meta = d["metadata"]
+        if meta.pop("annotations", None) != {"helm.sh/resource-policy": "keep"}:
+            raise AssertionError(f"{meta['name']}: needs exactly helm.sh/resource-policy: keep")
+        labels = meta.pop("labels", {})
+        if labels.get("app.kubernetes.io/managed-by") != "Helm":
+            raise AssertionError(f"{meta['name']}: labels {labels}")
+        out[meta["name"]] = d
+    return out
+
+
+@check("chart CRD files byte-identical to crds/ (full and legacy), legacy = full without CEL")
 def _():
-    files = sorted(p.name for p in (CHART / "crds").iterdir())
-    if files != ["walden.dev.yaml"]:
-        raise AssertionError(f"charts/walden/crds holds {files}")
-    if (CHART / "crds" / "walden.dev.yaml").read_bytes() != CRDS.read_bytes():
-        raise AssertionError("charts/walden/crds/walden.dev.yaml differs: cp crds/walden.dev.yaml charts/walden/crds/")
-    docs = [("crds", d) for d in yaml.safe_load_all(CRDS.read_text()) if d]
-    names = sorted(d["metadata"]["name"] for _, d in docs)
-    want = ["continuousbackups.walden.dev", "followers.walden.dev", "forks.walden.dev"]
-    if names != want:
-        raise AssertionError(f"CRDs {names}")
-    validate(docs)
+    files = sorted(p.name for p in (CHART / "files" / "crds").iterdir())
+    if files != ["walden.dev.legacy.yaml", "walden.dev.yaml"]:
+        raise AssertionError(f"charts/walden/files/crds holds {files}")
+    if (CHART / "crds").exists():
+        raise AssertionError("charts/walden/crds/ must not exist: Helm would install it before the kubeVersion check")
+    for src in [CRDS, CRDS_LEGACY]:
+        if (CHART / "files" / "crds" / src.name).read_bytes() != src.read_bytes():
+            raise AssertionError(f"charts/walden/files/crds/{src.name} differs: cp crds/*.yaml charts/walden/files/crds/")
+    full, legacy = source_crds(CRDS), source_crds(CRDS_LEGACY)
+    if sorted(full) != CRD_NAMES or sorted(legacy) != CRD_NAMES:
+        raise AssertionError(f"CRDs {sorted(full)} / {sorted(legacy)}")
+    if "x-kubernetes-validations" not in CRDS.read_text():
+        raise AssertionError("crds/walden.dev.yaml lost its CEL rules")
+    if "x-kubernetes-validations" in CRDS_LEGACY.read_text():
+        raise AssertionError("crds/walden.dev.legacy.yaml has CEL rules")
+    if {k: without_cel(v) for k, v in full.items()} != legacy:
+        raise AssertionError("the legacy CRDs differ from the full ones by more than their CEL rules")
+    validate([("crds", d) for d in full.values()] + [("crds-legacy", d) for d in legacy.values()])
+
+
+@check("rendered CRDs: CEL variant from 1.25, legacy before, none with crds.install=false")
+def _():
+    for v in NEW_CLUSTERS:
+        docs, _ = render(kube_version=v)
+        if rendered_crds(docs) != source_crds(CRDS):
+            raise AssertionError(f"on {v} the rendered CRDs are not crds/walden.dev.yaml")
+    for v in OLD_CLUSTERS:
+        docs, _ = render(kube_version=v)
+        if rendered_crds(docs) != source_crds(CRDS_LEGACY):
+            raise AssertionError(f"on {v} the rendered CRDs are not crds/walden.dev.legacy.yaml")
+    docs, _ = render({"crds": {"install": False}})
+    if by_kind(docs, "CustomResourceDefinition"):
+        raise AssertionError("crds.install=false still renders CRDs")
+    if yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] != ">=1.20.0-0":
+        raise AssertionError("Chart.yaml kubeVersion must admit 1.20 (the legacy CRDs' floor)")
 
 
 @check("rendered RBAC == operator/deploy/rbac.yaml (default values)")
@@ -292,7 +372,7 @@ def _():
 @check("rbac.create=false and serviceAccount.create=false render no RBAC")
 def _():
     docs, manifests = render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}})
-    kinds = sorted(d["kind"] for _, d in docs)
+    kinds = sorted(d["kind"] for _, d in docs if d["kind"] != "CustomResourceDefinition")
     if kinds != ["Deployment", "Service"]:
         raise AssertionError(f"kinds {kinds}")
     if container(docs) and one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] != "mine":

@@ -268,7 +268,7 @@ fn source(work: &Path) -> Source {
         walden_image: IMAGE.into(),
     };
     let sts = user_statefulset();
-    let patch = specs::primary_patch(&cb, &sts, &cfg).expect("primary patch");
+    let patch = specs::primary_patch(&cb, &sts, &cfg.walden_image).expect("primary patch");
     let spec = apply_patch(&sts, &patch);
     let mut pod = Pod::new(work, "pg-0", spec, IMAGE, secrets("pg", &[]), &[5432]);
     pod.run_init(INSTALL_CONTAINER);
@@ -422,6 +422,164 @@ fn fork_pod_restores_to_its_target_time() {
         fork_pg.log_text()
     );
     fork_pg.sql("INSERT INTO t VALUES (-1, 'the fork is writable')");
+}
+
+fn fork_spec(target: &str) -> Fork {
+    serde_json::from_value(json!({
+        "apiVersion": "walden.dev/v1alpha1",
+        "kind": "Fork",
+        "metadata": {"name": "pg-fork", "namespace": NS},
+        "spec": {
+            "source": {"continuousBackup": "pg"},
+            "target": {"time": target},
+            "instance": {"image": "postgres:15", "storageSize": "1Gi"}
+        }
+    }))
+    .expect("Fork")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue 14.1: a Fork pod recreated on its kept volume (pod deleted, node
+/// drained, operator upgrade rolling the StatefulSet) runs the restore init
+/// container again. It steps aside and the fork's own writes survive; a
+/// restore killed half-way is redone; another target is refused, touching
+/// nothing.
+#[test]
+fn fork_pod_recreated_on_its_volume_keeps_its_writes() {
+    let work = Workdir::new("pod-fork-again");
+    let src = source(work.path());
+    insert(&src.pg, 5000, 5000);
+    let at_target = digest(&src.pg).expect("digest");
+    let target = src.pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    wait_for(
+        "the clock to pass the target",
+        Duration::from_secs(10),
+        || {
+            (src.pg.sql(&format!(
+                "SELECT clock_timestamp() > '{target}'::timestamptz"
+            )) == "t")
+                .then_some(())
+        },
+    );
+    insert(&src.pg, 10000, 5000);
+    let last = src.pg.switch_wal();
+    src.pg.wait_archived(&last, LONG);
+
+    let fork = fork_spec(&target);
+    let p = plan(
+        InstanceKind::Fork,
+        "pg-fork",
+        &src.cb,
+        &fork.spec.instance,
+        fork.spec.target.as_ref(),
+        None,
+        1,
+    );
+    let sts = specs::instance_statefulset(&p);
+    let (pod, mut fork_pg) = run_instance(work.path(), &sts, secrets("pg-fork", &[]));
+    wait_for("the fork to reach its target and promote", LONG, || {
+        (fork_pg.try_sql("SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+    });
+    assert_eq!(digest(&fork_pg).expect("digest"), at_target);
+    fork_pg.sql("INSERT INTO t VALUES (-1, 'written to the fork')");
+    let with_write = digest(&fork_pg).expect("digest");
+    fork_pg.stop();
+
+    // The pod is recreated: its init containers run again on the same volume.
+    pod.run_init(INSTALL_CONTAINER);
+    let again = pod.run_init(RESTORE_CONTAINER);
+    assert!(
+        stdout(&again).contains("already holds this restore"),
+        "second run: {}\n{}",
+        stdout(&again),
+        String::from_utf8_lossy(&again.stderr)
+    );
+    fork_pg.start();
+    assert_eq!(
+        digest(&fork_pg).expect("digest"),
+        with_write,
+        "the fork's own write survives the second restore run"
+    );
+    assert_eq!(fork_pg.sql("SELECT pg_is_in_recovery()"), "f");
+    fork_pg.stop();
+
+    // The Fork's target changed: refused, with a reason, and nothing touched.
+    let other = fork_spec("2020-01-01T00:00:00Z");
+    let other_plan = plan(
+        InstanceKind::Fork,
+        "pg-fork",
+        &src.cb,
+        &other.spec.instance,
+        other.spec.target.as_ref(),
+        None,
+        1,
+    );
+    let other_sts = specs::instance_statefulset(&other_plan);
+    let other_init = other_sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|l| l.iter().find(|c| c.name == RESTORE_CONTAINER))
+        .expect("restore init container")
+        .clone();
+    let refused = pod.command(&other_init).output().expect("restore");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a different target must fail");
+    assert!(
+        err.contains("holds a finished restore") && err.contains("2020-01-01"),
+        "{err}"
+    );
+    fork_pg.start();
+    assert_eq!(digest(&fork_pg).expect("digest"), with_write, "untouched");
+    fork_pg.stop();
+
+    // A restore killed half-way (no pg_control yet, marker in progress) on
+    // a second pod is redone, not started.
+    let sts2 = {
+        let mut s = sts.clone();
+        s.metadata.name = Some("pg-fork-b".into());
+        s
+    };
+    let (pod2, mut first_pg2) = run_instance(work.path(), &sts2, secrets("pg-fork", &[]));
+    wait_for("the second fork to promote", LONG, || {
+        (first_pg2.try_sql("SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+    });
+    first_pg2.stop();
+    let marker = first_pg2.data.join("walden.restore.json");
+    let text = std::fs::read_to_string(&marker).expect("restore marker");
+    assert!(text.contains("\"complete\""), "{text}");
+    std::fs::write(&marker, text.replace("\"complete\"", "\"in-progress\"")).expect("marker");
+    std::fs::rename(
+        first_pg2.data.join("global/pg_control"),
+        first_pg2.data.join("global/pg_control.walden-partial"),
+    )
+    .expect("simulate a kill before pg_control");
+    let redo = pod2.run_init(RESTORE_CONTAINER);
+    assert!(
+        stdout(&redo).contains("restored backup"),
+        "{}\n{}",
+        stdout(&redo),
+        String::from_utf8_lossy(&redo.stderr)
+    );
+    check_restore_command(&pod2, &first_pg2.data);
+    // The redone directory holds the backup's postgresql.conf again: the
+    // container's settings (port, ...) are applied as on a fresh start.
+    let mut pg2 = postgres(&pod2, false);
+    pg2.start();
+    wait_for("the redone fork to promote", LONG, || {
+        (pg2.try_sql("SELECT pg_is_in_recovery()").ok()? == "f").then_some(())
+    });
+    assert_eq!(
+        digest(&pg2).expect("digest"),
+        at_target,
+        "redone to the target"
+    );
 }
 
 #[test]

@@ -66,6 +66,12 @@ pub struct ContinuousBackupSpec {
     /// Resources of the walden sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarSpec>,
+    /// On-demand base backup: set a new value (any token, e.g. a timestamp)
+    /// and the operator takes one backup for it; status.backupRequest echoes
+    /// the last value handled. Declarative, for GitOps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub backup_request: Option<String>,
 }
 
 fn default_archive_timeout() -> String {
@@ -150,7 +156,7 @@ fn default_encryption_key() -> String {
 /// An S3 location and how to authenticate to it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.credentials) != (has(self.workloadIdentity) && self.workloadIdentity)").message("set exactly one of credentials or workloadIdentity"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.credentials) != (has(self.workloadIdentity) && self.workloadIdentity)").message(crate::rules::S3_AUTH))]
 pub struct S3Spec {
     /// Bucket name.
     #[schemars(length(min = 3, max = 63))]
@@ -228,7 +234,7 @@ pub enum MissedBackupPolicy {
 /// Which backups retention keeps.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.fullBackups) || has(self.recoveryWindow)").message("set fullBackups, recoveryWindow or both"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.fullBackups) || has(self.recoveryWindow)").message(crate::rules::RETENTION_SET))]
 pub struct RetentionSpec {
     /// Number of full base backups to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,12 +246,33 @@ pub struct RetentionSpec {
     pub recovery_window: Option<String>,
 }
 
-/// The walden sidecar's resources.
+/// The walden sidecar: resources, and which image it runs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Run this walden image instead of the one the injection already runs
+    /// (changing it restarts the database's pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    /// Manual (default): an operator upgrade never changes the sidecar of a
+    /// running database (status says SidecarCurrent=False UpdateAvailable);
+    /// Automatic: the sidecar follows the operator's image, restarting the
+    /// database's pods when it changes.
+    #[serde(default)]
+    pub update_policy: SidecarUpdatePolicy,
+}
+
+/// When the sidecar image of a protected database changes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SidecarUpdatePolicy {
+    /// Only when spec.sidecar.image or this policy says so.
+    #[default]
+    Manual,
+    /// With the operator: every operator upgrade rolls the database's pods.
+    Automatic,
 }
 
 /// Observed state of a ContinuousBackup.
@@ -275,6 +302,9 @@ pub struct ContinuousBackupStatus {
     /// The pod whose daemon reported role primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_pod: Option<String>,
+    /// The last spec.backupRequest the operator started a backup for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_request: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
@@ -293,7 +323,7 @@ pub struct BackupInfo {
 /// Where a Fork or Follower restores from.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.continuousBackup) != has(self.storage)").message("set exactly one of continuousBackup or storage"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.continuousBackup) != has(self.storage)").message(crate::rules::ONE_SOURCE))]
 pub struct SourceSpec {
     /// A ContinuousBackup in this namespace; its storage and credentials are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,8 +336,8 @@ pub struct SourceSpec {
 /// Point to recover to. Absent: the end of the archive.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("[has(self.time), has(self.lsn), has(self.name)].filter(x, x).size() <= 1").message("set at most one recovery target: time, lsn or name"))]
-#[x_kube(validation = kube::core::Rule::new("!has(self.exclusive) || !self.exclusive || has(self.time) || has(self.lsn)").message("exclusive applies to a time or lsn target"))]
+#[x_kube(validation = kube::core::Rule::new("[has(self.time), has(self.lsn), has(self.name)].filter(x, x).size() <= 1").message(crate::rules::ONE_TARGET))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.exclusive) || !self.exclusive || has(self.time) || has(self.lsn)").message(crate::rules::EXCLUSIVE_TARGET))]
 pub struct RecoveryTarget {
     /// Recover to this moment (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -500,13 +530,46 @@ pub struct FollowerStatus {
 
 /// The CRDs as YAML documents, what `walden-operator crdgen` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    render_crds(false)
+}
+
+/// The CRDs without their CEL rules (`x-kubernetes-validations`), for
+/// clusters before Kubernetes 1.25 (`crdgen --legacy`,
+/// `crds/walden.dev.legacy.yaml`). The operator checks the same rules itself
+/// ([`crate::rules`]), so such clusters lose no validation, they only get it
+/// as a condition instead of a rejected `kubectl apply`.
+pub fn crds_yaml_legacy() -> Result<String, serde_yaml::Error> {
+    render_crds(true)
+}
+
+fn render_crds(legacy: bool) -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     let mut out = String::new();
     for crd in [ContinuousBackup::crd(), Fork::crd(), Follower::crd()] {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        if legacy {
+            let mut value = serde_yaml::to_value(&crd)?;
+            strip_cel_rules(&mut value);
+            out.push_str(&serde_yaml::to_string(&value)?);
+        } else {
+            out.push_str(&serde_yaml::to_string(&crd)?);
+        }
     }
     Ok(out)
+}
+
+/// Removes every `x-kubernetes-validations` key, at any depth.
+fn strip_cel_rules(value: &mut serde_yaml::Value) {
+    match value {
+        serde_yaml::Value::Mapping(map) => {
+            map.remove("x-kubernetes-validations");
+            for (_, v) in map.iter_mut() {
+                strip_cel_rules(v);
+            }
+        }
+        serde_yaml::Value::Sequence(items) => items.iter_mut().for_each(strip_cel_rules),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -533,6 +596,35 @@ mod tests {
             committed == generated,
             "crds/walden.dev.yaml is stale: run `cargo run -p walden-operator -- crdgen > crds/walden.dev.yaml`"
         );
+    }
+
+    #[test]
+    fn committed_legacy_crds_match_crdgen() {
+        let path = repo_file("crds/walden.dev.legacy.yaml");
+        let committed = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let generated = crds_yaml_legacy().expect("crdgen --legacy");
+        assert!(
+            committed == generated,
+            "crds/walden.dev.legacy.yaml is stale: run `cargo run -p walden-operator -- crdgen --legacy > crds/walden.dev.legacy.yaml`"
+        );
+    }
+
+    #[test]
+    fn legacy_crds_differ_only_by_the_cel_rules() {
+        let full = crds_yaml().expect("crdgen");
+        let legacy = crds_yaml_legacy().expect("crdgen --legacy");
+        assert!(full.contains("x-kubernetes-validations"));
+        assert!(!legacy.contains("x-kubernetes-validations"), "{legacy}");
+        let docs = |s: &str| -> Vec<serde_yaml::Value> {
+            s.split("---\n")
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| serde_yaml::from_str(d).expect("CRD YAML"))
+                .collect()
+        };
+        let mut stripped = docs(&full);
+        stripped.iter_mut().for_each(strip_cel_rules);
+        assert_eq!(stripped, docs(&legacy));
     }
 
     #[test]

@@ -42,6 +42,19 @@ pub struct DaemonStatus {
     pub backup_in_progress: Option<BackupInProgress>,
     pub recovery_window: Option<RecoveryWindow>,
     pub replay: Option<Replay>,
+    /// Where archive recovery ended, on a server that went through it (a
+    /// Fork, a promoted Follower). Absent from older daemons.
+    #[serde(default)]
+    pub recovered_to: Option<RecoveredTo>,
+}
+
+/// The last replayed position of a finished recovery.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveredTo {
+    pub lsn: String,
+    #[serde(default)]
+    pub time: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +108,10 @@ pub struct Replay {
     pub replay_lsn: String,
     pub lag_seconds: f64,
     pub lag_bytes: u64,
+    /// A WAL receiver streams from the primary; false: WAL comes from the
+    /// archive only. Absent from older daemons.
+    #[serde(default)]
+    pub streaming: Option<bool>,
 }
 
 /// `POST /v1/backups` (202) body.

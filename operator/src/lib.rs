@@ -6,6 +6,7 @@ pub mod controllers;
 pub mod daemon_client;
 pub mod leader;
 pub mod metrics;
+pub mod rules;
 pub mod schedule;
 pub mod server;
 pub mod specs;

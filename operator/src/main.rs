@@ -28,7 +28,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the CustomResourceDefinitions as YAML.
-    Crdgen,
+    Crdgen {
+        /// Without CEL rules, for clusters before Kubernetes 1.25 (the
+        /// operator then checks those rules itself).
+        #[arg(long)]
+        legacy: bool,
+    },
     /// Run the controllers (with leader election).
     Run(RunArgs),
 }
@@ -68,11 +73,13 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crdgen => {
-            print!(
-                "{}",
-                walden_operator::api::crds_yaml().context("rendering CRDs")?
-            );
+        Command::Crdgen { legacy } => {
+            let yaml = if legacy {
+                walden_operator::api::crds_yaml_legacy()
+            } else {
+                walden_operator::api::crds_yaml()
+            };
+            print!("{}", yaml.context("rendering CRDs")?);
             Ok(())
         }
         Command::Run(args) => run(args).await,

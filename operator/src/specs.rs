@@ -6,7 +6,8 @@
 //! `postgres`, so no config file in PGDATA has to be edited.
 
 use crate::api::{
-    ContinuousBackup, InstanceSpec, RecoveryTarget, RetentionSpec, StorageSpec, StreamingSpec,
+    ContinuousBackup, InstanceSpec, RecoveryTarget, RetentionSpec, SidecarSpec,
+    SidecarUpdatePolicy, StorageSpec, StreamingSpec,
 };
 use crate::daemon_client::DAEMON_PORT;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -452,7 +453,7 @@ fn pgdata_mount(container: &Container, pgdata: &str) -> Option<VolumeMount> {
 pub fn primary_patch(
     cb: &ContinuousBackup,
     sts: &StatefulSet,
-    cfg: &OperatorConfig,
+    image: &str,
 ) -> Result<Value, SpecError> {
     let target = &cb.spec.target;
     let sts_name = sts.metadata.name.clone().unwrap_or_default();
@@ -499,7 +500,7 @@ pub fn primary_patch(
     };
     let sidecar = with_encryption_key(
         sidecar_container(
-            &cfg.walden_image,
+            image,
             target.run_as_user,
             daemon_env(&daemon),
             data_ro,
@@ -524,13 +525,96 @@ pub fn primary_patch(
         "spec": {
             "template": {
                 "spec": {
-                    "initContainers": [install_container(&cfg.walden_image, target.run_as_user)],
+                    "initContainers": [install_container(image, target.run_as_user)],
                     "containers": [postgres, sidecar],
                     "volumes": volumes,
                 }
             }
         }
     }))
+}
+
+/// What the primary patch is built from besides the operator's own code: the
+/// spec, the sidecar image, and what it reads from the user's StatefulSet
+/// (the postgres container's arguments as the patch sets them, the PGDATA
+/// mount). A change of these re-applies the injection; a change of the
+/// operator alone does not (see `controllers::decide_apply`).
+pub fn primary_inputs(cb: &ContinuousBackup, sts: &StatefulSet, image: &str) -> Value {
+    let target = &cb.spec.target;
+    let pg = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == target.container));
+    let args = pg.map(|c| {
+        postgres_args(
+            c.args.as_deref().unwrap_or_default(),
+            &cb.spec.archive_timeout,
+        )
+    });
+    let data = pg.and_then(|c| pgdata_mount(c, &target.pgdata));
+    json!({"spec": cb.spec, "image": image, "postgresArgs": args, "dataMount": data})
+}
+
+/// Which walden image a protected primary's injection runs, and whether it
+/// is the operator's own (the `SidecarCurrent` condition).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarChoice {
+    pub image: String,
+    pub current: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Chooses the sidecar image (pure): an explicit `spec.sidecar.image`;
+/// with `updatePolicy: Automatic` the operator's; otherwise the image the
+/// live injection already runs, so that an operator upgrade does not restart
+/// every protected database (the operator's image only for a new injection).
+pub fn choose_sidecar_image(
+    spec: Option<&SidecarSpec>,
+    live: Option<&str>,
+    operator_image: &str,
+) -> SidecarChoice {
+    let current = |image: &str| SidecarChoice {
+        image: image.to_string(),
+        current: true,
+        reason: "Current",
+        message: format!("the sidecar runs {image}, the operator's walden image"),
+    };
+    if let Some(image) = spec.and_then(|s| s.image.as_deref()) {
+        if image == operator_image {
+            return current(image);
+        }
+        return SidecarChoice {
+            image: image.to_string(),
+            current: false,
+            reason: "Pinned",
+            message: format!(
+                "spec.sidecar.image pins {image}; this operator ships {operator_image}"
+            ),
+        };
+    }
+    let automatic = spec.is_some_and(|s| s.update_policy == SidecarUpdatePolicy::Automatic);
+    match live {
+        Some(image) if !automatic && image != operator_image => SidecarChoice {
+            image: image.to_string(),
+            current: false,
+            reason: "UpdateAvailable",
+            message: format!(
+                "the sidecar runs {image}; this operator ships {operator_image}. Nothing restarts by itself: set spec.sidecar.updatePolicy: Automatic (or spec.sidecar.image) when the database's pods may restart"
+            ),
+        },
+        _ => current(operator_image),
+    }
+}
+
+/// The walden image the injected sidecar of `sts` runs, if injected.
+pub fn live_sidecar_image(sts: &StatefulSet) -> Option<String> {
+    sts.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == SIDECAR_CONTAINER))
+        .and_then(|c| c.image.clone())
 }
 
 /// Applying this releases every field the operator owns on the StatefulSet,
@@ -663,6 +747,11 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
     let standby = plan.kind == InstanceKind::Follower;
     let storage_env = storage_env(plan.storage, plan.compression_level, true);
     let mut restore_env = storage_env.clone();
+    // The init container runs again whenever the pod is recreated on the
+    // kept volume: it must recognise its own finished restore and step
+    // aside (a half-finished one is redone, another target refused).
+    restore_env.push(env("WALDEN_RESTORE_IF_RESTORED", "skip"));
+    restore_env.push(env("WALDEN_TERMINATION_LOG", "/dev/termination-log"));
     if let Some(s) = plan.streaming {
         restore_env.push(env_from_secret(
             CONNINFO_ENV,
@@ -717,6 +806,10 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
             ..Default::default()
         }),
         resources: plan.instance.resources.clone(),
+        // PostgreSQL's last log lines ("recovery ended before configured
+        // recovery target was reached") become the termination message the
+        // Fork controller reads.
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         // PostgreSQL writes its socket and pid under /var/run/postgresql.
         security_context: Some(restricted_security_context(uid, false)),
         ..Default::default()
@@ -982,6 +1075,68 @@ mod tests {
     }
 
     #[test]
+    fn sidecar_image_table() {
+        let op = "walden:2";
+        let spec = |image: Option<&str>, policy| SidecarSpec {
+            resources: None,
+            image: image.map(str::to_string),
+            update_policy: policy,
+        };
+        use SidecarUpdatePolicy::{Automatic, Manual};
+        let cases = [
+            ("new injection", None, None, "walden:2", "Current"),
+            ("same image", None, Some("walden:2"), "walden:2", "Current"),
+            (
+                "upgrade, default policy: pinned to live",
+                None,
+                Some("walden:1"),
+                "walden:1",
+                "UpdateAvailable",
+            ),
+            (
+                "upgrade, Manual",
+                Some(spec(None, Manual)),
+                Some("walden:1"),
+                "walden:1",
+                "UpdateAvailable",
+            ),
+            (
+                "upgrade, Automatic",
+                Some(spec(None, Automatic)),
+                Some("walden:1"),
+                "walden:2",
+                "Current",
+            ),
+            (
+                "explicit image",
+                Some(spec(Some("walden:1.5"), Manual)),
+                Some("walden:1"),
+                "walden:1.5",
+                "Pinned",
+            ),
+            (
+                "explicit image wins over Automatic",
+                Some(spec(Some("walden:1.5"), Automatic)),
+                Some("walden:2"),
+                "walden:1.5",
+                "Pinned",
+            ),
+            (
+                "explicit operator image",
+                Some(spec(Some("walden:2"), Manual)),
+                Some("walden:1"),
+                "walden:2",
+                "Current",
+            ),
+        ];
+        for (name, spec, live, image, reason) in cases {
+            let got = choose_sidecar_image(spec.as_ref(), live, op);
+            assert_eq!((got.image.as_str(), got.reason), (image, reason), "{name}");
+            assert_eq!(got.current, reason == "Current", "{name}");
+        }
+    }
+
+    #[test]
     fn postgres_args_table() {
         let ours = |timeout: &str, level: &str| {
             vec![
@@ -1044,7 +1199,7 @@ mod tests {
             json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]),
             Some(vec!["-c", "max_connections=50"]),
         );
-        let patch = primary_patch(&base_cb(), &target, &cfg).expect("patch");
+        let patch = primary_patch(&base_cb(), &target, &cfg.walden_image).expect("patch");
         assert_eq!(patch["apiVersion"], "apps/v1");
         assert_eq!(patch["metadata"], json!({"name": "pg", "namespace": "db"}));
         let pod = &patch["spec"]["template"]["spec"];
@@ -1149,14 +1304,14 @@ mod tests {
                 }
             }
         };
-        let patch = primary_patch(&encrypted, &target, &cfg).expect("patch");
+        let patch = primary_patch(&encrypted, &target, &cfg.walden_image).expect("patch");
         check(
             &patch["spec"]["template"]["spec"],
             &[SIDECAR_CONTAINER],
             &[INSTALL_CONTAINER, "postgres"],
             "primary",
         );
-        let plain = primary_patch(&base_cb(), &target, &cfg).expect("patch");
+        let plain = primary_patch(&base_cb(), &target, &cfg.walden_image).expect("patch");
         assert!(!plain.to_string().contains(ENCRYPTION_VOLUME));
 
         let inst = instance();
@@ -1218,7 +1373,7 @@ mod tests {
         for (name, mounts, container_name, want) in cases {
             let mut c = base_cb();
             c.spec.target.container = container_name.into();
-            let got = primary_patch(&c, &sts(mounts, None), &cfg);
+            let got = primary_patch(&c, &sts(mounts, None), &cfg.walden_image);
             match (got, want) {
                 (Ok(p), Ok(vol)) => {
                     let side = container(

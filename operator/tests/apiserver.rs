@@ -411,6 +411,10 @@ where
     serde_json::to_value(obj).map_err(|e| e.to_string())
 }
 
+fn forks_api(admin: &Client) -> Api<Fork> {
+    Api::namespaced(admin.clone(), NS)
+}
+
 fn find<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
     list.as_array()?.iter().find(|c| c["name"] == name)
 }
@@ -692,6 +696,76 @@ async fn operator_on_a_real_apiserver() {
         forced["args"].to_string().contains("max_connections=50"),
         "the user's settings are kept: {}",
         forced["args"]
+    );
+
+    // --- Issue 12.6: fields removed from the spec leave the StatefulSet.
+    let env_names = |sts: &Value| -> Vec<String> {
+        find(&sts["spec"]["template"]["spec"]["containers"], "walden")
+            .and_then(|c| c["env"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let before = get_json(&sts_api, "pg").await.expect("pg");
+    assert!(
+        env_names(&before).contains(&"WALDEN_RETENTION_FULL".to_string()),
+        "{:?}",
+        env_names(&before)
+    );
+    cbs.patch(
+        "pg",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"retention": null, "sidecar": null}})),
+    )
+    .await
+    .expect("remove retention and sidecar resources");
+    let released = eventually("retention env and sidecar resources released", || async {
+        let s = get_json(&sts_api, "pg").await?;
+        let names = env_names(&s);
+        let sidecar = find(&s["spec"]["template"]["spec"]["containers"], "walden")
+            .cloned()
+            .unwrap_or_default();
+        let resources_gone = sidecar["resources"]
+            .as_object()
+            .is_none_or(|r| r.is_empty());
+        if names.iter().any(|n| n.starts_with("WALDEN_RETENTION")) || !resources_gone {
+            Err(format!("env {names:?}, resources {}", sidecar["resources"]))
+        } else {
+            Ok(s)
+        }
+    })
+    .await;
+    assert!(
+        env_names(&released).contains(&"WALDEN_STORAGE".to_string()),
+        "the rest stays: {:?}",
+        env_names(&released)
+    );
+
+    // --- Kubernetes 1.20 ignores CEL rules: the operator checks them itself.
+    let mut invalid = example("fork.yaml");
+    invalid["metadata"]["name"] = json!("two-targets");
+    invalid["spec"]["target"] = json!({"time": "2025-05-01T09:59:00Z", "lsn": "0/3000060"});
+    forks_api(&admin)
+        .create(&pp, &serde_json::from_value(invalid).expect("fork"))
+        .await
+        .expect("the apiserver accepts what CEL would refuse");
+    let (_, _, message) = eventually("Fork two-targets Invalid", || async {
+        let v = get_json(&forks_api(&admin), "two-targets").await?;
+        match condition(&v["status"], "Ready") {
+            Some(c) if c.1 == "Invalid" => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        message.contains("spec.target: set at most one"),
+        "{message}"
+    );
+    wait_event(&admin, "two-targets", "Invalid").await;
+    assert!(
+        get_json(&sts_api, "two-targets").await.is_err(),
+        "nothing created for an invalid Fork"
     );
 
     // --- Fork: the example, with owner references and the restore command.

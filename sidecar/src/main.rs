@@ -1,6 +1,6 @@
 //! `walden`: the command line PostgreSQL and operators call.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -11,7 +11,9 @@ use walden::catalog;
 use walden::client::{self, ClientArgs, FetchOutcome};
 use walden::config::Settings;
 use walden::daemon::DaemonArgs;
-use walden::restore::{self, settings::RecoverySettings, RestoreOptions};
+use walden::restore::{
+    self, marker::IfRestored, settings::RecoverySettings, Outcome, RestoreOptions,
+};
 use walden::wal::{self, PushOptions};
 use walden::{retention, verify};
 
@@ -185,6 +187,19 @@ enum Command {
         /// Parts downloaded and unpacked at once
         #[arg(long, env = "WALDEN_RESTORE_PARALLELISM", default_value_t = default_parallelism(), value_name = "N")]
         parallelism: usize,
+        /// A non-empty DEST: fail, or skip when it holds a finished restore of the same
+        /// source and target (a half-finished one is redone; anything else is refused)
+        #[arg(
+            long,
+            env = "WALDEN_RESTORE_IF_RESTORED",
+            value_enum,
+            default_value = "fail"
+        )]
+        if_restored: IfRestored,
+        /// Also write the outcome here: the reason of a failure, or "restored backup ID"
+        /// (Kubernetes' terminationMessagePath, read by the operator)
+        #[arg(long, env = "WALDEN_TERMINATION_LOG", value_name = "PATH")]
+        termination_log: Option<PathBuf>,
     },
     /// Delete backups beyond a retention policy and the WAL no retained backup needs
     #[command(
@@ -402,6 +417,8 @@ async fn run(cli: Cli) -> ExitCode {
             tablespace_mapping,
             restore_command,
             parallelism,
+            if_restored,
+            termination_log,
         } => {
             let result = async {
                 let target = restore::target_from(
@@ -437,6 +454,7 @@ async fn run(cli: Cli) -> ExitCode {
                     tablespace_mapping,
                     parallelism,
                     retry: settings.retry_policy(),
+                    if_restored,
                 };
                 restore::restore(storage, &opts)
                     .await
@@ -445,7 +463,40 @@ async fn run(cli: Cli) -> ExitCode {
             }
             .await;
             match result {
-                Ok((r, opts)) => {
+                Ok((Outcome::AlreadyRestored { marker, adopted }, opts)) => {
+                    if let (Some(path), Some(id)) = (&termination_log, &marker.restored_backup) {
+                        write_termination_log(
+                            path,
+                            &format!("restored backup {id} earlier; this run stepped aside"),
+                        );
+                    }
+                    println!(
+                        "{} already holds this restore ({} from {}{}); nothing to do{}",
+                        opts.dest.display(),
+                        marker.identity.target,
+                        marker.identity.source,
+                        marker
+                            .restored_backup
+                            .map(|b| format!(", backup {b}"))
+                            .unwrap_or_default(),
+                        if adopted {
+                            " (restored before markers existed: marker written)"
+                        } else {
+                            ""
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok((Outcome::Restored(r), opts)) => {
+                    if let Some(path) = &termination_log {
+                        write_termination_log(
+                            path,
+                            &format!(
+                                "restored backup {} to {}",
+                                r.backup.id, opts.recovery.target
+                            ),
+                        );
+                    }
                     for line in &r.cleared.removed {
                         eprintln!("walden restore: removed from the backup, so only this restore's recovery settings apply: {line}");
                     }
@@ -467,7 +518,12 @@ async fn run(cli: Cli) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail("restore", e),
+                Err(e) => {
+                    if let Some(path) = &termination_log {
+                        write_termination_log(path, &format!("restore: {e:#}"));
+                    }
+                    fail("restore", e)
+                }
             }
         }
         Command::Retain {
@@ -607,6 +663,17 @@ fn needs_env(settings: &Settings) -> String {
         String::new()
     } else {
         format!("; {}", needs.join("; "))
+    }
+}
+
+/// Kubernetes shows at most 4096 bytes of a termination message.
+fn write_termination_log(path: &Path, message: &str) {
+    let mut end = message.len().min(4096);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    if let Err(e) = std::fs::write(path, &message[..end]) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write the termination log");
     }
 }
 

@@ -5,10 +5,11 @@
 
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, publish, report_error,
-    set_condition, Context, Error, PendingEvent, Status,
+    report_invalid, set_condition, ApplyDecision, Context, Desired, Error, PendingEvent, Status,
 };
 use crate::api::{
-    BackupInfo, ContinuousBackup, ContinuousBackupStatus, CONTINUOUS_BACKUP_FINALIZER,
+    BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
+    CONTINUOUS_BACKUP_FINALIZER,
 };
 use crate::daemon_client::{BackupState, DaemonStatus, Endpoint, Role, StartBackup};
 use crate::schedule::{decide, Schedule};
@@ -149,6 +150,16 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
     let target = &cb.spec.target.stateful_set;
 
     let action = 'outcome: {
+        let violations = crate::rules::continuous_backup(&cb.spec);
+        if report_invalid(
+            &mut status.conditions,
+            &violations,
+            generation,
+            now,
+            &mut events,
+        ) {
+            break 'outcome Action::await_change();
+        }
         let Some(sts) = sts_api
             .get_opt(target)
             .await
@@ -170,8 +181,19 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
         };
 
         let token = ensure_token(ctx, cb.as_ref()).await?;
-        let patch = match specs::primary_patch(&cb, &sts, &ctx.config) {
-            Ok(p) => p,
+        let sidecar = specs::choose_sidecar_image(
+            cb.spec.sidecar.as_ref(),
+            specs::live_sidecar_image(&sts).as_deref(),
+            &ctx.config.walden_image,
+        );
+        let image = sidecar.image.clone();
+        let hold_back = cb
+            .spec
+            .sidecar
+            .as_ref()
+            .is_none_or(|s| s.update_policy == SidecarUpdatePolicy::Manual);
+        let patch = match specs::primary_patch(&cb, &sts, &image) {
+            Ok(p) => Desired::new(p, &specs::primary_inputs(&cb, &sts, &image)),
             Err(e) => {
                 if set_condition(
                     &mut status.conditions,
@@ -193,10 +215,12 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             Some(&sts),
             &patch,
             cb.spec.target.force_conflicts,
+            hold_back,
         )
         .await
         {
-            Ok(true) => {
+            Ok(ApplyDecision::Apply) => {
+                report_sidecar(&mut status, &sidecar, generation, now, &mut events);
                 info!(statefulset = %target, "injected archiving");
                 events.push(PendingEvent::normal(
                     "Injected",
@@ -204,7 +228,21 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                     format!("walden sidecar and archive settings applied to StatefulSet {target}"),
                 ));
             }
-            Ok(false) => {}
+            Ok(ApplyDecision::Unchanged) => {
+                report_sidecar(&mut status, &sidecar, generation, now, &mut events);
+            }
+            Ok(ApplyDecision::HoldBack) => {
+                info!(statefulset = %target, "operator changed its injection; held back until the spec changes");
+                let held = specs::SidecarChoice {
+                    current: false,
+                    reason: "UpdateAvailable",
+                    message: format!(
+                        "this operator would change the injection on StatefulSet {target} (an upgrade); held back so the database does not restart: it is applied with the next change of this ContinuousBackup's spec, or at once with spec.sidecar.updatePolicy: Automatic"
+                    ),
+                    ..sidecar.clone()
+                };
+                report_sidecar(&mut status, &held, generation, now, &mut events);
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 let msg = format!(
                     "another field manager owns fields walden needs on StatefulSet {target}: {}; remove them from that manager's manifest, or set spec.target.forceConflicts: true",
@@ -258,6 +296,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
 
         let mut requeue = REFRESH;
         track_backup(ctx, &primary, &mut status, generation, now, &mut events).await;
+        extra_backup(ctx, &cb, &primary, &mut status, now, &mut events).await;
         if let Some(next) = schedule_backup(ctx, &cb, &primary, &mut status, now, &mut events).await
         {
             let until = (next - now).to_std().unwrap_or_default() + Duration::from_secs(1);
@@ -297,11 +336,8 @@ fn mirror_daemon_status(
     if let Some(w) = &d.recovery_window {
         status.first_recoverability_point = Some(w.first_point);
     }
-    let failing = match (d.archiving.last_failed_time, d.archiving.last_archived_time) {
-        (Some(failed), Some(ok)) => failed > ok,
-        (Some(_), None) => true,
-        _ => false,
-    };
+    let failing = archive_failing(d);
+    let has_backup = d.last_backup.is_some() || status.last_backup.is_some();
     if failing {
         let msg = format!(
             "archiving {} failed: {}",
@@ -349,7 +385,20 @@ fn mirror_daemon_status(
             generation,
             now,
         );
-        if set_condition(
+        if !has_backup {
+            let why = "WAL archiving works, but no base backup exists yet: nothing can be forked or followed until the first one (started now) completes";
+            if set_condition(
+                &mut status.conditions,
+                "Ready",
+                Status::False,
+                "NoBaseBackup",
+                why,
+                generation,
+                now,
+            ) {
+                events.push(PendingEvent::normal("NoBaseBackup", "Archive", why));
+            }
+        } else if set_condition(
             &mut status.conditions,
             "Ready",
             Status::True,
@@ -359,6 +408,131 @@ fn mirror_daemon_status(
             now,
         ) {
             events.push(PendingEvent::normal("Protected", "Archive", msg));
+        }
+    }
+}
+
+/// The `SidecarCurrent` condition, with an Event when it changes.
+fn report_sidecar(
+    status: &mut ContinuousBackupStatus,
+    choice: &specs::SidecarChoice,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let s = if choice.current {
+        Status::True
+    } else {
+        Status::False
+    };
+    if set_condition(
+        &mut status.conditions,
+        "SidecarCurrent",
+        s,
+        choice.reason,
+        &choice.message,
+        generation,
+        now,
+    ) && !choice.current
+    {
+        events.push(PendingEvent::normal(
+            &format!("Sidecar{}", choice.reason),
+            "Inject",
+            choice.message.clone(),
+        ));
+    }
+}
+
+/// Whether the daemon's last archive attempt failed.
+fn archive_failing(d: &DaemonStatus) -> bool {
+    match (d.archiving.last_failed_time, d.archiving.last_archived_time) {
+        (Some(failed), Some(ok)) => failed > ok,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// A backup outside the schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ExtraBackup {
+    /// spec.backupRequest has a value not handled yet.
+    Requested(String),
+    /// No base backup exists and archiving works: without one nothing can
+    /// be restored, so the first is taken at once, not at the first slot.
+    First,
+}
+
+/// Whether to start a backup outside the schedule (pure).
+fn decide_extra_backup(
+    requested: Option<&str>,
+    handled: Option<&str>,
+    has_backup: bool,
+    archiving_ok: bool,
+    in_progress: bool,
+) -> Option<ExtraBackup> {
+    if in_progress {
+        return None;
+    }
+    match requested {
+        Some(r) if handled != Some(r) => Some(ExtraBackup::Requested(r.to_string())),
+        _ if !has_backup && archiving_ok => Some(ExtraBackup::First),
+        _ => None,
+    }
+}
+
+/// Starts the first backup, or the one spec.backupRequest asks for.
+async fn extra_backup(
+    ctx: &Context,
+    cb: &ContinuousBackup,
+    primary: &Primary,
+    status: &mut ContinuousBackupStatus,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let d = &primary.status;
+    // A backup that just succeeded may not be in the daemon's answer yet.
+    let succeeded = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "BackupSucceeded" && c.status == "True");
+    let Some(why) = decide_extra_backup(
+        cb.spec.backup_request.as_deref(),
+        status.backup_request.as_deref(),
+        d.last_backup.is_some() || status.last_backup.is_some() || succeeded,
+        !archive_failing(d),
+        status.backup_in_progress.is_some() || d.backup_in_progress.is_some(),
+    ) else {
+        return;
+    };
+    let what = match &why {
+        ExtraBackup::Requested(token) => format!("for spec.backupRequest {token:?}"),
+        ExtraBackup::First => "as the first one (no base backup existed)".to_string(),
+    };
+    match ctx.daemon.start_backup(&primary.endpoint).await {
+        Ok(StartBackup::Started(id)) | Ok(StartBackup::AlreadyRunning(id)) => {
+            ctx.metrics.backups_started.inc();
+            status.backup_in_progress = Some(id.clone());
+            if let ExtraBackup::Requested(token) = why {
+                status.backup_request = Some(token);
+            }
+            events.push(PendingEvent::normal(
+                "BackupStarted",
+                "Backup",
+                format!("base backup {id} started on {} {what}", primary.pod),
+            ));
+        }
+        Err(e) => {
+            let msg = format!("could not start a base backup {what}: {e}");
+            set_condition(
+                &mut status.conditions,
+                "BackupSucceeded",
+                Status::False,
+                "BackupStartFailed",
+                &msg,
+                cb.metadata.generation,
+                now,
+            );
+            events.push(PendingEvent::warning("BackupStartFailed", "Backup", msg));
         }
     }
 }
@@ -590,7 +764,7 @@ async fn cleanup(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Err
 mod tests {
     use super::*;
     use crate::controllers::testing::{
-        context, pod, primary_status, time, FakeApi, FakeDaemon, IMAGE,
+        context, context_with_image, pod, primary_status, time, FakeApi, FakeDaemon, IMAGE,
     };
     use crate::daemon_client::{BackupJob, DaemonStatus};
     use serde_json::{json, Value};
@@ -660,6 +834,86 @@ mod tests {
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
             .unwrap_or_else(|| panic!("no {type_} condition in {:?}", cb.status));
         (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn extra_backup_table() {
+        let r = |t: &str| Some(ExtraBackup::Requested(t.to_string()));
+        let cases = [
+            ("nothing to do", None, None, true, true, false, None),
+            (
+                "first backup",
+                None,
+                None,
+                false,
+                true,
+                false,
+                Some(ExtraBackup::First),
+            ),
+            (
+                "first waits for archiving",
+                None,
+                None,
+                false,
+                false,
+                false,
+                None,
+            ),
+            (
+                "first waits for the running one",
+                None,
+                None,
+                false,
+                true,
+                true,
+                None,
+            ),
+            ("new request", Some("a"), None, true, true, false, r("a")),
+            (
+                "request handled",
+                Some("a"),
+                Some("a"),
+                true,
+                true,
+                false,
+                None,
+            ),
+            (
+                "changed request",
+                Some("b"),
+                Some("a"),
+                true,
+                true,
+                false,
+                r("b"),
+            ),
+            (
+                "request waits for the running one",
+                Some("b"),
+                Some("a"),
+                true,
+                true,
+                true,
+                None,
+            ),
+            (
+                "request even while archiving fails",
+                Some("a"),
+                None,
+                true,
+                false,
+                false,
+                r("a"),
+            ),
+            ("request removed", None, Some("a"), true, true, false, None),
+        ];
+        for (name, req, handled, has, ok, running, want) in cases {
+            assert_eq!(
+                decide_extra_backup(req, handled, has, ok, running),
+                want,
+                "{name}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -739,6 +993,147 @@ mod tests {
         assert!(!api.requests().is_empty(), "it still read the world");
     }
 
+    fn sidecar_env_names(body: &Value) -> Vec<String> {
+        body["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "walden")
+            .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Issue 12.6: removing spec.retention must send a body without the
+    /// retention env, so that server-side apply releases it.
+    #[tokio::test]
+    async fn removing_a_spec_field_applies_the_smaller_body() {
+        let (api, daemon) = setup(
+            json!({"retention": {"fullBackups": 3}}),
+            Some(primary_status()),
+        );
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("first reconcile");
+        let sts = api.get(STS_PATH).expect("sts");
+        assert!(
+            sidecar_env_names(&sts).contains(&"WALDEN_RETENTION_FULL".to_string()),
+            "{:?}",
+            sidecar_env_names(&sts)
+        );
+        assert!(sts["metadata"]["annotations"][crate::controllers::APPLIED_ANNOTATION].is_string());
+
+        let mut without = api.get(CB_PATH).expect("cb");
+        without["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("retention");
+        without["metadata"]["generation"] = json!(2);
+        api.insert(without);
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile without retention");
+        let applies: Vec<_> = api
+            .writes()
+            .into_iter()
+            .filter(|r| r.path == STS_PATH)
+            .collect();
+        assert_eq!(applies.len(), 1, "the smaller body is applied once");
+        let names = sidecar_env_names(&applies[0].body);
+        assert!(names.contains(&"WALDEN_STORAGE".to_string()), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("WALDEN_RETENTION")),
+            "{names:?}"
+        );
+
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx)
+            .await
+            .expect("third reconcile");
+        assert!(
+            api.writes().iter().all(|r| r.path != STS_PATH),
+            "then nothing more: {:?}",
+            api.writes()
+        );
+    }
+
+    fn sidecar_image(sts: &Value) -> Option<String> {
+        sts["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == "walden"))
+            .and_then(|c| c["image"].as_str().map(str::to_string))
+    }
+
+    /// Issue 14.2: an operator upgrade (a new walden image) does not touch
+    /// the protected StatefulSet; the status says an update is available,
+    /// and the user opts in with updatePolicy: Automatic.
+    #[tokio::test]
+    async fn an_operator_upgrade_does_not_restart_the_database() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let now = time("2025-05-01T10:05:00Z");
+        reconcile(stored_cb(&api), context(&api, daemon.clone(), now))
+            .await
+            .expect("first reconcile");
+        assert_eq!(
+            sidecar_image(&api.get(STS_PATH).expect("sts")).as_deref(),
+            Some(IMAGE)
+        );
+        assert_eq!(condition(&stored_cb(&api), "SidecarCurrent").0, "True");
+
+        let upgraded =
+            context_with_image(&api, daemon.clone(), now, "ghcr.io/walden-dev/walden:next");
+        api.clear_requests();
+        reconcile(stored_cb(&api), upgraded.clone())
+            .await
+            .expect("reconcile after the upgrade");
+        assert!(
+            api.writes().iter().all(|r| r.path != STS_PATH),
+            "no write to the StatefulSet: {:?}",
+            api.writes()
+        );
+        let cb = stored_cb(&api);
+        let (current, reason, message) = condition(&cb, "SidecarCurrent");
+        assert_eq!(
+            (current.as_str(), reason.as_str()),
+            ("False", "UpdateAvailable")
+        );
+        assert!(
+            message.contains("walden:next") && message.contains(IMAGE),
+            "{message}"
+        );
+        assert!(api
+            .event_reasons()
+            .contains(&"SidecarUpdateAvailable".to_string()));
+
+        // A spec change re-applies, still with the running image.
+        let mut changed = api.get(CB_PATH).expect("cb");
+        changed["spec"]["archiveTimeout"] = json!("30s");
+        api.insert(changed);
+        reconcile(stored_cb(&api), upgraded.clone())
+            .await
+            .expect("reconcile");
+        let sts = api.get(STS_PATH).expect("sts");
+        assert_eq!(sidecar_image(&sts).as_deref(), Some(IMAGE), "still pinned");
+        assert!(sts["spec"]["template"]["spec"]["containers"]
+            .to_string()
+            .contains("archive_timeout=30s"));
+
+        // Opt in: the sidecar follows the operator.
+        let mut auto = api.get(CB_PATH).expect("cb");
+        auto["spec"]["sidecar"] = json!({"updatePolicy": "Automatic"});
+        api.insert(auto);
+        reconcile(stored_cb(&api), upgraded)
+            .await
+            .expect("reconcile");
+        assert_eq!(
+            sidecar_image(&api.get(STS_PATH).expect("sts")).as_deref(),
+            Some("ghcr.io/walden-dev/walden:next")
+        );
+        assert_eq!(condition(&stored_cb(&api), "SidecarCurrent").0, "True");
+    }
+
     #[tokio::test]
     async fn missing_target_is_a_condition_and_an_event() {
         let api = FakeApi::default();
@@ -805,6 +1200,120 @@ mod tests {
             applies[0].query
         );
         assert_eq!(condition(&stored_cb(&api), "Ready").0, "True");
+    }
+
+    fn start_count(daemon: &FakeDaemon) -> usize {
+        daemon
+            .calls()
+            .iter()
+            .filter(|(w, _)| w == "start_backup")
+            .count()
+    }
+
+    /// Issue 14.3: a database without a base backup gets one at once (not at
+    /// the first slot of `0 3 * * *`), and is not Ready until it exists.
+    #[tokio::test]
+    async fn first_backup_is_taken_at_once_and_ready_waits_for_it() {
+        let mut fresh = primary_status();
+        fresh.last_backup = None;
+        fresh.recovery_window = None;
+        let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(fresh.clone()));
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250501T100500Z".into()));
+        // Before the first slot (03:00): without the first backup there
+        // would be none until then.
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T01:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let cb = stored_cb(&api);
+        let (ready, reason, message) = condition(&cb, "Ready");
+        assert_eq!(
+            (ready.as_str(), reason.as_str()),
+            ("False", "NoBaseBackup"),
+            "{message}"
+        );
+        assert_eq!(start_count(&daemon), 1, "first backup started at once");
+        assert_eq!(
+            cb.status
+                .as_ref()
+                .and_then(|s| s.backup_in_progress.as_deref()),
+            Some("20250501T100500Z")
+        );
+        assert!(api.event_reasons().contains(&"BackupStarted".to_string()));
+
+        // It completes; the daemon's answer still lags behind.
+        daemon.jobs.lock().expect("lock").insert(
+            "20250501T100500Z".into(),
+            BackupJob {
+                id: "20250501T100500Z".into(),
+                state: BackupState::Succeeded,
+                error: None,
+                start_time: None,
+                stop_time: None,
+            },
+        );
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        assert_eq!(start_count(&daemon), 1, "not started twice");
+        // Then the daemon lists it: Ready.
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), primary_status());
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        assert_eq!(condition(&cb, "Ready").1, "Protected");
+        assert_eq!(start_count(&daemon), 1);
+    }
+
+    /// Issue 14.3: spec.backupRequest takes one backup per new value, and
+    /// status.backupRequest says which value was handled.
+    #[tokio::test]
+    async fn backup_request_takes_one_backup_per_value() {
+        let (api, daemon) = setup(
+            json!({"backupRequest": "before-upgrade"}),
+            Some(primary_status()),
+        );
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250501T100500Z".into()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.backup_request.as_deref(), Some("before-upgrade"));
+        assert_eq!(
+            status.backup_in_progress.as_deref(),
+            Some("20250501T100500Z")
+        );
+        assert_eq!(start_count(&daemon), 1);
+        daemon.jobs.lock().expect("lock").insert(
+            "20250501T100500Z".into(),
+            BackupJob {
+                id: "20250501T100500Z".into(),
+                state: BackupState::Succeeded,
+                error: None,
+                start_time: None,
+                stop_time: None,
+            },
+        );
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        assert_eq!(start_count(&daemon), 1, "a handled value starts nothing");
+
+        let mut cb = api.get(CB_PATH).expect("cb");
+        cb["spec"]["backupRequest"] = json!("after-upgrade");
+        api.insert(cb);
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250501T110000Z".into()));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.backup_request.as_deref(), Some("after-upgrade"));
+        assert_eq!(start_count(&daemon), 2);
     }
 
     #[tokio::test]

@@ -5,7 +5,8 @@
 use super::fork::apply_body;
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, resolve_source, set_condition, Context, Error, PendingEvent, Status,
+    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, Context, Desired,
+    Error, PendingEvent, Status,
 };
 use crate::api::{Follower, FollowerStatus, ReplicaStatus};
 use crate::daemon_client::{Endpoint, Promotion, Role};
@@ -73,6 +74,16 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
     let mut events = Vec::new();
 
     'outcome: {
+        let violations = crate::rules::follower(&f.spec);
+        if report_invalid(
+            &mut status.conditions,
+            &violations,
+            generation,
+            now,
+            &mut events,
+        ) {
+            break 'outcome;
+        }
         let source = match resolve_source(
             ctx,
             &ns,
@@ -82,6 +93,16 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
         .await?
         {
             Ok(s) => s,
+            Err(msg) if status.promoted => {
+                super::fork::source_gone(
+                    &mut status.conditions,
+                    &msg,
+                    generation,
+                    now,
+                    &mut events,
+                );
+                break 'outcome;
+            }
             Err(msg) => {
                 if set_condition(
                     &mut status.conditions,
@@ -121,11 +142,13 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             &svc_api,
             &svc_name,
             current_svc.as_ref(),
-            &apply_body(&specs::instance_service(&plan))?,
+            &Desired::derived(apply_body(&specs::instance_service(&plan))?),
+            false,
             false,
         )
         .await
-        .map_err(kube_err(format!("applying Service {svc_name}")))?;
+        .map_err(kube_err(format!("applying Service {svc_name}")))?
+            == ApplyDecision::Apply;
         let current_sts = sts_api
             .get_opt(&name)
             .await
@@ -134,11 +157,13 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             &sts_api,
             &name,
             current_sts.as_ref(),
-            &apply_body(&specs::instance_statefulset(&plan))?,
+            &Desired::derived(apply_body(&specs::instance_statefulset(&plan))?),
+            false,
             false,
         )
         .await
-        .map_err(kube_err(format!("applying StatefulSet {name}")))?;
+        .map_err(kube_err(format!("applying StatefulSet {name}")))?
+            == ApplyDecision::Apply;
         if changed {
             events.push(PendingEvent::normal(
                 "Applied",

@@ -4,7 +4,8 @@
 
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, resolve_source, set_condition, Context, Error, PendingEvent, Status,
+    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, Context, Desired,
+    Error, PendingEvent, Status,
 };
 use crate::api::{Fork, ForkPhase, RecoveryTarget};
 use crate::daemon_client::{DaemonStatus, Endpoint, Role};
@@ -84,6 +85,67 @@ pub fn check_target(
     Ok(())
 }
 
+/// `SourceAvailable=False` for an independent Fork or promoted Follower
+/// whose source is gone: worth knowing, not a failure.
+pub(crate) fn source_gone(
+    conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    msg: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let msg = format!("{msg}; not needed any more (recovery finished), so nothing changes");
+    if set_condition(
+        conditions,
+        "SourceAvailable",
+        Status::False,
+        "SourceGone",
+        &msg,
+        generation,
+        now,
+    ) {
+        events.push(PendingEvent::normal("SourceGone", "Resolve", msg));
+    }
+}
+
+/// The line of a postgres log or termination message saying the target
+/// cannot be reached: PostgreSQL ended recovery early, or `wal-fetch`
+/// stopped at a hole in the archive (it names the hole).
+pub fn target_unreachable(text: &str) -> Option<String> {
+    text.lines()
+        .find(|l| {
+            let lower = l.to_ascii_lowercase();
+            lower.contains("recovery ended before configured recovery target was reached")
+                || (lower.contains("wal-fetch")
+                    && lower
+                        .split(|c: char| !c.is_ascii_alphanumeric())
+                        .any(|w| w == "hole"))
+        })
+        .map(|l| l.trim().to_string())
+}
+
+/// The backup a finished `walden restore` names in its termination message.
+pub fn restored_backup(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .filter(|c| c.name == specs::RESTORE_CONTAINER)
+        .flat_map(|c| {
+            [c.state.as_ref(), c.last_state.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.terminated.as_ref())
+                .filter(|t| t.exit_code == 0)
+                .filter_map(|t| t.message.clone())
+        })
+        .find_map(|m| {
+            let rest = m.split("restored backup ").nth(1)?;
+            rest.split_whitespace().next().map(str::to_string)
+        })
+}
+
 /// Phase of a fork from its pod and daemon, with a reason and message.
 pub fn observe_phase(
     pod: Option<&Pod>,
@@ -135,6 +197,27 @@ pub fn observe_phase(
                 "PodStarting",
                 format!("pod {name} is starting"),
             );
+        }
+    }
+    for c in status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter(|c| c.name == specs::POSTGRES_CONTAINER)
+    {
+        let messages = [c.state.as_ref(), c.last_state.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.terminated.as_ref())
+            .filter_map(|t| t.message.as_deref());
+        for m in messages {
+            if let Some(line) = target_unreachable(m) {
+                return (
+                    ForkPhase::Failed,
+                    "TargetUnreachable",
+                    format!("PostgreSQL in pod {name} cannot reach the recovery target: {line}"),
+                );
+            }
         }
     }
     let pod_ready = status
@@ -193,6 +276,17 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
     let mut events = Vec::new();
 
     let action = 'outcome: {
+        let violations = crate::rules::fork(&fork.spec);
+        if report_invalid(
+            &mut status.conditions,
+            &violations,
+            generation,
+            now,
+            &mut events,
+        ) {
+            status.phase = ForkPhase::Failed;
+            break 'outcome Action::await_change();
+        }
         let source = match resolve_source(
             ctx,
             &ns,
@@ -202,6 +296,12 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
         .await?
         {
             Ok(s) => s,
+            // A fork that finished recovery is a database of its own: it
+            // no longer needs its source (its objects are left as they are).
+            Err(msg) if old_phase == Some(ForkPhase::Ready) => {
+                source_gone(&mut status.conditions, &msg, generation, now, &mut events);
+                break 'outcome Action::requeue(SETTLED);
+            }
             Err(msg) => {
                 status.phase = ForkPhase::Pending;
                 if set_condition(
@@ -270,13 +370,23 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             .get_opt(&svc_name)
             .await
             .map_err(kube_err(format!("reading Service {svc_name}")))?;
-        let mut created = apply_if_changed(&svc_api, &svc_name, current_svc.as_ref(), &svc, false)
+        let svc = Desired::derived(svc);
+        let mut created = apply_if_changed(
+            &svc_api,
+            &svc_name,
+            current_svc.as_ref(),
+            &svc,
+            false,
+            false,
+        )
+        .await
+        .map_err(kube_err(format!("applying Service {svc_name}")))?
+            == ApplyDecision::Apply;
+        let sts = Desired::derived(apply_body(&specs::instance_statefulset(&plan))?);
+        created |= apply_if_changed(&sts_api, &name, existing.as_ref(), &sts, false, false)
             .await
-            .map_err(kube_err(format!("applying Service {svc_name}")))?;
-        let sts = apply_body(&specs::instance_statefulset(&plan))?;
-        created |= apply_if_changed(&sts_api, &name, existing.as_ref(), &sts, false)
-            .await
-            .map_err(kube_err(format!("applying StatefulSet {name}")))?;
+            .map_err(kube_err(format!("applying StatefulSet {name}")))?
+            == ApplyDecision::Apply;
         if created {
             events.push(PendingEvent::normal(
                 "Applied",
@@ -288,7 +398,12 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             ));
         }
         status.service = Some(svc_name);
-        status.restored_from_backup = fork.spec.target.as_ref().and_then(|t| t.backup_id.clone());
+        // What was restored never changes once known (the source's newer
+        // backups are no answer: they may postdate the target).
+        if status.restored_from_backup.is_none() {
+            status.restored_from_backup =
+                fork.spec.target.as_ref().and_then(|t| t.backup_id.clone());
+        }
 
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         let pod_name = format!("{name}-0");
@@ -310,18 +425,24 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             },
             None => None,
         };
+        if status.restored_from_backup.is_none() {
+            status.restored_from_backup = pod.as_ref().and_then(restored_backup);
+        }
         if let Some(d) = &daemon {
             if let Some(r) = &d.replay {
                 status.recovered_to_lsn = Some(r.replay_lsn.clone());
             }
-            if status.restored_from_backup.is_none() {
-                status.restored_from_backup = d.last_backup.as_ref().map(|b| b.id.clone());
+            if let Some(r) = &d.recovered_to {
+                status.recovered_to_lsn = Some(r.lsn.clone());
+                if r.time.is_some() {
+                    status.recovered_to_time = r.time;
+                }
             }
         }
         let (phase, reason, message) = observe_phase(pod.as_ref(), daemon.as_ref());
         status.phase = phase;
-        if phase == ForkPhase::Ready {
-            // Recovery stops at a time target; other targets report the LSN only.
+        if phase == ForkPhase::Ready && status.recovered_to_time.is_none() {
+            // Without a replayed commit, a time target is the best statement.
             status.recovered_to_time = fork.spec.target.as_ref().and_then(|t| t.time);
         }
         let ready = if phase == ForkPhase::Ready {
@@ -482,6 +603,122 @@ mod tests {
                        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
         }))
         .expect("pod")
+    }
+
+    #[test]
+    fn target_unreachable_table() {
+        let cases = [
+            (
+                "2025-05-01 10:00:00 UTC [1] FATAL:  recovery ended before configured recovery target was reached\n",
+                true,
+            ),
+            (
+                "walden wal-fetch 000000010000000000000009: archive hole: 000000010000000000000008 is missing but later segments exist",
+                true,
+            ),
+            ("LOG:  restored log file \"000000010000000000000007\" from archive", false),
+            ("wal-fetch: the whole archive was read", false),
+            ("a hole in the schedule", false),
+        ];
+        for (text, want) in cases {
+            assert_eq!(target_unreachable(text).is_some(), want, "{text}");
+        }
+    }
+
+    /// Issue 14.5: PostgreSQL crash-looping on an unreachable target makes
+    /// the fork Failed TargetUnreachable, not Recovering forever.
+    #[test]
+    fn an_unreachable_target_fails_the_fork() {
+        let install_done = json!({"name": "walden-install", "ready": true, "restartCount": 0, "image": "w", "imageID": "", "state": {"terminated": {"exitCode": 0}}});
+        let restore_done = json!({"name": "walden-restore", "ready": true, "restartCount": 0, "image": "w", "imageID": "",
+            "state": {"terminated": {"exitCode": 0, "message": "restored backup 20250501T030000Z to time 2025-05-01T10:00:00+00:00"}}});
+        let mut p = pod(json!([install_done, restore_done]), "Running", false);
+        let postgres: k8s_openapi::api::core::v1::ContainerStatus = serde_json::from_value(json!({
+            "name": "postgres", "ready": false, "restartCount": 4, "image": "postgres:16", "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "LOG:  redo done at 0/7000060\nFATAL:  recovery ended before configured recovery target was reached\n"}}
+        }))
+        .expect("container status");
+        if let Some(st) = p.status.as_mut() {
+            st.container_statuses = Some(vec![postgres]);
+        }
+        let (phase, reason, message) = observe_phase(Some(&p), None);
+        assert_eq!(
+            (phase, reason),
+            (ForkPhase::Failed, "TargetUnreachable"),
+            "{message}"
+        );
+        assert!(message.contains("recovery ended before"), "{message}");
+        assert_eq!(restored_backup(&p).as_deref(), Some("20250501T030000Z"));
+    }
+
+    /// Issue 14.6: restoredFromBackup comes from the restore itself and is
+    /// never replaced by the source's newest backup; once Ready the fork no
+    /// longer needs its source.
+    #[tokio::test]
+    async fn status_keeps_what_was_restored_and_survives_the_source() {
+        let api = FakeApi::default();
+        api.insert(source_cb(None));
+        api.insert(fork(json!({"time": "2025-05-01T10:00:00Z"})));
+        api.insert(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "f-0", "namespace": NS},
+            "status": {"phase": "Running", "podIP": "10.0.0.9",
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "initContainerStatuses": [{"name": "walden-restore", "ready": true, "restartCount": 0, "image": "w", "imageID": "",
+                           "state": {"terminated": {"exitCode": 0, "message": "restored backup 20250501T030000Z to time 2025-05-01T10:00:00+00:00"}}}]}
+        }));
+        let daemon = Arc::new(FakeDaemon::default());
+        let mut promoted = crate::controllers::testing::primary_status();
+        // The source's newest backup, taken after the fork's target.
+        if let Some(b) = promoted.last_backup.as_mut() {
+            b.id = "20250501T120000Z".into();
+        }
+        promoted.recovered_to = Some(crate::daemon_client::RecoveredTo {
+            lsn: "0/7000028".into(),
+            time: Some(time("2025-05-01T09:59:58Z")),
+        });
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert("http://10.0.0.9:8008".into(), promoted);
+        let ctx = context(&api, daemon, time(NOW));
+        reconcile(stored(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let status = stored(&api).status.clone().expect("status");
+        assert_eq!(status.phase, ForkPhase::Ready);
+        assert_eq!(
+            status.restored_from_backup.as_deref(),
+            Some("20250501T030000Z")
+        );
+        assert_eq!(status.recovered_to_lsn.as_deref(), Some("0/7000028"));
+        assert_eq!(status.recovered_to_time, Some(time("2025-05-01T09:59:58Z")));
+
+        // The source ContinuousBackup is deleted.
+        let mut none = api.get(FORK_PATH).expect("fork");
+        none["spec"]["source"]["continuousBackup"] = json!("deleted");
+        api.insert(none);
+        reconcile(stored(&api), ctx).await.expect("reconcile");
+        let f = stored(&api);
+        assert_eq!(ready(&f).0, "True", "{:?}", f.status);
+        assert_eq!(f.status.as_ref().map(|s| s.phase), Some(ForkPhase::Ready));
+        assert_eq!(
+            f.status
+                .as_ref()
+                .and_then(|s| s.restored_from_backup.as_deref()),
+            Some("20250501T030000Z")
+        );
+        let gone = f
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "SourceAvailable"))
+            .expect("SourceAvailable");
+        assert_eq!(
+            (gone.status.as_str(), gone.reason.as_str()),
+            ("False", "SourceGone")
+        );
     }
 
     #[test]
@@ -684,6 +921,33 @@ mod tests {
         }
     }
 
+    /// On a cluster with the legacy CRDs (no CEL) a spec breaking a CEL
+    /// rule reaches the operator; it refuses it the same way.
+    #[tokio::test]
+    async fn rule_violations_are_refused_before_anything_is_created() {
+        let api = FakeApi::default();
+        api.insert(source_cb(Some("2025-05-01T03:00:00Z")));
+        api.insert(fork(
+            json!({"time": "2025-05-01T10:00:00Z", "lsn": "0/3000060"}),
+        ));
+        let ctx = context(&api, Arc::new(FakeDaemon::default()), time(NOW));
+        let action = reconcile(stored(&api), ctx).await.expect("reconcile");
+        assert_eq!(action, Action::await_change());
+        let f = stored(&api);
+        assert_eq!(f.status.as_ref().map(|s| s.phase), Some(ForkPhase::Failed));
+        let (status, reason, message) = ready(&f);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+        assert!(
+            message.contains("spec.target: set at most one recovery target"),
+            "{message}"
+        );
+        assert!(api.get(STS_PATH).is_none() && api.get(SVC_PATH).is_none());
+        assert!(api
+            .get("/api/v1/namespaces/db/secrets/f-walden-token")
+            .is_none());
+        assert_eq!(api.event_reasons(), vec!["Invalid".to_string()]);
+    }
+
     #[tokio::test]
     async fn missing_source_waits_with_a_reason() {
         let api = FakeApi::default();
@@ -716,6 +980,7 @@ mod tests {
             replay_lsn: "0/7000028".into(),
             lag_seconds: 0.0,
             lag_bytes: 0,
+            streaming: None,
         });
         daemon
             .statuses

@@ -126,30 +126,156 @@ pub fn contains(current: &Value, desired: &Value) -> bool {
     }
 }
 
-/// Server-side applies `desired` unless `current` already has it. Returns
-/// whether a write was made.
+/// Annotation on every object the operator applies: `<inputs>.<body>`, short
+/// hashes of what the body was built from and of the body itself.
+///
+/// Server-side apply only releases a field when a body without it is sent.
+/// Comparing the live object with the desired body cannot tell "nothing to
+/// do" from "a field must go" (the live object still contains the smaller
+/// body), so the operator compares its record of what it last applied.
+pub const APPLIED_ANNOTATION: &str = "walden.dev/applied";
+
+/// What `decide_apply` concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyDecision {
+    /// Send the full desired body (new object, new inputs, or drift).
+    Apply,
+    /// The live object is what the operator last applied and still holds it.
+    Unchanged,
+    /// Same inputs, but the operator now builds a different body: an
+    /// operator upgrade changed its output. Callers that must not restart
+    /// pods for that alone (protected primaries) keep the live object.
+    HoldBack,
+}
+
+/// A desired apply body with its stamp (the [`APPLIED_ANNOTATION`] value)
+/// written into its metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub body: Value,
+    pub stamp: String,
+}
+
+fn short_hash(value: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(value.to_string().as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Desired {
+    /// `inputs`: what the body is derived from that the user controls (the
+    /// resource's spec, chosen images, fields read from the user's objects).
+    pub fn new(mut body: Value, inputs: &Value) -> Desired {
+        let stamp = format!("{}.{}", short_hash(inputs), short_hash(&body));
+        if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+            let annotations = meta
+                .entry("annotations")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(a) = annotations.as_object_mut() {
+                a.insert(APPLIED_ANNOTATION.to_string(), Value::String(stamp.clone()));
+            }
+        }
+        Desired { body, stamp }
+    }
+
+    /// A body derived from nothing but the owner resource (forks, followers,
+    /// Services): its own hash is its inputs, so it never holds back.
+    pub fn derived(body: Value) -> Desired {
+        let inputs = body.clone();
+        Desired::new(body, &inputs)
+    }
+}
+
+/// Whether and how to apply `desired` over the live object (pure).
+pub fn decide_apply(live: Option<&Value>, desired: &Desired) -> ApplyDecision {
+    let Some(live) = live else {
+        return ApplyDecision::Apply;
+    };
+    let Some(applied) = live["metadata"]["annotations"][APPLIED_ANNOTATION].as_str() else {
+        return ApplyDecision::Apply;
+    };
+    let split = |s: &str| {
+        s.split_once('.')
+            .map(|(i, b)| (i.to_string(), b.to_string()))
+    };
+    let (Some((live_inputs, live_body)), Some((inputs, body))) =
+        (split(applied), split(&desired.stamp))
+    else {
+        return ApplyDecision::Apply;
+    };
+    if live_inputs != inputs {
+        return ApplyDecision::Apply;
+    }
+    if live_body != body {
+        return ApplyDecision::HoldBack;
+    }
+    if contains(live, &desired.body) {
+        ApplyDecision::Unchanged
+    } else {
+        // Someone else changed or removed fields the operator owns.
+        ApplyDecision::Apply
+    }
+}
+
+/// Applies `desired` as [`decide_apply`] says. With `hold_back` false a
+/// `HoldBack` is applied too (objects whose change restarts nothing
+/// precious). Returns the decision taken: only `Apply` wrote.
 pub async fn apply_if_changed<K>(
     api: &Api<K>,
     name: &str,
     current: Option<&K>,
-    desired: &Value,
+    desired: &Desired,
     force: bool,
-) -> Result<bool, kube::Error>
+    hold_back: bool,
+) -> Result<ApplyDecision, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
-    if let Some(cur) = current {
-        let cur = serde_json::to_value(cur).map_err(kube::Error::SerdeError)?;
-        if contains(&cur, desired) {
-            return Ok(false);
+    let live = current
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(kube::Error::SerdeError)?;
+    let decision = match decide_apply(live.as_ref(), desired) {
+        ApplyDecision::HoldBack if !hold_back => ApplyDecision::Apply,
+        d => d,
+    };
+    if decision == ApplyDecision::Apply {
+        let mut params = PatchParams::apply(FIELD_MANAGER);
+        if force {
+            params = params.force();
         }
+        api.patch(name, &params, &Patch::Apply(&desired.body))
+            .await?;
     }
-    let mut params = PatchParams::apply(FIELD_MANAGER);
-    if force {
-        params = params.force();
+    Ok(decision)
+}
+
+/// Reports broken CRD rules (see [`crate::rules`]) as `Ready=False Invalid`
+/// and a Warning Event on the first report. Returns whether the spec is
+/// invalid, in which case the caller changes nothing.
+pub(crate) fn report_invalid(
+    conditions: &mut Vec<Condition>,
+    violations: &[crate::rules::Violation],
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) -> bool {
+    if violations.is_empty() {
+        return false;
     }
-    api.patch(name, &params, &Patch::Apply(desired)).await?;
-    Ok(true)
+    let msg = crate::rules::describe(violations);
+    if set_condition(
+        conditions,
+        "Ready",
+        Status::False,
+        crate::rules::REASON,
+        &msg,
+        generation,
+        now,
+    ) {
+        events.push(PendingEvent::warning(crate::rules::REASON, "Validate", msg));
+    }
+    true
 }
 
 /// A status with conditions, so a failed reconcile can be reported the same
@@ -547,6 +673,106 @@ mod tests {
         for (name, cur, des, want) in cases {
             assert_eq!(contains(&cur, &des), want, "{name}");
         }
+    }
+
+    fn sts(env: Value) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+               "metadata": {"name": "pg", "namespace": "db"},
+               "spec": {"template": {"spec": {"containers": [{"name": "walden", "env": env}]}}}})
+    }
+
+    /// The live object after applying `d` (what the apiserver would hold),
+    /// plus fields of other managers.
+    fn live_after(d: &Desired) -> Value {
+        let mut live = d.body.clone();
+        live["metadata"]["resourceVersion"] = json!("7");
+        live["spec"]["replicas"] = json!(1);
+        live
+    }
+
+    #[test]
+    fn decide_apply_table() {
+        let full_env =
+            json!([{"name": "A", "value": "1"}, {"name": "WALDEN_RETENTION_FULL", "value": "3"}]);
+        let small_env = json!([{"name": "A", "value": "1"}]);
+        let with_retention = Desired::new(sts(full_env.clone()), &json!({"retention": 3}));
+        let without_retention = Desired::new(sts(small_env.clone()), &json!({}));
+        let same_inputs_new_body = Desired::new(sts(small_env.clone()), &json!({"retention": 3}));
+        let mut drifted = live_after(&with_retention);
+        drifted["spec"]["template"]["spec"]["containers"][0]["env"] = small_env.clone();
+        let mut unstamped = live_after(&with_retention);
+        unstamped["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("annotations");
+        let mut garbled = live_after(&with_retention);
+        garbled["metadata"]["annotations"][APPLIED_ANNOTATION] = json!("nodot");
+        let cases = [
+            (
+                "no live object",
+                None,
+                &with_retention,
+                ApplyDecision::Apply,
+            ),
+            (
+                "what was applied, untouched",
+                Some(live_after(&with_retention)),
+                &with_retention,
+                ApplyDecision::Unchanged,
+            ),
+            (
+                // The bug of issue 12.6: the live object contains the
+                // smaller body, yet the retention env must be released.
+                "inputs shrank: the smaller body is sent",
+                Some(live_after(&with_retention)),
+                &without_retention,
+                ApplyDecision::Apply,
+            ),
+            (
+                "same inputs, operator builds another body",
+                Some(live_after(&with_retention)),
+                &same_inputs_new_body,
+                ApplyDecision::HoldBack,
+            ),
+            (
+                "someone removed an owned field",
+                Some(drifted),
+                &with_retention,
+                ApplyDecision::Apply,
+            ),
+            (
+                "no stamp yet (applied by an older operator)",
+                Some(unstamped),
+                &with_retention,
+                ApplyDecision::Apply,
+            ),
+            (
+                "unreadable stamp",
+                Some(garbled),
+                &with_retention,
+                ApplyDecision::Apply,
+            ),
+        ];
+        for (name, live, desired, want) in cases {
+            assert_eq!(decide_apply(live.as_ref(), desired), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_stamp_is_in_the_body_and_stable() {
+        let a = Desired::new(sts(json!([])), &json!({"x": 1}));
+        let b = Desired::new(sts(json!([])), &json!({"x": 1}));
+        assert_eq!(a, b);
+        assert_eq!(
+            a.body["metadata"]["annotations"][APPLIED_ANNOTATION],
+            json!(a.stamp)
+        );
+        let (inputs, body) = a.stamp.split_once('.').expect("two hashes");
+        assert_eq!((inputs.len(), body.len()), (16, 16));
+        assert_ne!(
+            Desired::new(sts(json!([])), &json!({"x": 2})).stamp,
+            a.stamp
+        );
     }
 
     #[test]

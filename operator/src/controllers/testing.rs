@@ -385,6 +385,16 @@ pub const IMAGE: &str = "ghcr.io/walden-dev/walden:test";
 
 /// A context over the fakes with a fixed clock.
 pub fn context(api: &FakeApi, daemon: Arc<FakeDaemon>, now: DateTime<Utc>) -> Arc<Context> {
+    context_with_image(api, daemon, now, IMAGE)
+}
+
+/// The same, as an operator shipping another walden image (an upgrade).
+pub fn context_with_image(
+    api: &FakeApi,
+    daemon: Arc<FakeDaemon>,
+    now: DateTime<Utc>,
+    image: &str,
+) -> Arc<Context> {
     let client = api.client();
     Arc::new(Context {
         client: client.clone(),
@@ -397,7 +407,7 @@ pub fn context(api: &FakeApi, daemon: Arc<FakeDaemon>, now: DateTime<Utc>) -> Ar
             },
         ),
         config: OperatorConfig {
-            walden_image: IMAGE.into(),
+            walden_image: image.into(),
         },
         clock: Arc::new(move || now),
         metrics: Arc::new(Metrics::default()),

@@ -33,6 +33,10 @@ const SKIP_TOP_FILES: &[&str] = &[
     "backup_manifest",
     "postgresql.auto.conf.tmp",
     "current_logfiles.tmp",
+    // The restore marker describes how this directory was restored; a backup
+    // of it is a new origin (restore::marker).
+    crate::restore::marker::MARKER,
+    "walden.restore.json.tmp",
 ];
 /// Directories whose contents are runtime state, recreated by PostgreSQL.
 const EMPTY_DIRS: &[&str] = &[
@@ -252,6 +256,9 @@ mod tests {
             ("base/1/pg_wal", true, Include),
             ("base/1/backup_label", false, Include),
             ("base/1/1259", false, Include),
+            ("walden.restore.json", false, Skip),
+            ("walden.restore.json.tmp", false, Skip),
+            ("base/1/walden.restore.json", false, Include),
         ];
         for (rel, is_dir, want) in cases {
             assert_eq!(decide(rel, is_dir), want, "{rel}");

@@ -120,7 +120,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
         .await
         .unwrap_or(0);
-    let (role, replay) = match api.pg.probe().await {
+    let (role, replay, recovered_to) = match api.pg.probe().await {
         Ok(p) => {
             api.metrics
                 .postgres_in_recovery
@@ -128,9 +128,17 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
             let replay = p.replay.map(|r| {
                 api.metrics.replay_lag_seconds.set(r.lag_seconds);
                 api.metrics.replay_lag_bytes.set(r.lag_bytes as i64);
-                json!({"replayLsn": r.replay_lsn, "lagSeconds": r.lag_seconds, "lagBytes": r.lag_bytes})
+                json!({"replayLsn": r.replay_lsn, "lagSeconds": r.lag_seconds, "lagBytes": r.lag_bytes,
+                       "streaming": r.streaming})
             });
-            (if p.in_recovery { "standby" } else { "primary" }, replay)
+            let recovered_to = p
+                .recovered_to
+                .map(|r| json!({"lsn": r.lsn, "time": r.time}));
+            (
+                if p.in_recovery { "standby" } else { "primary" },
+                replay,
+                recovered_to,
+            )
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot reach PostgreSQL for status");
@@ -139,7 +147,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
                 .pgdata
                 .as_ref()
                 .is_some_and(|d| d.join("standby.signal").exists());
-            (if standby { "standby" } else { "primary" }, None)
+            (if standby { "standby" } else { "primary" }, None, None)
         }
     };
     let catalog = api.backups.catalog();
@@ -163,6 +171,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         "backupInProgress": in_progress,
         "recoveryWindow": catalog.window,
         "replay": replay,
+        "recoveredTo": recovered_to,
     }))
     .into_response()
 }

@@ -44,7 +44,8 @@ impl PgTarget {
             .map_err(|_| LocalPgError::Timeout(CONNECT_TIMEOUT))??)
     }
 
-    /// Role and, on a standby, replay position and lag.
+    /// Role; on a standby, replay position, lag and whether it streams; on a
+    /// server that went through archive recovery, where recovery ended.
     pub async fn probe(&self) -> Result<Probe, LocalPgError> {
         let client = self.connect().await?;
         let row = client
@@ -52,7 +53,9 @@ impl PgTarget {
                 "SELECT pg_is_in_recovery(), \
                         coalesce(pg_last_wal_replay_lsn()::text, ''), \
                         coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, 0), \
-                        greatest(coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0), 0)::float8",
+                        greatest(coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0), 0)::float8, \
+                        coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver LIMIT 1), false), \
+                        coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')",
                 &[],
             )
             .await
@@ -61,14 +64,24 @@ impl PgTarget {
                 source,
             })?;
         let in_recovery: bool = row.get(0);
+        let replay_lsn: String = row.get(1);
+        let replay_time: String = row.get(5);
         let replay = in_recovery.then(|| Replay {
-            replay_lsn: row.get(1),
+            replay_lsn: replay_lsn.clone(),
             lag_seconds: row.get::<_, f64>(2).max(0.0),
             lag_bytes: row.get::<_, f64>(3).max(0.0) as u64,
+            streaming: row.get(4),
+        });
+        // After recovery PostgreSQL keeps the last replayed position (NULL
+        // when the server never ran archive recovery).
+        let recovered_to = (!in_recovery && !replay_lsn.is_empty()).then(|| RecoveredTo {
+            lsn: replay_lsn,
+            time: (!replay_time.is_empty()).then_some(replay_time),
         });
         Ok(Probe {
             in_recovery,
             replay,
+            recovered_to,
         })
     }
 
@@ -106,6 +119,14 @@ impl PgTarget {
 pub struct Probe {
     pub in_recovery: bool,
     pub replay: Option<Replay>,
+    pub recovered_to: Option<RecoveredTo>,
+}
+
+/// Where a finished recovery stopped: last replayed LSN and commit time.
+#[derive(Debug, Clone)]
+pub struct RecoveredTo {
+    pub lsn: String,
+    pub time: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +134,8 @@ pub struct Replay {
     pub replay_lsn: String,
     pub lag_seconds: f64,
     pub lag_bytes: u64,
+    /// A WAL receiver streams from the primary (else WAL comes from the archive).
+    pub streaming: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

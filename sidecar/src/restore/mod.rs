@@ -10,6 +10,7 @@
 //! wrote.
 
 pub mod extract;
+pub mod marker;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use tokio_util::io::SyncIoBridge;
 use tracing::Instrument;
 
 use self::extract::{Layout, PG_CONTROL, PG_CONTROL_PARTIAL};
+use self::marker::{IfRestored, Marker, Plan};
 use self::settings::RecoverySettings;
 use crate::catalog::{self, BackupManifest, CatalogError, ChooseError, Part, Target};
 use crate::object::{unseal, UnsealError};
@@ -34,6 +36,8 @@ use crate::storage::{Storage, StorageError};
 pub enum RestoreError {
     #[error("{path} is not empty: restore only into an empty or new directory, so nothing is overwritten")]
     DestNotEmpty { path: String },
+    #[error("{path} {reason}")]
+    Refused { path: String, reason: String },
     #[error("tablespace {oid} would be restored into {path}, which is not empty; map it elsewhere with --tablespace-mapping {original}=NEWDIR")]
     TablespaceNotEmpty {
         oid: u32,
@@ -93,6 +97,20 @@ pub struct RestoreOptions {
     pub tablespace_mapping: Vec<(String, String)>,
     pub parallelism: usize,
     pub retry: RetryPolicy,
+    /// A non-empty destination: refuse, or recognise an earlier restore.
+    pub if_restored: IfRestored,
+}
+
+/// What `restore` did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Restored(Restored),
+    /// The directory already holds this restore, finished (`--if-restored
+    /// skip`); `adopted` when it had no marker yet and got one.
+    AlreadyRestored {
+        marker: Marker,
+        adopted: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -120,12 +138,73 @@ fn is_free(dir: &Path) -> Result<bool, RestoreError> {
     }
 }
 
+/// Who this restore is, as the marker records it.
+fn identity(storage_url: &str, opts: &RestoreOptions) -> marker::Identity {
+    marker::Identity {
+        source: storage_url.to_string(),
+        target: opts.recovery.target.to_string(),
+        inclusive: opts.recovery.inclusive,
+        timeline: opts.recovery.timeline.clone(),
+        backup: opts.backup.clone().unwrap_or_else(|| "LATEST".into()),
+        standby: opts.recovery.standby,
+    }
+}
+
 pub async fn restore(
     storage: Arc<dyn Storage>,
     opts: &RestoreOptions,
-) -> Result<Restored, RestoreError> {
+) -> Result<Outcome, RestoreError> {
     let started = Instant::now();
     let dest = &opts.dest;
+    let wanted = identity(&storage.url(), opts);
+    match marker::plan(&marker::inspect(dest)?, &wanted, opts.if_restored) {
+        Plan::Restore => {}
+        Plan::Redo(half) => {
+            tracing::warn!(dest = %dest.display(), target = %half.identity.target,
+                "a restore into this directory was interrupted: removing what it wrote and restoring again");
+            let layout = Layout {
+                dest: dest.clone(),
+                tablespaces: half
+                    .tablespaces
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (i as u32, p.clone()))
+                    .collect(),
+            };
+            cleanup(&layout, true);
+        }
+        Plan::Skip(marker) => {
+            return Ok(Outcome::AlreadyRestored {
+                marker,
+                adopted: false,
+            })
+        }
+        Plan::Adopt => {
+            let marker = Marker {
+                version: 1,
+                state: marker::State::Complete,
+                identity: wanted,
+                restored_backup: None,
+                tablespaces: vec![],
+            };
+            marker::write(dest, &marker)?;
+            return Ok(Outcome::AlreadyRestored {
+                marker,
+                adopted: true,
+            });
+        }
+        Plan::Refuse(_) if opts.if_restored == IfRestored::Fail => {
+            return Err(RestoreError::DestNotEmpty {
+                path: dest.display().to_string(),
+            });
+        }
+        Plan::Refuse(reason) => {
+            return Err(RestoreError::Refused {
+                path: dest.display().to_string(),
+                reason,
+            })
+        }
+    }
     if !is_free(dest)? {
         return Err(RestoreError::DestNotEmpty {
             path: dest.display().to_string(),
@@ -187,17 +266,31 @@ pub async fn restore(
     };
     let span = tracing::info_span!("restore", backup = %chosen.id, target = %opts.recovery.target);
     let existed = dest.exists();
-    let result = unpack(storage, &chosen, &layout, opts)
-        .instrument(span)
-        .await;
+    let mut marker = Marker {
+        version: 1,
+        state: marker::State::InProgress,
+        identity: wanted,
+        restored_backup: Some(chosen.id.clone()),
+        tablespaces: layout.tablespaces.values().cloned().collect(),
+    };
+    let result = async {
+        std::fs::create_dir_all(dest).map_err(local(dest))?;
+        marker::write(dest, &marker)?;
+        let totals = unpack(storage, &chosen, &layout, opts).await?;
+        marker.state = marker::State::Complete;
+        marker::write(dest, &marker)?;
+        Ok(totals)
+    }
+    .instrument(span)
+    .await;
     match result {
-        Ok((files, bytes, cleared)) => Ok(Restored {
+        Ok((files, bytes, cleared)) => Ok(Outcome::Restored(Restored {
             backup: chosen,
             files,
             bytes,
             cleared,
             seconds: started.elapsed().as_secs_f64(),
-        }),
+        })),
         Err(e) => {
             cleanup(&layout, existed);
             Err(e)
