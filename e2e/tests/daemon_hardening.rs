@@ -426,7 +426,7 @@ fn network_clients_cannot_stall_archiving() {
     let healthz_in = healthz_from.elapsed();
     eprintln!(
         "with {} idle and {} slowloris connections: 5 segments archived in {archived_in:?}, \
-         slowloris closed after {slow_closed_in:?}, /healthz answered after {healthz_in:?}",
+         slowloris all found closed when checked {slow_closed_in:?} after they connected, /healthz answered after {healthz_in:?}",
         idle.len(),
         slow.len()
     );
