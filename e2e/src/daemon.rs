@@ -13,8 +13,18 @@ use crate::sys::{free_port, wait_for, walden_bin};
 
 pub const TOKEN: &str = "s3cr3t-test-token-0123456789";
 
+/// How to start a daemon beyond its environment.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Arguments after `walden daemon`: settings given as flags.
+    pub args: Vec<String>,
+    /// The daemon's limit on open file descriptors (soft and hard).
+    pub nofile: Option<u64>,
+}
+
 pub struct Daemon {
     child: Option<Child>,
+    opts: Options,
     pub name: String,
     pub socket: PathBuf,
     pub port: u16,
@@ -28,6 +38,11 @@ impl Daemon {
     /// Starts `walden daemon` with `env` (storage settings, PG*, extras) and
     /// waits until its socket and HTTP API answer.
     pub fn start(work: &Path, name: &str, env: Vec<(String, String)>) -> Self {
+        Self::start_with(work, name, env, Options::default())
+    }
+
+    /// [`Daemon::start`] with flags and limits.
+    pub fn start_with(work: &Path, name: &str, env: Vec<(String, String)>, opts: Options) -> Self {
         let run = work.join(format!("run-{name}"));
         std::fs::create_dir_all(&run).expect("mkdir run");
         std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -36,6 +51,7 @@ impl Daemon {
         std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
         let mut d = Self {
             child: None,
+            opts,
             name: name.to_string(),
             socket: run.join("walden.sock"),
             port: free_port(),
@@ -48,13 +64,44 @@ impl Daemon {
         d
     }
 
+    /// The command that starts this daemon (for tests that expect it to refuse).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(walden_bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .envs(self.env.clone())
+            .env("WALDEN_SOCKET", &self.socket)
+            .env("WALDEN_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("WALDEN_TOKEN_FILE", &self.token_file)
+            .env("WALDEN_STATE_DIR", &self.state_dir)
+            .arg("daemon")
+            .args(&self.opts.args);
+        cmd
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("daemon log");
-        let child = Command::new(walden_bin())
+        let mut cmd = Command::new(walden_bin());
+        if let Some(n) = self.opts.nofile {
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .envs(self.env.clone())
@@ -67,6 +114,7 @@ impl Daemon {
                 "info,walden=debug,aws_config=warn,aws_smithy_runtime=warn",
             )
             .arg("daemon")
+            .args(&self.opts.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

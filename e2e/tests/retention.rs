@@ -364,7 +364,8 @@ fn more_than_a_thousand_wal_objects_go_and_an_interrupted_retain_is_finished_by_
         budget: AtomicUsize::new(2),
     };
     let err = block_on(async {
-        let plan = retention::plan_for(&interrupting, Policy::Full(1), chrono::Utc::now())
+        let grace = chrono::Duration::minutes(10);
+        let plan = retention::plan_for(&interrupting, Policy::Full(1), chrono::Utc::now(), grace)
             .await
             .expect("plan");
         assert_eq!(plan.deleted_backups, ["20260101T000000Z"]);

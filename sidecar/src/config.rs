@@ -86,6 +86,37 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// These settings as the variables they are read from, for child
+    /// processes (`backup-push`, `backup-list`, `retain` run by the daemon):
+    /// a daemon configured by flags hands its children exactly what it
+    /// resolved. `None` means "unset" (the child must not inherit one).
+    pub fn to_env(&self) -> Vec<(&'static str, Option<String>)> {
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        vec![
+            ("WALDEN_STORAGE", self.storage.clone()),
+            ("WALDEN_S3_ENDPOINT", self.s3_endpoint.clone()),
+            ("WALDEN_S3_PATH_STYLE", Some(self.s3_path_style.to_string())),
+            (
+                "WALDEN_S3_PART_SIZE_MB",
+                Some(self.s3_part_size_mb.to_string()),
+            ),
+            (
+                "WALDEN_COMPRESSION_LEVEL",
+                Some(self.compression_level.to_string()),
+            ),
+            ("WALDEN_RETRIES", Some(self.retries.to_string())),
+            (
+                "WALDEN_RETRY_DELAY_MS",
+                Some(self.retry_delay_ms.to_string()),
+            ),
+            (
+                "WALDEN_ENCRYPTION_KEY_FILE",
+                path(&self.encryption_key_file),
+            ),
+            ("WALDEN_READ_ONLY", Some(self.read_only.to_string())),
+        ]
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             retries: self.retries,
@@ -140,5 +171,56 @@ impl Settings {
         } else {
             inner
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    /// What `to_env` hands a child parses back to the same settings.
+    #[test]
+    fn settings_survive_the_trip_through_the_environment() {
+        let from_flags = Cli::parse_from([
+            "walden",
+            "--storage",
+            "s3://bucket/db",
+            "--s3-endpoint",
+            "http://127.0.0.1:9",
+            "--s3-path-style",
+            "--compression-level",
+            "7",
+            "--retries",
+            "9",
+            "--retry-delay-ms",
+            "5",
+            "--encryption-key-file",
+            "/k",
+            "--read-only",
+        ])
+        .settings;
+        let mut args = vec!["walden".to_string()];
+        for (name, value) in from_flags.to_env() {
+            let flag = name
+                .trim_start_matches("WALDEN_")
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            match value.as_deref() {
+                Some("true") => args.push(format!("--{flag}")),
+                Some("false") | None => {}
+                Some(v) => args.push(format!("--{flag}={v}")),
+            }
+        }
+        let back = Cli::parse_from(args).settings;
+        assert_eq!(format!("{back:?}"), format!("{from_flags:?}"));
+        let unset = Cli::parse_from(["walden"]).settings.to_env();
+        assert!(unset.contains(&("WALDEN_STORAGE", None)));
     }
 }

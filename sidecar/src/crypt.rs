@@ -37,7 +37,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use crate::repo::IDENTITY_KEY;
-use crate::storage::{Created, Download, ErrorKind, ObjectInfo, Reader, Storage, StorageError};
+use crate::storage::{
+    Created, Download, ErrorKind, Incomplete, ObjectInfo, Reader, Storage, StorageError,
+};
 use crate::wal::WalFile;
 
 /// Plaintext bytes per age STREAM chunk, and the tag each chunk adds.
@@ -452,6 +454,14 @@ impl Storage for Encrypted {
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         self.inner.delete(keys).await
+    }
+
+    async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
+        self.inner.list_incomplete().await
+    }
+
+    async fn remove_incomplete(&self, item: &Incomplete) -> Result<(), StorageError> {
+        self.inner.remove_incomplete(item).await
     }
 }
 

@@ -219,6 +219,11 @@ enum Command {
         /// Keep every point of the last DURATION restorable (e.g. 7d, 36h, 1d12h, 90m)
         #[arg(long, env = "WALDEN_RETENTION_WINDOW", value_name = "DURATION", value_parser = walden::retention::parse_duration)]
         window: Option<chrono::Duration>,
+        /// Backup folders without backup.json are deleted only once nothing in them was stored
+        /// for this long (a running backup renews its lease every 30 s)
+        #[arg(long, env = "WALDEN_RETENTION_GRACE", value_name = "DURATION", default_value = retention::DEFAULT_GRACE,
+              value_parser = walden::retention::parse_duration)]
+        grace: chrono::Duration,
         /// Print what would be deleted, delete nothing
         #[arg(long)]
         dry_run: bool,
@@ -529,6 +534,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Retain {
             full,
             window,
+            grace,
             dry_run,
             json,
         } => {
@@ -543,7 +549,7 @@ async fn run(cli: Cli) -> ExitCode {
                     return fail("retain", anyhow::anyhow!("--full or --window is required"))
                 }
             };
-            match retain(&settings, policy, dry_run, json).await {
+            match retain(&settings, policy, grace, dry_run, json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail("retain", e),
             }
@@ -817,11 +823,12 @@ struct RetainJson<'a> {
 async fn retain(
     settings: &Settings,
     policy: retention::Policy,
+    grace: chrono::Duration,
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let storage = settings.open_storage().await?;
-    let plan = retention::plan_for(storage.as_ref(), policy, chrono::Utc::now()).await?;
+    let plan = retention::plan_for(storage.as_ref(), policy, chrono::Utc::now(), grace).await?;
     if !json {
         let verb = if dry_run { "would delete" } else { "deleting" };
         println!(
@@ -841,18 +848,23 @@ async fn retain(
             println!("  {verb} backup {id}");
         }
         for id in &plan.abandoned_backups {
-            println!("  {verb} abandoned backup folder {id} (no backup.json, older than the newest backup)");
+            println!("  {verb} abandoned backup folder {id} (no backup.json, nothing stored in it for {})", retention::format_duration(grace));
         }
         for id in &plan.damaged_backups {
             println!("  keep    damaged backup folder {id} (its backup.json cannot be read; left for a person to look at)");
         }
         for id in &plan.in_progress_backups {
-            println!("  keep    backup folder {id} (no backup.json yet: may be in progress)");
+            println!(
+                "  keep    backup folder {id} (no backup.json yet, recently written: in progress)"
+            );
         }
         for (tli, seg) in &plan.wal_kept_from {
             println!("  keep    WAL of timeline {tli} from {seg} on (and every later timeline)");
         }
         println!("  {verb} {} WAL object(s)", plan.deleted_wal_objects);
+        for t in &plan.stale_temporaries {
+            println!("  {verb} leftover of an interrupted write: {}", t.key);
+        }
     }
     let deleted = if dry_run {
         0

@@ -28,9 +28,10 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::backup::lease::is_lease_key;
 use crate::catalog::{BackupManifest, MANIFEST_NAME};
 use crate::retry::RetryPolicy;
-use crate::storage::{ObjectInfo, Storage, StorageError};
+use crate::storage::{Incomplete, ObjectInfo, Storage, StorageError};
 use crate::timeline::Histories;
 use crate::wal::{SegmentName, WalFile};
 
@@ -96,7 +97,7 @@ pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
     Ok(total)
 }
 
-fn format_duration(d: chrono::Duration) -> String {
+pub fn format_duration(d: chrono::Duration) -> String {
     let s = d.num_seconds();
     match s {
         _ if s % 86_400 == 0 => format!("{}d", s / 86_400),
@@ -124,10 +125,12 @@ pub struct Plan {
     pub kept_backups: Vec<Kept>,
     /// Complete backups deleted, oldest first.
     pub deleted_backups: Vec<String>,
-    /// Backup folders without `backup.json` that are older than the newest
-    /// backup: an interrupted backup or an interrupted retention; deleted.
+    /// Backup folders without `backup.json` where nothing was stored within
+    /// the grace period: a killed backup or an interrupted retention; deleted.
     pub abandoned_backups: Vec<String>,
-    /// Backup folders without `backup.json` that may still be being written: kept.
+    /// Backup folders without `backup.json` that may still be being written
+    /// (something stored within the grace period, such as the lease a running
+    /// backup renews): kept.
     pub in_progress_backups: Vec<String>,
     /// Backups whose `backup.json` is damaged: kept untouched, for a person to look at.
     pub damaged_backups: Vec<String>,
@@ -137,6 +140,9 @@ pub struct Plan {
     pub deleted_bytes: u64,
     /// Every key to delete: manifests, then backup parts, then WAL.
     pub delete: Vec<String>,
+    /// Leftovers of interrupted writes (temporary files, multipart uploads)
+    /// older than the grace period: removed after the deletions.
+    pub stale_temporaries: Vec<Incomplete>,
 }
 
 /// What the planner needs; everything is data, so it can be tested as a table.
@@ -145,9 +151,24 @@ pub struct PlanInput<'a> {
     pub backups: &'a [BackupManifest],
     /// Every object under `backups/` and `wal/`.
     pub objects: &'a [ObjectInfo],
+    /// Leftovers of interrupted writes.
+    pub incomplete: &'a [Incomplete],
     pub histories: &'a Histories,
     pub policy: Policy,
     pub now: DateTime<Utc>,
+    /// A folder without `backup.json` is abandoned only once nothing in it
+    /// was stored for this long (a running backup renews its lease far more often).
+    pub grace: chrono::Duration,
+}
+
+/// How long a backup folder without `backup.json` stays untouched by default
+/// (`WALDEN_RETENTION_GRACE`): twenty lease renewals.
+pub const DEFAULT_GRACE: &str = "10m";
+
+/// The latest `now − d` that exists (a huge duration reaches back to the earliest time).
+fn before(now: DateTime<Utc>, d: chrono::Duration) -> DateTime<Utc> {
+    now.checked_sub_signed(d)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// A backup's place in the archive's history; larger is newer.
@@ -195,9 +216,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let PlanInput {
         backups,
         objects,
+        incomplete,
         histories,
         policy,
         now,
+        grace,
     } = *input;
     let pos = positions(backups);
     let mut ordered: Vec<&BackupManifest> = backups.iter().collect();
@@ -219,7 +242,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
     if let Some(w) = window {
-        let cutoff = now - w;
+        let cutoff = before(now, w);
         for b in ordered.iter().filter(|b| b.stop_time > cutoff) {
             keep.entry(b.id.clone())
                 .or_insert_with(|| "finished inside the window".into());
@@ -248,8 +271,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
     let doomed_ids: BTreeSet<&str> = doomed.iter().map(|b| b.id.as_str()).collect();
 
-    // Folders without a manifest: abandoned if clearly older than the newest backup.
+    // Folders without a manifest: abandoned once nothing in them is recent.
     let newest = ordered.last();
+    let stale_before = before(now, grace);
     let mut orphans: BTreeMap<&str, Vec<&ObjectInfo>> = BTreeMap::new();
     for o in objects {
         if let Some(id) = backup_dir(&o.key) {
@@ -261,13 +285,20 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut abandoned = Vec::new();
     let mut in_progress = Vec::new();
     for (id, objs) in &orphans {
-        let old = newest.is_some_and(|n| {
-            *id < n.id.as_str()
-                && objs
-                    .iter()
-                    .all(|o| o.modified.is_some_and(|m| m < n.stop_time))
-        });
-        if old {
+        let stale = objs
+            .iter()
+            .all(|o| o.modified.is_some_and(|m| m < stale_before));
+        // Without a lease the folder is no running backup's: what an
+        // interrupted retention (or an older walden) left, once a newer backup exists.
+        let leased = objs.iter().any(|o| is_lease_key(&o.key));
+        let superseded = !leased
+            && newest.is_some_and(|n| {
+                *id < n.id.as_str()
+                    && objs
+                        .iter()
+                        .all(|o| o.modified.is_some_and(|m| m < n.stop_time))
+            });
+        if stale || superseded {
             abandoned.push(id.to_string());
         } else {
             in_progress.push(id.to_string());
@@ -357,6 +388,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         deleted_wal_objects,
         deleted_bytes: bytes,
         delete,
+        // A write that started before the grace period is over: its process is gone.
+        stale_temporaries: incomplete
+            .iter()
+            .filter(|i| i.started.is_some_and(|t| t < stale_before))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -440,6 +477,7 @@ pub async fn plan_for(
     storage: &dyn Storage,
     policy: Policy,
     now: DateTime<Utc>,
+    grace: chrono::Duration,
 ) -> Result<Plan, RetainError> {
     let catalog = crate::catalog::scan_backups(storage).await?;
     let backups = catalog.backups;
@@ -459,13 +497,22 @@ pub async fn plan_for(
     let damaged: BTreeSet<&str> = catalog.damaged.iter().map(|d| d.id.as_str()).collect();
     objects.retain(|o| backup_dir(&o.key).is_none_or(|id| !damaged.contains(id)));
     objects.extend(list("wal/").await?);
+    let incomplete = match storage.list_incomplete().await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list leftovers of interrupted writes (not supported here?); not removing any");
+            Vec::new()
+        }
+    };
     let histories = Histories::load(storage).await?;
     let mut planned = plan(&PlanInput {
         backups: &backups,
         objects: &objects,
+        incomplete: &incomplete,
         histories: &histories,
         policy,
         now,
+        grace,
     });
     planned.damaged_backups = catalog.damaged.iter().map(|d| d.id.clone()).collect();
     Ok(planned)
@@ -495,6 +542,17 @@ pub async fn execute(
             })?;
         done += batch.len();
         tracing::info!(deleted = done, of = total, "retention progress");
+    }
+    for item in &plan.stale_temporaries {
+        match storage.remove_incomplete(item).await {
+            Ok(()) => {
+                done += 1;
+                tracing::info!(key = %item.key, "removed the leftover of an interrupted write");
+            }
+            Err(e) => {
+                tracing::warn!(key = %item.key, error = %e, "cannot remove the leftover of an interrupted write; the next run tries again")
+            }
+        }
     }
     Ok(done)
 }
@@ -581,9 +639,11 @@ mod tests {
         plan(&PlanInput {
             backups,
             objects,
+            incomplete: &[],
             histories,
             policy,
             now: ts(now),
+            grace: chrono::Duration::minutes(10),
         })
     }
 
@@ -705,15 +765,29 @@ mod tests {
     }
 
     #[test]
-    fn backup_in_progress_is_kept_and_abandoned_ones_are_deleted() {
+    fn folders_without_a_manifest_go_only_once_nothing_in_them_is_recent() {
         let backups = three_daily();
         let mut objs = objects(&backups, &[(1, 1, 30)], "2026-01-01T00:00:00Z");
-        // Parts of a backup running now (newer than C), no manifest yet.
+        // A backup running now, newer than C: its lease was renewed a minute ago.
         objs.push(obj(
             "backups/D/part-00001.tar.zst".into(),
             "2026-01-03T12:00:00Z",
         ));
-        // Parts of a backup killed between A and B (or of an interrupted retention).
+        objs.push(obj(
+            "backups/D/lease-000120.json".into(),
+            "2026-01-03T12:59:00Z",
+        ));
+        // A backup that started before C and is still running (a CLI backup
+        // overlapping the daemon's): older id, parts older than C's end, fresh lease.
+        objs.push(obj(
+            "backups/BC/part-00001.tar.zst".into(),
+            "2026-01-02T12:00:00Z",
+        ));
+        objs.push(obj(
+            "backups/BC/lease-000004.json".into(),
+            "2026-01-03T12:55:00Z",
+        ));
+        // A backup killed between A and B (or an interrupted retention).
         objs.push(obj(
             "backups/AB/part-00001.tar.zst".into(),
             "2026-01-01T12:00:00Z",
@@ -721,6 +795,11 @@ mod tests {
         objs.push(obj(
             "backups/AB/part-00002.tar.zst".into(),
             "2026-01-01T12:00:00Z",
+        ));
+        // A backup killed after C, its lease lapsed long ago: a leak, removed too.
+        objs.push(obj(
+            "backups/E/lease-000002.json".into(),
+            "2026-01-03T12:40:00Z",
         ));
         // Parts with no storage time: cannot prove they are old, so kept.
         objs.push(ObjectInfo {
@@ -736,22 +815,57 @@ mod tests {
             Policy::Full(3),
             "2026-01-03T13:00:00Z",
         );
-        assert_eq!(p.abandoned_backups, ["AB"]);
-        assert_eq!(p.in_progress_backups, ["AC", "D"]);
+        assert_eq!(p.abandoned_backups, ["AB", "E"]);
+        assert_eq!(p.in_progress_backups, ["AC", "BC", "D"]);
         assert_eq!(
             p.delete,
             [
                 "backups/AB/part-00001.tar.zst",
                 "backups/AB/part-00002.tar.zst",
+                "backups/E/lease-000002.json",
                 // below A's start_wal: no backup needs it
                 "wal/0000000100000000/000000010000000000000001.zst"
             ]
         );
-        // With only a backup in progress and none complete, nothing goes.
-        let only = vec![obj(
-            "backups/X/part-00001.tar.zst".into(),
-            "2026-01-01T00:00:00Z",
-        )];
+        // The grace period decides: with a longer one, E is still given time.
+        let p = plan(&PlanInput {
+            backups: &backups,
+            objects: &objs,
+            incomplete: &[],
+            histories: &Histories::default(),
+            policy: Policy::Full(3),
+            now: ts("2026-01-03T13:00:00Z"),
+            grace: chrono::Duration::hours(1),
+        });
+        assert_eq!(p.in_progress_backups, ["AC", "BC", "D", "E"]);
+        // A folder without a lease, older than the newest backup (an interrupted
+        // retention) goes whatever the grace period; one with a lease never does.
+        let p = plan(&PlanInput {
+            grace: chrono::Duration::days(30),
+            ..PlanInput {
+                backups: &backups,
+                objects: &objs,
+                incomplete: &[],
+                histories: &Histories::default(),
+                policy: Policy::Full(3),
+                now: ts("2026-01-03T13:00:00Z"),
+                grace: chrono::Duration::zero(),
+            }
+        });
+        assert_eq!(p.abandoned_backups, ["AB"]);
+        assert_eq!(p.in_progress_backups, ["AC", "BC", "D", "E"]);
+        // Without any complete backup: a fresh folder stays, a stale one goes, no WAL goes.
+        let only = vec![
+            obj(
+                "backups/X/part-00001.tar.zst".into(),
+                "2026-01-01T00:00:00Z",
+            ),
+            obj("backups/Y/lease-000000.json".into(), "2026-01-03T12:58:00Z"),
+            obj(
+                WalFile::Segment(seg(1, 1)).object_key(),
+                "2026-01-01T00:00:00Z",
+            ),
+        ];
         let p = run(
             &[],
             &only,
@@ -759,7 +873,50 @@ mod tests {
             Policy::Full(1),
             "2026-01-03T13:00:00Z",
         );
-        assert!(p.delete.is_empty());
+        assert_eq!(p.delete, ["backups/X/part-00001.tar.zst"]);
+        assert_eq!(p.in_progress_backups, ["Y"]);
+    }
+
+    #[test]
+    fn only_leftovers_older_than_the_grace_period_are_removed() {
+        let backups = three_daily();
+        let objs = objects(&backups, &[(1, 1, 30)], "2026-01-03T12:00:00Z");
+        let left = |key: &str, started: Option<&str>| Incomplete {
+            key: key.into(),
+            handle: key.into(),
+            started: started.map(ts),
+        };
+        let incomplete = [
+            left("wal/x/.walden-tmp-a", Some("2026-01-03T12:00:00Z")),
+            left("wal/x/.walden-tmp-b", Some("2026-01-03T12:55:00Z")),
+            left("backups/D/part-00001.tar.zst", None),
+        ];
+        let p = plan(&PlanInput {
+            backups: &backups,
+            objects: &objs,
+            incomplete: &incomplete,
+            histories: &Histories::default(),
+            policy: Policy::Full(3),
+            now: ts("2026-01-03T13:00:00Z"),
+            grace: chrono::Duration::minutes(10),
+        });
+        assert_eq!(p.stale_temporaries, [incomplete[0].clone()]);
+    }
+
+    #[test]
+    fn a_huge_window_keeps_everything_instead_of_overflowing() {
+        let backups = three_daily();
+        let objs = objects(&backups, &[(1, 1, 30)], "2026-01-03T12:00:00Z");
+        let window = parse_duration("999999999d").unwrap();
+        let p = run(
+            &backups,
+            &objs,
+            &Histories::default(),
+            Policy::Window(window),
+            "2026-01-03T12:00:00Z",
+        );
+        assert_eq!(ids(&p.kept_backups), ["A", "B", "C"]);
+        assert_eq!(wal_left(&objs, &p).len(), 29);
     }
 
     /// Timeline 2 branched from timeline 1 at segment 15 (a restore to an

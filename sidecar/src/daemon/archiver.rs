@@ -53,6 +53,10 @@ struct Inner {
 
 pub struct Archiver {
     storage: Arc<dyn Storage>,
+    /// `<PGDATA>/pg_wal` when PGDATA is known: the only directory archived from.
+    pg_wal_root: Option<PathBuf>,
+    /// The S3 endpoint, which with the storage URL says where the archive is.
+    s3_endpoint: Option<String>,
     opts: PushOptions,
     parallelism: usize,
     log: Arc<Mutex<ArchivedLog>>,
@@ -77,6 +81,38 @@ pub enum PushError {
     Failed(String),
     #[error("the daemon is shutting down; PostgreSQL will retry")]
     ShuttingDown,
+    #[error("refusing to archive {path}: {reason}")]
+    Outside { path: String, reason: String },
+}
+
+/// Whether `path` (as the client sent it) is a file of the pg_wal directory
+/// the daemon archives: `allowed` (PGDATA's, or the first one PostgreSQL's
+/// requests came from), compared after resolving symlinks. Anything else is
+/// refused, so that the socket cannot be used to read other files.
+pub fn confine(path: &Path, allowed: Option<&Path>) -> Result<PathBuf, String> {
+    if !path.is_absolute() {
+        return Err("the path is not absolute".into());
+    }
+    let parent = path.parent().ok_or("the path has no directory")?;
+    if parent.file_name().and_then(|n| n.to_str()) != Some("pg_wal") {
+        return Err("it is not in a pg_wal directory".into());
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("it is not a regular file".into());
+    }
+    let real = std::fs::canonicalize(parent).map_err(|e| e.to_string())?;
+    if let Some(allowed) = allowed {
+        let allowed_real =
+            std::fs::canonicalize(allowed).map_err(|e| format!("{}: {e}", allowed.display()))?;
+        if real != allowed_real {
+            return Err(format!(
+                "only files of {} are archived here",
+                allowed.display()
+            ));
+        }
+    }
+    Ok(real)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,6 +137,8 @@ fn archive_order(name: &str) -> (u8, &str) {
 impl Archiver {
     pub fn new(
         storage: Arc<dyn Storage>,
+        pg_wal_root: Option<PathBuf>,
+        s3_endpoint: Option<String>,
         opts: PushOptions,
         parallelism: usize,
         log: ArchivedLog,
@@ -115,6 +153,8 @@ impl Archiver {
         }
         Arc::new(Self {
             storage,
+            pg_wal_root,
+            s3_endpoint,
             opts,
             parallelism: parallelism.max(1),
             log: Arc::new(Mutex::new(log)),
@@ -149,10 +189,20 @@ impl Archiver {
             .filter(|n| WalFile::parse(n).is_some())
             .ok_or_else(|| PushError::InvalidName(path.display().to_string()))?
             .to_string();
-        let pg_wal = path.parent().map(Path::to_path_buf);
-        if let Some(dir) = &pg_wal {
-            lock(&self.inner).pg_wal = Some(dir.clone());
+        let allowed = self.pg_wal_root.clone().or_else(|| self.pg_wal());
+        let dir = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || confine(&path, allowed.as_deref()))
+                .await
+                .map_err(|e| PushError::Failed(e.to_string()))?
         }
+        .map_err(|reason| PushError::Outside {
+            path: path.display().to_string(),
+            reason,
+        })?;
+        let path = dir.join(&name);
+        let pg_wal = Some(dir.clone());
+        lock(&self.inner).pg_wal.get_or_insert(dir);
         let current = stamp(&path).await?;
         if lock(&self.log).remembers(&name, &current) {
             self.answer("remembered");
@@ -284,10 +334,18 @@ impl Archiver {
     /// requests for it are answered at once, also after a daemon restart.
     async fn remember(&self, name: &str, stamp: Stamp) -> Result<(), String> {
         let log = self.log.clone();
+        let identity = crate::repo::require(self.storage.as_ref())
+            .await
+            .map_err(|e| format!("reading the repository identity: {e}"))?;
         let record = Record {
             name: name.to_string(),
             stamp,
             archived_at: Utc::now(),
+            repository: Some(super::state::repository(
+                &self.storage.url(),
+                self.s3_endpoint.as_deref(),
+                &identity.system_identifier,
+            )),
         };
         tokio::task::spawn_blocking(move || lock(&log).record(record))
             .await
@@ -392,4 +450,66 @@ async fn ready_files(pg_wal: &Path) -> std::io::Result<Vec<String>> {
     }
     names.sort_by(|a, b| archive_order(a).cmp(&archive_order(b)));
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_of_the_archived_pg_wal_are_accepted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let pg_wal = root.join("data/pg_wal");
+        let other = root.join("other/pg_wal");
+        let elsewhere = root.join("etc");
+        for d in [&pg_wal, &other, &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let seg = "000000010000000000000001";
+        for d in [&pg_wal, &other, &elsewhere] {
+            std::fs::write(d.join(seg), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(elsewhere.join(seg), pg_wal.join("000000010000000000000002"))
+            .unwrap();
+        std::os::unix::fs::symlink(&pg_wal, root.join("walink")).unwrap();
+        std::fs::create_dir_all(root.join("walink2")).unwrap();
+        std::os::unix::fs::symlink(&pg_wal, root.join("walink2/pg_wal")).unwrap();
+        // (path, allowed pg_wal, accepted?)
+        let cases: Vec<(PathBuf, Option<&Path>, bool)> = vec![
+            (pg_wal.join(seg), Some(&pg_wal), true),
+            (pg_wal.join(seg), None, true),
+            (root.join("walink2/pg_wal").join(seg), Some(&pg_wal), true),
+            (other.join(seg), Some(&pg_wal), false),
+            (elsewhere.join(seg), None, false),
+            (
+                pg_wal.join("000000010000000000000002"),
+                Some(&pg_wal),
+                false,
+            ),
+            (
+                pg_wal.join("000000010000000000000003"),
+                Some(&pg_wal),
+                false,
+            ),
+            (PathBuf::from("pg_wal").join(seg), None, false),
+            (
+                pg_wal.join("..").join("pg_wal").join(seg),
+                Some(&pg_wal),
+                true,
+            ),
+        ];
+        for (path, allowed, ok) in cases {
+            let got = confine(&path, allowed);
+            assert_eq!(
+                got.is_ok(),
+                ok,
+                "{} (allowed {allowed:?}): {got:?}",
+                path.display()
+            );
+            if let Ok(dir) = got {
+                assert_eq!(dir, pg_wal);
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Base backups started through the API, each run as a child process
-//! (`walden backup-push` with the daemon's environment), so that a backup's
-//! memory and any crash stay out of the daemon. One at a time.
+//! (`walden backup-push` with the daemon's resolved settings, see
+//! [`Children`]), so that a backup's memory and any crash stay out of the
+//! daemon. One at a time.
 //!
 //! The last backup and the recovery window come from `walden backup-list
 //! --json`, refreshed at start, after each backup and every few minutes.
@@ -56,9 +57,39 @@ pub struct Catalog {
     pub window: Option<Value>,
 }
 
+/// What the daemon's children (`backup-push`, `backup-list`, `retain`) are
+/// told: the daemon's resolved settings, not just the environment it
+/// inherited, so that a daemon configured by flags runs them the same way.
+#[derive(Debug, Clone, Default)]
+pub struct Children {
+    /// Variables set (`Some`) or removed (`None`) in every child.
+    pub env: Vec<(&'static str, Option<String>)>,
+    /// `walden retain` arguments after each successful backup; `None`: no policy.
+    pub retain: Option<Vec<String>>,
+}
+
+impl Children {
+    fn apply(&self, cmd: &mut tokio::process::Command) {
+        for (name, value) in &self.env {
+            match value {
+                Some(v) => cmd.env(name, v),
+                None => cmd.env_remove(name),
+            };
+        }
+    }
+
+    fn walden(&self, args: &[&str]) -> std::io::Result<tokio::process::Command> {
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+        self.apply(&mut cmd);
+        Ok(cmd)
+    }
+}
+
 pub struct Backups {
     /// A shell command replacing `walden backup-push` (tests, custom tooling).
     command: Option<String>,
+    children: Children,
     jobs: Mutex<Jobs>,
     catalog: Mutex<Catalog>,
     metrics: Metrics,
@@ -80,9 +111,10 @@ pub enum StartError {
 }
 
 impl Backups {
-    pub fn new(command: Option<String>, metrics: Metrics) -> Arc<Self> {
+    pub fn new(command: Option<String>, children: Children, metrics: Metrics) -> Arc<Self> {
         Arc::new(Self {
             command,
+            children,
             jobs: Mutex::new(Jobs::default()),
             catalog: Mutex::new(Catalog::default()),
             metrics,
@@ -118,6 +150,7 @@ impl Backups {
             cmd.arg("backup-push");
             describe = format!("{} backup-push", exe.display());
         }
+        self.children.apply(&mut cmd);
         cmd.env("WALDEN_BACKUP_ID", id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -244,7 +277,7 @@ impl Backups {
         }
         // Retention changes the catalog: read it again afterwards.
         if result == "succeeded" {
-            apply_retention().await;
+            self.apply_retention().await;
             self.refresh_catalog().await;
         }
     }
@@ -252,7 +285,7 @@ impl Backups {
     /// Re-reads the catalog with `walden backup-list --json`; on failure the
     /// status reports no last backup and no window rather than stale ones.
     pub async fn refresh_catalog(&self) {
-        let catalog = match read_catalog().await {
+        let catalog = match read_catalog(&self.children).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "backup-list --json failed; reporting no backups");
@@ -260,6 +293,38 @@ impl Backups {
             }
         };
         *lock(&self.catalog) = catalog;
+    }
+
+    /// After a successful backup, applies the retention policy the daemon was
+    /// given (`--retention-full` / `--retention-window` or their variables)
+    /// in a child process, like the backup. A failure is logged and leaves
+    /// the archive consistent; the next backup tries again.
+    async fn apply_retention(&self) {
+        let Some(args) = &self.children.retain else {
+            return;
+        };
+        let mut argv = vec!["retain", "--json"];
+        argv.extend(args.iter().map(String::as_str));
+        let out = match self.children.walden(&argv) {
+            Ok(mut cmd) => cmd.output().await,
+            Err(e) => Err(e),
+        };
+        match out {
+            Ok(o) if o.status.success() => {
+                let plan: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+                tracing::info!(
+                    deleted_objects = %plan["deleted"],
+                    deleted_backups = %plan["deletedBackups"],
+                    "retention applied"
+                );
+            }
+            Ok(o) => tracing::error!(
+                status = %o.status,
+                error = %String::from_utf8_lossy(&o.stderr).trim(),
+                "retention failed; the next backup retries it"
+            ),
+            Err(e) => tracing::error!(error = %e, "retention could not start"),
+        }
     }
 
     /// Refreshes the catalog now and then, for the life of the daemon.
@@ -271,61 +336,14 @@ impl Backups {
     }
 }
 
-/// After a successful backup, applies the retention policy the operator set
-/// (`WALDEN_RETENTION_FULL` / `WALDEN_RETENTION_WINDOW`, which `walden retain`
-/// reads itself) in a child process, like the backup. A failure is logged and
-/// leaves the archive consistent; the next backup tries again.
-async fn apply_retention() {
-    let configured = ["WALDEN_RETENTION_FULL", "WALDEN_RETENTION_WINDOW"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()));
-    if !configured {
-        return;
-    }
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "retention skipped: cannot locate the walden binary");
-            return;
-        }
-    };
-    let out = tokio::process::Command::new(exe)
-        .args(["retain", "--json"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await;
-    match out {
-        Ok(o) if o.status.success() => {
-            let plan: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-            tracing::info!(
-                deleted_objects = %plan["deleted"],
-                deleted_backups = %plan["deletedBackups"],
-                "retention applied"
-            );
-        }
-        Ok(o) => tracing::error!(
-            status = %o.status,
-            error = %String::from_utf8_lossy(&o.stderr).trim(),
-            "retention failed; the next backup retries it"
-        ),
-        Err(e) => tracing::error!(error = %e, "retention could not start"),
-    }
-}
-
-async fn read_catalog() -> Result<Catalog, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = tokio::time::timeout(
-        LIST_TIMEOUT,
-        tokio::process::Command::new(exe)
-            .args(["backup-list", "--json"])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| "backup-list timed out".to_string())?
-    .map_err(|e| e.to_string())?;
+async fn read_catalog(children: &Children) -> Result<Catalog, String> {
+    let mut cmd = children
+        .walden(&["backup-list", "--json"])
+        .map_err(|e| e.to_string())?;
+    let out = tokio::time::timeout(LIST_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| "backup-list timed out".to_string())?
+        .map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!(
             "backup-list exited with {}: {}",

@@ -18,12 +18,14 @@ use subtle::ConstantTimeEq;
 use super::archiver::Archiver;
 use super::backup::{Backups, StartError};
 use super::metrics::Metrics;
-use super::postgres::{PgTarget, Promotion};
+use super::postgres::{Observer, PgTarget, Promotion};
 
 pub struct Api {
     pub archiver: Arc<Archiver>,
     pub backups: Arc<Backups>,
     pub pg: PgTarget,
+    /// The shared observer status reads PostgreSQL's state from.
+    pub observer: Arc<Observer>,
     pub pgdata: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub registry: Registry,
@@ -120,7 +122,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
         .await
         .unwrap_or(0);
-    let (role, replay, recovered_to) = match api.pg.probe().await {
+    let (role, replay, recovered_to) = match api.observer.probe().await {
         Ok(p) => {
             api.metrics
                 .postgres_in_recovery

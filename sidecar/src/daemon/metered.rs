@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::storage::{Created, Download, ObjectInfo, Reader, Storage, StorageError};
+use crate::storage::{Created, Download, Incomplete, ObjectInfo, Reader, Storage, StorageError};
 
 #[derive(Debug)]
 pub struct Metered {
@@ -80,5 +80,13 @@ impl Storage for Metered {
     }
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         self.inner.delete(keys).await
+    }
+
+    async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
+        self.inner.list_incomplete().await
+    }
+
+    async fn remove_incomplete(&self, item: &Incomplete) -> Result<(), StorageError> {
+        self.inner.remove_incomplete(item).await
     }
 }

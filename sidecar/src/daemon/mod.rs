@@ -5,6 +5,7 @@
 pub mod archiver;
 pub mod backup;
 pub mod http;
+pub mod listen;
 pub mod metered;
 pub mod metrics;
 pub mod postgres;
@@ -45,7 +46,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "WALDEN_STATE_DIR", default_value = "/walden/run/state")]
     pub state_dir: PathBuf,
 
-    /// Directory for prefetched WAL (default: <state-dir>/prefetch; emptied at start)
+    /// Directory for prefetched WAL (default: <state-dir>/prefetch; the daemon's own files there are removed at start)
     #[arg(long, env = "WALDEN_PREFETCH_DIR", value_name = "PATH")]
     pub prefetch_dir: Option<PathBuf>,
 
@@ -68,6 +69,69 @@ pub struct DaemonArgs {
     /// Shell command run instead of `walden backup-push` for POST /v1/backups
     #[arg(long, env = "WALDEN_BACKUP_COMMAND", value_name = "COMMAND")]
     pub backup_command: Option<String>,
+
+    /// After each successful API backup, keep the newest N full backups (walden retain --full)
+    #[arg(long, env = "WALDEN_RETENTION_FULL", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention_full: Option<u64>,
+
+    /// After each successful API backup, keep this recovery window (walden retain --window)
+    #[arg(long, env = "WALDEN_RETENTION_WINDOW", value_name = "DURATION", value_parser = crate::retention::parse_duration)]
+    pub retention_window: Option<chrono::Duration>,
+
+    /// HTTP connections open at once (also kept below half the descriptor limit)
+    #[arg(
+        long,
+        env = "WALDEN_HTTP_MAX_CONNECTIONS",
+        default_value_t = 64,
+        value_name = "N"
+    )]
+    pub http_max_connections: usize,
+
+    /// Seconds a client has to send a request's header (also the idle time allowed between requests)
+    #[arg(long, env = "WALDEN_HTTP_HEADER_TIMEOUT", default_value_t = 10, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_timeout: u64,
+
+    /// Grace period of retention for backup folders without backup.json (walden retain --grace)
+    #[arg(long, env = "WALDEN_RETENTION_GRACE", value_name = "DURATION", default_value = crate::retention::DEFAULT_GRACE,
+          value_parser = crate::retention::parse_duration)]
+    pub retention_grace: chrono::Duration,
+}
+
+impl DaemonArgs {
+    /// The `walden retain` arguments of the configured policy, if any.
+    pub fn retain_args(&self) -> Option<Vec<String>> {
+        use crate::retention::format_duration;
+        if self.retention_full.is_none() && self.retention_window.is_none() {
+            return None;
+        }
+        let mut args = Vec::new();
+        if let Some(n) = self.retention_full {
+            args.extend(["--full".to_string(), n.to_string()]);
+        }
+        if let Some(w) = self.retention_window {
+            args.extend(["--window".to_string(), format_duration(w)]);
+        }
+        args.extend(["--grace".to_string(), format_duration(self.retention_grace)]);
+        Some(args)
+    }
+
+    /// What children are told: the storage settings and PGDATA as resolved here.
+    pub fn children(&self, settings: &Settings) -> backup::Children {
+        let mut env = settings.to_env();
+        env.push((
+            "PGDATA",
+            self.pgdata.as_ref().map(|p| p.display().to_string()),
+        ));
+        // The policy travels as arguments; children must not read a second one.
+        env.push(("WALDEN_RETENTION_FULL", None));
+        env.push(("WALDEN_RETENTION_WINDOW", None));
+        env.push(("WALDEN_RETENTION_GRACE", None));
+        backup::Children {
+            env,
+            retain: self.retain_args(),
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -80,14 +144,30 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
         metrics.storage_uploaded_bytes.clone(),
         metrics.storage_downloaded_bytes.clone(),
     ));
+    // The archive log only speaks for the repository it was written for.
+    let repository = match crate::repo::load(storage.as_ref()).await {
+        Ok(id) => id.map(|id| {
+            state::repository(
+                &storage.url(),
+                settings.s3_endpoint.as_deref(),
+                &id.system_identifier,
+            )
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the repository identity; not trusting the archive log");
+            None
+        }
+    };
     let log = tokio::task::spawn_blocking({
         let dir = args.state_dir.clone();
-        move || state::ArchivedLog::open(&dir)
+        move || state::ArchivedLog::open(&dir, repository.as_deref())
     })
     .await??;
     tracing::info!(state = %args.state_dir.display(), remembered = log.len(), "archive log loaded");
     let archiver = archiver::Archiver::new(
         storage.clone(),
+        args.pgdata.as_ref().map(|d| d.join("pg_wal")),
+        settings.s3_endpoint.clone(),
         PushOptions {
             seal: settings.seal_options(),
             retry: settings.retry_policy(),
@@ -113,21 +193,27 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
             prefetch_dir.display()
         )
     })?;
-    let backups = backup::Backups::new(args.backup_command.clone(), metrics.clone());
+    let backups = backup::Backups::new(
+        args.backup_command.clone(),
+        args.children(&settings),
+        metrics.clone(),
+    );
     if args.token_file.is_none() {
         tracing::warn!("no WALDEN_TOKEN_FILE: every /v1 request will be refused with 401");
     }
+    let observer = Arc::new(postgres::Observer::new(postgres::PgTarget::from_env()));
     let api = Arc::new(http::Api {
         archiver: archiver.clone(),
         backups: backups.clone(),
         pg: postgres::PgTarget::from_env(),
+        observer: observer.clone(),
         pgdata: args.pgdata.clone(),
         token_file: args.token_file.clone(),
         registry,
         metrics: metrics.clone(),
     });
 
-    let listener = socket::bind(&args.socket).await?;
+    let listener = socket::bind(&args.socket, args.pgdata.as_deref()).await?;
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -151,19 +237,19 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
         open.clone(),
         stop_rx.clone(),
     ));
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(tcp, http::router(api.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    let catalog_task = tokio::spawn(backups.clone().refresh_forever());
-    let watch_task = tokio::spawn(watch_postgres(
-        postgres::PgTarget::from_env(),
-        metrics.clone(),
+    let limits = listen::Limits {
+        max_connections: listen::cap_for(args.http_max_connections, listen::fd_limit()),
+        header_timeout: Duration::from_secs(args.http_header_timeout),
+    };
+    tracing::info!(max_connections = limits.max_connections, header_timeout = ?limits.header_timeout, "HTTP limits");
+    let http_task = tokio::spawn(listen::serve(
+        tcp,
+        http::router(api.clone()),
+        limits,
+        stop_rx.clone(),
     ));
+    let catalog_task = tokio::spawn(backups.clone().refresh_forever());
+    let watch_task = tokio::spawn(watch_postgres(observer, metrics.clone()));
 
     shutdown_signal().await?;
     tracing::info!("shutting down: no new requests; waiting for running uploads");
@@ -183,10 +269,11 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     prefetcher.clear();
     catalog_task.abort();
     watch_task.abort();
-    match tokio::time::timeout(Duration::from_secs(5), http_task).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-        Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),
-        _ => {}
+    if tokio::time::timeout(Duration::from_secs(5), http_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP server did not stop within 5 s");
     }
     tracing::info!("walden daemon stopped");
     Ok(())
@@ -204,7 +291,7 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 }
 
 /// Keeps the role and replay-lag gauges current between API calls.
-async fn watch_postgres(pg: postgres::PgTarget, metrics: metrics::Metrics) {
+async fn watch_postgres(pg: Arc<postgres::Observer>, metrics: metrics::Metrics) {
     loop {
         match pg.probe().await {
             Ok(p) => {

@@ -309,13 +309,46 @@ impl Prefetcher {
     }
 }
 
+/// True for the names [`Prefetcher::temp_name`] makes, `req-<n>-<wal file>`
+/// or `pf-<n>-<wal file>`, and for the temporary `wal::fetch` writes them
+/// through (`.<name>.walden-tmp-<pid>`).
+fn is_own_file(name: &str) -> bool {
+    let name = match name
+        .strip_prefix('.')
+        .and_then(|n| n.rsplit_once(".walden-tmp-"))
+    {
+        Some((inner, pid)) if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) => inner,
+        Some(_) => return false,
+        None => name,
+    };
+    let Some((kind, rest)) = name.split_once('-') else {
+        return false;
+    };
+    let Some((n, file)) = rest.split_once('-') else {
+        return false;
+    };
+    matches!(kind, "req" | "pf")
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit())
+        && WalFile::parse(file).is_some()
+}
+
+/// Removes the files an earlier run of the daemon left in `dir` (its own
+/// names only: the directory may be shared, and nothing else there is ours).
 fn clear_dir(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let own = entry.file_name().to_str().is_some_and(is_own_file);
+        if own && entry.file_type()?.is_file() {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
-    std::fs::create_dir_all(dir)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -368,6 +401,41 @@ mod tests {
 
     fn files_in(dir: &Path) -> usize {
         std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn only_its_own_files_are_removed_from_the_spool() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = tmp.path().join("spool");
+        std::fs::create_dir_all(spool.join("req-1-000000010000000000000001")).unwrap();
+        let own = [
+            "req-0-000000010000000000000001",
+            "pf-17-000000020000000000000003",
+            "pf-3-00000002.history",
+            ".pf-4-000000010000000000000002.walden-tmp-77",
+        ];
+        let foreign = [
+            "notes.txt",
+            "req-x-000000010000000000000001",
+            "pf-1-",
+            "req-1-backup.tar",
+            "pf--000000010000000000000001",
+            ".notes.walden-tmp-1",
+            ".pf-4-000000010000000000000002.walden-tmp-x",
+        ];
+        for name in own.iter().chain(&foreign) {
+            std::fs::write(spool.join(name), b"x").unwrap();
+        }
+        clear_dir(&spool).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&spool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut expected: Vec<String> = foreign.iter().map(|s| s.to_string()).collect();
+        expected.push("req-1-000000010000000000000001".into()); // a directory: not ours
+        expected.sort();
+        assert_eq!(left, expected);
     }
 
     #[tokio::test]

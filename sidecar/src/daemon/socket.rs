@@ -29,12 +29,20 @@ pub enum SocketError {
     },
     #[error("another walden daemon is listening on {0}")]
     InUse(String),
+    #[error("refusing to use {0} as the daemon's socket: it exists and is not a socket (WALDEN_SOCKET must name a socket path)")]
+    NotASocket(String),
 }
 
-/// Binds the socket, replacing a stale one left by a crashed daemon, and
-/// opens it to every local user: who may reach it is decided by the
-/// permissions of its directory (the pod's shared `/walden/run`).
-pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+/// Owner and group read and write; nobody else.
+const SOCKET_MODE: u32 = 0o660;
+
+/// Binds the socket, replacing a stale one left by a crashed daemon (but
+/// never anything that is not a socket), and opens it to its owner and group
+/// only: those of `owner_of` (PGDATA, whose owner is the PostgreSQL user)
+/// when given, else those of the socket's directory (the pod's shared
+/// `/walden/run`, group-owned by the pod's fsGroup).
+pub async fn bind(path: &Path, owner_of: Option<&Path>) -> Result<UnixListener, SocketError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let io = |op, source| SocketError::Io {
         op,
         path: path.display().to_string(),
@@ -43,15 +51,45 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(SocketError::InUse(path.display().to_string()));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(SocketError::NotASocket(path.display().to_string()))
         }
-        std::fs::remove_file(path).map_err(|e| io("remove the stale socket", e))?;
+        Ok(_) => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(SocketError::InUse(path.display().to_string()));
+            }
+            std::fs::remove_file(path).map_err(|e| io("remove the stale socket", e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("inspect", e)),
     }
     let listener = UnixListener::bind(path).map_err(|e| io("listen on", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(|e| io("set permissions of", e))?;
+    let reference = owner_of.or(path.parent());
+    if let Some(reference) = reference {
+        let want = std::fs::metadata(reference).map_err(|e| SocketError::Io {
+            op: "inspect",
+            path: reference.display().to_string(),
+            source: e,
+        })?;
+        let have = std::fs::metadata(path).map_err(|e| io("inspect", e))?;
+        let uid = (want.uid() != have.uid()).then_some(want.uid());
+        let gid = (want.gid() != have.gid()).then_some(want.gid());
+        if uid.is_some() || gid.is_some() {
+            if let Err(e) = std::os::unix::fs::chown(path, uid, gid) {
+                tracing::warn!(
+                    socket = %path.display(),
+                    owner = want.uid(),
+                    group = want.gid(),
+                    error = %e,
+                    "cannot give the socket to the owner of {}; only this daemon's user and group can use it",
+                    reference.display()
+                );
+            }
+        }
+    }
     Ok(listener)
 }
 

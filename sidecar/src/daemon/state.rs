@@ -8,6 +8,13 @@
 //! since is archived again (and storage then decides: identical content is
 //! fine, different content is a loud conflict). A torn last line from a crash
 //! mid-append is ignored: that file is simply pushed again.
+//!
+//! Every record names the repository it was stored in (storage URL, S3
+//! endpoint and the system identifier of its `walden.json`). The log is
+//! opened for one repository: records of any other (a daemon restarted on
+//! another `WALDEN_STORAGE` or prefix with the same state directory, or an
+//! archive wiped and started again) are dropped, so those files are pushed
+//! again and storage decides.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -53,6 +60,18 @@ pub struct Record {
     pub name: String,
     pub stamp: Stamp,
     pub archived_at: DateTime<Utc>,
+    /// The repository the file was stored in ([`repository`]); records
+    /// without one (older daemons) belong to none.
+    #[serde(default)]
+    pub repository: Option<String>,
+}
+
+/// Names a repository for the log: where it is and which database's it is.
+pub fn repository(storage_url: &str, s3_endpoint: Option<&str>, system_identifier: &str) -> String {
+    match s3_endpoint.filter(|e| !e.is_empty()) {
+        Some(e) => format!("{storage_url} at {e}, system {system_identifier}"),
+        None => format!("{storage_url}, system {system_identifier}"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,23 +108,28 @@ fn fsync_dir(dir: &Path) -> Result<(), StateError> {
 }
 
 impl ArchivedLog {
-    /// Opens (creating) the log in `dir` and loads what it remembers.
-    pub fn open(dir: &Path) -> Result<Self, StateError> {
-        Self::open_keeping(dir, KEEP)
+    /// Opens (creating) the log in `dir` and loads what it remembers of
+    /// `repository` (`None`: the storage holds no repository yet, so nothing).
+    pub fn open(dir: &Path, repository: Option<&str>) -> Result<Self, StateError> {
+        Self::open_keeping(dir, repository, KEEP)
     }
 
-    fn open_keeping(dir: &Path, keep: usize) -> Result<Self, StateError> {
+    fn open_keeping(dir: &Path, repository: Option<&str>, keep: usize) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(err("create", dir))?;
         let path = dir.join(LOG_NAME);
         let mut entries = HashMap::new();
         let mut order = VecDeque::new();
         let mut lines = 0;
+        let mut foreign = 0;
         match File::open(&path) {
             Ok(f) => {
                 for line in BufReader::new(f).lines() {
                     let line = line.map_err(err("read", &path))?;
                     lines += 1;
                     match serde_json::from_str::<Record>(&line) {
+                        Ok(r) if repository.is_none() || r.repository.as_deref() != repository => {
+                            foreign += 1;
+                        }
                         Ok(r) => {
                             if entries.insert(r.name.clone(), r.clone()).is_none() {
                                 order.push_back(r.name);
@@ -137,7 +161,14 @@ impl ArchivedLog {
             keep,
         };
         log.trim();
-        if log.lines > 2 * log.keep {
+        if foreign > 0 {
+            tracing::info!(
+                records = foreign,
+                repository = repository.unwrap_or("none yet"),
+                "forgetting archive log records of another repository; those files are pushed again if asked"
+            );
+        }
+        if foreign > 0 || log.lines > 2 * log.keep {
             log.compact()?;
         }
         Ok(log)
@@ -231,8 +262,66 @@ impl ArchivedLog {
 mod tests {
     use super::*;
 
+    const REPO: &str = "file:///archive, system 7";
+
     fn stamp_of(p: &Path) -> Stamp {
         Stamp::of(&std::fs::metadata(p).unwrap())
+    }
+
+    fn record(name: &str, stamp: Stamp) -> Record {
+        Record {
+            name: name.into(),
+            stamp,
+            archived_at: Utc::now(),
+            repository: Some(REPO.into()),
+        }
+    }
+
+    /// Only records of the repository the log is opened for count; the others
+    /// are dropped from the file too, so switching back does not revive them.
+    #[test]
+    fn records_of_another_repository_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let stamp = Stamp {
+            size: 1,
+            mtime_ns: 2,
+            dev: 3,
+            ino: 4,
+        };
+        let seg = "000000010000000000000001";
+        {
+            let mut log = ArchivedLog::open(dir.path(), Some(REPO)).unwrap();
+            log.record(record(seg, stamp)).unwrap();
+        }
+        // (opened for, remembered?)
+        let other = repository("file:///elsewhere", None, "7");
+        let wiped = repository("file:///archive", None, "8");
+        let via = repository("s3://b/p", Some("http://127.0.0.1:9000"), "7");
+        assert_eq!(via, "s3://b/p at http://127.0.0.1:9000, system 7");
+        assert!(ArchivedLog::open(dir.path(), Some(REPO))
+            .unwrap()
+            .remembers(seg, &stamp));
+        for (repo, remembered) in [(Some(other.as_str()), false), (Some(REPO), false)] {
+            let log = ArchivedLog::open(dir.path(), repo).unwrap();
+            assert_eq!(log.remembers(seg, &stamp), remembered, "{repo:?}");
+        }
+        let mut log = ArchivedLog::open(dir.path(), Some(wiped.as_str())).unwrap();
+        assert!(!log.remembers(seg, &stamp));
+        log.record(Record {
+            repository: Some(wiped.clone()),
+            ..record(seg, stamp)
+        })
+        .unwrap();
+        drop(log);
+        // No repository (nothing stored yet): nothing is remembered.
+        assert!(!ArchivedLog::open(dir.path(), None)
+            .unwrap()
+            .remembers(seg, &stamp));
+        // Records of older daemons name no repository: forgotten as well.
+        let old = r#"{"name":"000000010000000000000002","stamp":{"size":1,"mtimeNs":2,"dev":3,"ino":4},"archivedAt":"2026-01-01T00:00:00Z"}"#;
+        std::fs::write(dir.path().join(LOG_NAME), format!("{old}\n")).unwrap();
+        let log = ArchivedLog::open(dir.path(), Some(REPO)).unwrap();
+        assert!(log.is_empty());
     }
 
     #[test]
@@ -242,14 +331,10 @@ mod tests {
         std::fs::write(&seg, b"one").unwrap();
         let stamp = stamp_of(&seg);
         {
-            let mut log = ArchivedLog::open(&dir.path().join("state")).unwrap();
+            let mut log = ArchivedLog::open(&dir.path().join("state"), Some(REPO)).unwrap();
             assert!(!log.remembers("000000010000000000000001", &stamp));
-            log.record(Record {
-                name: "000000010000000000000001".into(),
-                stamp,
-                archived_at: Utc::now(),
-            })
-            .unwrap();
+            log.record(record("000000010000000000000001", stamp))
+                .unwrap();
         }
         // A torn line at the end, as after a crash mid-append.
         let mut f = OpenOptions::new()
@@ -258,7 +343,7 @@ mod tests {
             .unwrap();
         f.write_all(br#"{"name":"0000000100000000000"#).unwrap();
         drop(f);
-        let log = ArchivedLog::open(&dir.path().join("state")).unwrap();
+        let log = ArchivedLog::open(&dir.path().join("state"), Some(REPO)).unwrap();
         assert!(log.remembers("000000010000000000000001", &stamp));
         assert_eq!(log.len(), 1);
         // Same name, different content (size and mtime change): not remembered.
@@ -271,7 +356,7 @@ mod tests {
     fn compaction_keeps_the_newest_entries() {
         let dir = tempfile::tempdir().unwrap();
         const KEEP: usize = 50;
-        let mut log = ArchivedLog::open_keeping(dir.path(), KEEP).unwrap();
+        let mut log = ArchivedLog::open_keeping(dir.path(), Some(REPO), KEEP).unwrap();
         let stamp = Stamp {
             size: 1,
             mtime_ns: 2,
@@ -279,18 +364,13 @@ mod tests {
             ino: 4,
         };
         for i in 0..(2 * KEEP + 10) {
-            log.record(Record {
-                name: format!("{i:024X}"),
-                stamp,
-                archived_at: Utc::now(),
-            })
-            .unwrap();
+            log.record(record(&format!("{i:024X}"), stamp)).unwrap();
         }
         assert_eq!(log.len(), KEEP);
         let last = format!("{:024X}", 2 * KEEP + 9);
         assert!(log.remembers(&last, &stamp));
         assert!(!log.remembers(&format!("{:024X}", 0), &stamp));
-        let reopened = ArchivedLog::open_keeping(dir.path(), KEEP).unwrap();
+        let reopened = ArchivedLog::open_keeping(dir.path(), Some(REPO), KEEP).unwrap();
         assert_eq!(reopened.len(), KEEP);
         assert!(reopened.remembers(&last, &stamp));
         let lines = std::fs::read_to_string(dir.path().join(LOG_NAME))

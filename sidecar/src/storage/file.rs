@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
-use super::{Created, Download, ErrorKind, ObjectInfo, Reader, Storage, StorageError};
+use super::{Created, Download, ErrorKind, Incomplete, ObjectInfo, Reader, Storage, StorageError};
 
 /// Names of in-progress writes start with this; listings skip them.
 const TEMP_PREFIX: &str = ".walden-tmp-";
@@ -221,6 +221,75 @@ impl Storage for FileStorage {
         }
         Ok(())
     }
+
+    /// Temporary files of writes whose process died before the rename.
+    async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
+        let root = self.root.clone();
+        let loc = self.url();
+        tokio::task::spawn_blocking(move || list_temporaries(&root))
+            .await
+            .map_err(|e| StorageError::new(ErrorKind::Transient, "list", loc.clone(), e))?
+            .map_err(|e| StorageError::io("list", loc, e))
+    }
+
+    async fn remove_incomplete(&self, item: &Incomplete) -> Result<(), StorageError> {
+        let path = self.path("remove", &item.handle)?;
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        if !ours {
+            return Err(StorageError::new(
+                ErrorKind::Permanent,
+                "remove",
+                self.location(&item.handle),
+                "not a temporary file of walden",
+            ));
+        }
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("remove", self.location(&item.handle), e)),
+        }
+    }
+}
+
+/// Every file under `root` named like a temporary of [`Storage::create`].
+fn list_temporaries(root: &Path) -> std::io::Result<Vec<Incomplete>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            let path = entry.path();
+            if ft.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let temporary = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX);
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
+            if ft.is_file() && temporary {
+                let key = rel
+                    .to_string_lossy()
+                    .replace(std::path::MAIN_SEPARATOR, "/");
+                out.push(Incomplete {
+                    handle: key.clone(),
+                    key,
+                    started: entry.metadata()?.modified().ok().map(Into::into),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
 }
 
 /// Walks only the directories that can hold keys starting with `prefix`.
@@ -301,6 +370,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.zst")]);
+    }
+
+    #[tokio::test]
+    async fn leftover_temporaries_are_listed_and_only_they_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::new(dir.path().to_path_buf());
+        s.create("wal/a/x.zst", body(b"one")).await.unwrap();
+        std::fs::write(dir.path().join("wal/a/.walden-tmp-y.zst.1.2"), b"half").unwrap();
+        std::fs::write(dir.path().join(".walden-tmp-walden.json.3.4"), b"half").unwrap();
+        let left = s.list_incomplete().await.unwrap();
+        let keys: Vec<&str> = left.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [".walden-tmp-walden.json.3.4", "wal/a/.walden-tmp-y.zst.1.2"]
+        );
+        assert!(left.iter().all(|i| i.started.is_some()));
+        for i in &left {
+            s.remove_incomplete(i).await.unwrap();
+        }
+        assert!(s.list_incomplete().await.unwrap().is_empty());
+        assert!(dir.path().join("wal/a/x.zst").exists());
+        let not_ours = Incomplete {
+            key: "wal/a/x.zst".into(),
+            handle: "wal/a/x.zst".into(),
+            started: None,
+        };
+        assert!(s.remove_incomplete(&not_ours).await.is_err());
+        assert!(dir.path().join("wal/a/x.zst").exists());
     }
 
     #[tokio::test]

@@ -40,6 +40,19 @@ pub enum Created {
     AlreadyExists,
 }
 
+/// What an interrupted write left behind: a temporary file, or an S3
+/// multipart upload that was never completed or aborted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Incomplete {
+    /// Where it lives relative to the prefix (the temporary file, or the key being uploaded).
+    pub key: String,
+    /// What the backend needs to remove it (the upload id; for files, the key).
+    pub handle: String,
+    /// When the write started, where the backend reports it.
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// A download: the body and its exact stored length.
 pub struct Download {
     pub body: Reader,
@@ -75,6 +88,18 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Deletes the objects; keys that do not exist are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
+
+    /// Leftovers of interrupted writes under the prefix (none where the
+    /// backend leaves none). An error means the backend cannot tell.
+    async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes one leftover [`Storage::list_incomplete`] reported.
+    async fn remove_incomplete(&self, item: &Incomplete) -> Result<(), StorageError> {
+        let _ = item;
+        Ok(())
+    }
 }
 
 /// Opens the storage a URL names: `file:///path` or `s3://bucket/prefix`.
@@ -94,9 +119,23 @@ pub async fn open(url: &str, s3: &S3Settings) -> Result<Arc<dyn Storage>, Storag
                     "storage URL {url:?} names a host; a file URL needs three slashes: file:///path"
                 )));
             }
+            // The URL parser turns `file:relative` into /relative: insist on the written form.
+            let rest = url
+                .strip_prefix("file://")
+                .map(|r| r.strip_prefix("localhost").unwrap_or(r));
+            if !rest.is_some_and(|r| r.starts_with('/')) {
+                return Err(StorageError::config(format!(
+                    "storage URL {url:?} is not an absolute file URL: write file:///absolute/path"
+                )));
+            }
             let path = parsed.to_file_path().map_err(|()| {
                 StorageError::config(format!("storage URL {url:?} is not an absolute file path"))
             })?;
+            if path.parent().is_none() {
+                return Err(StorageError::config(format!(
+                    "storage URL {url:?} names the root directory; give the archive its own directory, e.g. file:///var/lib/walden"
+                )));
+            }
             Ok(Arc::new(FileStorage::new(path)))
         }
         "s3" => {
@@ -146,6 +185,12 @@ impl Storage for ReadOnly {
         let first = keys.first().map(String::as_str).unwrap_or("");
         Err(StorageError::read_only("delete", &self.0.url(), first))
     }
+    async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
+        self.0.list_incomplete().await
+    }
+    async fn remove_incomplete(&self, item: &Incomplete) -> Result<(), StorageError> {
+        Err(StorageError::read_only("remove", &self.0.url(), &item.key))
+    }
 }
 
 /// Joins a repository prefix and a key with exactly one `/`.
@@ -169,9 +214,20 @@ mod tests {
             ("ftp://host/x", "scheme \"ftp\""),
             ("file://host/x", "three slashes"),
             ("s3:///prefix", "no bucket"),
+            ("file:relative", "not an absolute file URL"),
+            ("file:relative/deeper", "not an absolute file URL"),
+            ("file:/single-slash", "not an absolute file URL"),
+            ("file://", "not an absolute file URL"),
+            ("file:///", "root directory"),
+            ("file:////", "root directory"),
+            ("file://localhost/", "root directory"),
         ] {
             let err = open(url, &s3).await.expect_err(url).to_string();
             assert!(err.contains(needle), "{url}: {err}");
+        }
+        for good in ["file:///tmp/archive", "file://localhost/tmp/archive"] {
+            let s = open(good, &s3).await.expect(good);
+            assert_eq!(s.url(), "file:///tmp/archive");
         }
     }
 

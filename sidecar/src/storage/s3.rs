@@ -18,7 +18,9 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
-use super::{join_key, Created, Download, ErrorKind, ObjectInfo, Reader, Storage, StorageError};
+use super::{
+    join_key, Created, Download, ErrorKind, Incomplete, ObjectInfo, Reader, Storage, StorageError,
+};
 
 /// S3 connection settings beyond what the AWS chain provides.
 #[derive(Debug, Clone)]
@@ -499,5 +501,67 @@ impl Storage for S3Storage {
             }
         }
         Ok(())
+    }
+
+    /// Multipart uploads never completed nor aborted (a process killed mid-upload).
+    async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
+        let loc = self.url();
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut out = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut upload_marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_marker.take())
+                .send()
+                .await
+                .map_err(|e| classify("list multipart uploads in", &loc, e))?;
+            for u in page.uploads() {
+                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                    continue;
+                };
+                let Some(rel) = key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                out.push(Incomplete {
+                    key: rel.to_string(),
+                    handle: id.to_string(),
+                    started: u.initiated().and_then(to_utc),
+                });
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            upload_marker = page.next_upload_id_marker().map(str::to_string);
+            if page.is_truncated() != Some(true) || key_marker.is_none() {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn remove_incomplete(&self, item: &Incomplete) -> Result<(), StorageError> {
+        let loc = self.location(&item.key);
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(&item.key))
+            .upload_id(&item.handle)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(classify("abort multipart upload of", &loc, e)),
+        }
     }
 }
