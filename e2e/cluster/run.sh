@@ -10,8 +10,8 @@
 #   KUBECONFIG=~/.kube/config WALDEN_E2E_IMAGES=kind e2e/cluster/run.sh
 #
 # Settings (environment):
-#   KUBECONFIG                  the cluster; without one the suite is skipped
-#                               (and fails with CI=true)
+#   KUBECONFIG / WALDEN_E2E_KUBECONFIG   the cluster; without one the suite is
+#                               skipped (and fails with CI=true)
 #   WALDEN_E2E_IMAGES           how the walden images reach the cluster:
 #                               node (default when KUBECONFIG is node.sh's): built
 #                                 into the node's docker by images.sh from the
@@ -39,7 +39,8 @@ fail_or_skip() {
     exit 0
 }
 
-[[ -n "${KUBECONFIG:-}" ]] || fail_or_skip "no KUBECONFIG (e2e/cluster/node.sh up prints one; or kind create cluster)"
+export KUBECONFIG=${WALDEN_E2E_KUBECONFIG:-${KUBECONFIG:-}}
+[[ -n "$KUBECONFIG" ]] || fail_or_skip "no KUBECONFIG (e2e/cluster/node.sh up prints one; or kind create cluster)"
 export KUBECONFIG
 if [[ "$(readlink -f "$KUBECONFIG")" == "$(readlink -f "$NODE_KUBECONFIG" 2>/dev/null)" ]]; then
     default_images=node
