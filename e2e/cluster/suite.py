@@ -416,6 +416,208 @@ class Suite:
         n = self.check_fork_rows(pod, want)
         return f"end of the archive: {n} rows (every committed row); writable"
 
+    # 4. a follower
+
+    def follower(self):
+        body = {
+            "apiVersion": "walden.dev/v1alpha1",
+            "kind": "Follower",
+            "metadata": {"name": "pg-replicas"},
+            "spec": {
+                "source": {"continuousBackup": "pg"},
+                "replicas": 1,
+                "streaming": {"primaryConninfoSecret": "pg-replication"},
+                "instance": {"image": POSTGRES_IMAGE, "storageSize": "1Gi"},
+            },
+        }
+        apply(json.dumps(body))
+        poll("the follower's replica ready", lambda: (get("follower", "pg-replicas").get("status") or {}).get("readyReplicas") == 1)
+        pod = "pg-replicas-0"
+        poll(f"{pod} ready", lambda: pod_ready(pod))
+        self.expected |= insert_batch("pg-0", "while-following", 50001, 300)
+        want = set(self.expected)
+        poll("the follower to hold every committed row", lambda: ledger_ids(pod) == want)
+        if psql(pod, "SELECT pg_is_in_recovery()") != "t":
+            raise StepFailed("the follower is not a standby")
+        receiver = poll(
+            "the follower streaming from the primary (pg_stat_wal_receiver)",
+            lambda: psql(pod, "SELECT status || ' from ' || sender_host FROM pg_stat_wal_receiver WHERE status = 'streaming'"),
+        )
+        replica = poll(
+            "replay lag in the Follower's status",
+            lambda: next(
+                (r for r in (get("follower", "pg-replicas")["status"].get("replicas") or [])
+                 if r.get("pod") == pod and r.get("lagSeconds") is not None),
+                None,
+            ),
+        )
+        return f"{len(want)} rows followed; {receiver}; status replayLsn {replica.get('replayLsn')} lag {replica.get('lagSeconds')}s"
+
+    def promote(self):
+        kubectl("patch", "follower", "pg-replicas", "--type", "merge", "-p", '{"spec":{"promote":true}}')
+        poll("status.promoted", lambda: get("follower", "pg-replicas")["status"].get("promoted") is True)
+        pod = "pg-replicas-0"
+        poll("the promoted follower out of recovery", lambda: psql(pod, "SELECT pg_is_in_recovery()") == "f")
+        psql(pod, "INSERT INTO ledger VALUES (-2, 'promoted-write')")
+        return "promoted and writable"
+
+    # 5. faults
+
+    def primary_pod_deleted(self):
+        before = get("pod", "pg-0")["metadata"]["uid"]
+        self.expected |= insert_batch("pg-0", "before-delete", 60001, 300)
+        kubectl("delete", "pod", "pg-0", "--wait=false")
+        # Load while the pod goes and comes back: every batch whose INSERT
+        # returned success is committed; one that failed may or may not be.
+        uncertain = set()
+        first = 61001
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            ids = set(range(first, first + 50))
+            try:
+                insert_batch("pg-0", "during-delete", first, 50)
+                self.expected |= ids
+            except (StepFailed, subprocess.TimeoutExpired):
+                uncertain |= ids
+            first += 50
+            pod = get("pod", "pg-0", check=False)
+            if pod and pod["metadata"]["uid"] != before and pod_ready("pg-0"):
+                break
+            if time.monotonic() > deadline:
+                raise StepFailed("pg-0 did not come back")
+        self.expected |= insert_batch("pg-0", "after-delete", first, 50)
+        got = ledger_ids("pg-0")
+        if not got >= self.expected:
+            raise StepFailed(f"committed rows lost: {sorted(self.expected - got)[:10]}")
+        self.expected |= got & uncertain
+        wait_archived("pg-0", archived_through("pg-0"))
+        _, fork = self.fork("pg-fork-after-delete", None)
+        n = self.check_fork_rows(fork, set(self.expected))
+        return f"pod recreated; archiving resumed; a restore to the end holds all {n} committed rows"
+
+    def s3_backups(self):
+        out = kubectl("exec", "deploy/s3", "--", "sh", "-c", "ls /data/walden-e2e/e2e/pg/backups/*/backup.json 2>/dev/null || true")
+        return sorted(p.split("/")[-2] for p in out.split())
+
+    def operator_restart_mid_backup(self):
+        cb = poll("a backup in progress", lambda: (c := get("cb", "pg")) and c["status"].get("backupInProgress") and c, timeout=max(TIMEOUT, 180))
+        running = cb["status"]["backupInProgress"]
+        before = set(self.s3_backups())
+        old = [p["metadata"]["name"] for p in get("pods", ns=OP_NS)["items"]
+               if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == RELEASE]
+        kubectl("delete", "pod", *old, "--wait=false", ns=OP_NS)
+        poll("a new operator leading", lambda: get("lease", "walden-operator", ns=OP_NS)["spec"].get("holderIdentity") not in old + [None])
+        poll("the backup finished in status", lambda: (c := get("cb", "pg")["status"]).get("backupInProgress") != running and (c.get("lastBackup") or {}).get("id"))
+        after = self.s3_backups()
+        new = sorted(set(after) - before)
+        if not new:
+            raise StepFailed(f"the backup running during the restart ({running}) never completed in storage")
+        minutes = [b[:13] for b in after]
+        dupes = sorted({m for m in minutes if minutes.count(m) > 1})
+        if dupes:
+            raise StepFailed(f"more than one backup in a scheduled minute: {dupes} in {after}")
+        poll("ContinuousBackup Ready after the restart", lambda: condition(get("cb", "pg"), "Ready").get("status") == "True")
+        return f"job {running} survived the restart: new backups {new}, one per scheduled minute"
+
+    def sidecar_killed(self):
+        pod = get("pod", "pg-0")
+        status = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "walden")
+        cid = status.get("containerID", "")
+        if not cid.startswith("docker://") or not shutil.which("docker"):
+            raise StepFailed("killing a container needs the node's docker (containerID %r)" % cid)
+        restarts = status.get("restartCount", 0)
+        failed0 = int(psql("pg-0", "SELECT failed_count FROM pg_stat_archiver"))
+        # Two crashes in a row put the container into back-off (>= 10 s down),
+        # a window in which PostgreSQL must keep its segments.
+        for n in (1, 2):
+            sid = next(c for c in get("pod", "pg-0")["status"]["containerStatuses"] if c["name"] == "walden")["containerID"]
+            subprocess.run(["docker", "kill", sid.removeprefix("docker://")], capture_output=True, check=False)
+            poll(f"crash {n} seen by the kubelet", lambda: next(
+                c for c in get("pod", "pg-0")["status"]["containerStatuses"] if c["name"] == "walden"
+            ).get("restartCount", 0) >= restarts + n)
+        self.expected |= insert_batch("pg-0", "sidecar-down", 70001, 300)
+        seg = archived_through("pg-0")
+        ready = poll("a .ready segment kept while the sidecar is down", lambda: psql(
+            "pg-0", f"SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'") not in ("", "0") and int(
+            psql("pg-0", "SELECT failed_count FROM pg_stat_archiver")) > failed0, timeout=60)
+        del ready
+        poll("the sidecar back", lambda: pod_ready("pg-0"))
+        last = wait_archived("pg-0", seg)
+        return f"segments kept as .ready (failed_count rose), archived through {last} once the sidecar was back"
+
+    def bad_fork(self):
+        future = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        apply(json.dumps({
+            "apiVersion": "walden.dev/v1alpha1", "kind": "Fork", "metadata": {"name": "pg-fork-bad"},
+            "spec": {"source": {"continuousBackup": "pg"}, "target": {"time": future},
+                     "instance": {"image": POSTGRES_IMAGE, "storageSize": "1Gi"}},
+        }))
+        f = poll("the bad fork Failed", lambda: (f := get("fork", "pg-fork-bad")) and (f.get("status") or {}).get("phase") == "Failed" and f)
+        cond = condition(f, "Ready")
+        if cond.get("status") != "False" or not cond.get("message"):
+            raise StepFailed(f"no clear condition: {cond}")
+        left = kubectl("get", "statefulsets,pods", "-l", "walden.dev/instance=pg-fork-bad", "-o", "name")
+        if left.strip():
+            raise StepFailed(f"left running: {left.split()}")
+        return f"Failed {cond.get('reason')}: {cond.get('message')}"
+
+    # 6. lifecycle
+
+    def fork_pod_recreated(self):
+        before = ledger_ids("pg-fork-0")
+        uid = get("pod", "pg-fork-0")["metadata"]["uid"]
+        kubectl("delete", "pod", "pg-fork-0", "--wait=false")
+        poll("pg-fork-0 recreated and ready", lambda: (p := pod_ready("pg-fork-0")) and p["metadata"]["uid"] != uid)
+        poll("the fork Ready again", lambda: get("fork", "pg-fork")["status"].get("phase") == "Ready")
+        if ledger_ids("pg-fork-0") != before or -1 not in before:
+            raise StepFailed("the fork's rows (with its own write) changed across the recreation")
+        return f"fork back Ready with its {len(before)} rows, its own write included"
+
+    def follower_pod_recreated(self):
+        before = ledger_ids("pg-replicas-0")
+        uid = get("pod", "pg-replicas-0")["metadata"]["uid"]
+        kubectl("delete", "pod", "pg-replicas-0", "--wait=false")
+        poll("pg-replicas-0 recreated and ready", lambda: (p := pod_ready("pg-replicas-0")) and p["metadata"]["uid"] != uid)
+        if ledger_ids("pg-replicas-0") != before or -2 not in before:
+            raise StepFailed("the promoted follower's rows changed across the recreation")
+        psql("pg-replicas-0", "INSERT INTO ledger VALUES (-3, 'after-recreation')")
+        return f"promoted follower back with its {len(before)} rows, writable"
+
+    def operator_upgrade(self):
+        new_tag = os.environ.get("WALDEN_E2E_UPGRADE_TAG")
+        if not new_tag:
+            raise StepFailed("WALDEN_E2E_UPGRADE_TAG (a second image tag) is not set")
+        primary = get("pod", "pg-0")["metadata"]["uid"]
+        fork_rows, follower_rows = ledger_ids("pg-fork-0"), ledger_ids("pg-replicas-0")
+        self.helm.upgrade(self.chart, RELEASE, self.values(new_tag), namespace=OP_NS, wait="watcher", timeout=TIMEOUT)
+        image = f"{REGISTRY}/walden:{new_tag}"
+        poll("the fork on the new walden image", lambda: any(
+            c["image"] == image for c in get("statefulset", "pg-fork")["spec"]["template"]["spec"]["containers"]))
+        poll("the fork Ready on the new image", lambda: (p := pod_ready("pg-fork-0")) and any(
+            c["image"] == image for c in p["spec"]["containers"]) and get("fork", "pg-fork")["status"]["phase"] == "Ready")
+        poll("the follower ready on the new image", lambda: (p := pod_ready("pg-replicas-0")) and any(
+            c["image"] == image for c in p["spec"]["containers"]))
+        if ledger_ids("pg-fork-0") != fork_rows or ledger_ids("pg-replicas-0") != follower_rows:
+            raise StepFailed("a fork or follower lost data in the upgrade")
+        rolled = get("pod", "pg-0")["metadata"]["uid"] != primary
+        return f"forks and followers rolled to {new_tag} with their data; primary {'rolled' if rolled else 'not rolled'}"
+
+    def delete_continuous_backup(self):
+        kubectl("delete", "cb", "pg")
+
+        def unprotected():
+            spec = get("statefulset", "pg")["spec"]["template"]["spec"]
+            names = [c["name"] for c in spec["containers"]] + [c["name"] for c in spec.get("initContainers") or []]
+            return not any(n.startswith("walden") for n in names)
+        poll("the injection removed from the StatefulSet", unprotected)
+        poll("pg-0 rolled without walden", lambda: (p := pod_ready("pg-0")) and all(
+            c["name"] == "postgres" for c in p["spec"]["containers"]))
+        got = ledger_ids("pg-0")
+        if not got >= self.expected:
+            raise StepFailed("rows lost when the protection was removed")
+        self.expected |= insert_batch("pg-0", "unprotected", 90001, 10)
+        return f"injection removed, pg-0 serves all {len(got)} rows and takes writes"
+
     # cleanup
 
     def cleanup(self):
@@ -447,6 +649,16 @@ class Suite:
             ("Fork at a recorded time: exact rows, writable", self.fork_at_time),
             ("Fork at an LSN: exact rows", self.fork_at_lsn),
             ("Fork at the latest point: every row", self.fork_latest),
+            ("Follower: restores, streams from the primary, lag in status", self.follower),
+            ("Follower promoted: writable", self.promote),
+            ("fault: primary pod deleted mid-load, no committed row lost", self.primary_pod_deleted),
+            ("fault: operator restarted mid-backup", self.operator_restart_mid_backup),
+            ("fault: sidecar killed, segments kept and archived later", self.sidecar_killed),
+            ("fault: Fork with a bad target Failed, nothing left running", self.bad_fork),
+            ("lifecycle: Fork pod deleted, back Ready with its writes", self.fork_pod_recreated),
+            ("lifecycle: promoted Follower pod deleted, back with its writes", self.follower_pod_recreated),
+            ("lifecycle: operator upgrade, forks and followers keep data", self.operator_upgrade),
+            ("fault: ContinuousBackup deleted, injection removed, pg serves", self.delete_continuous_backup),
         ]
         only = os.environ.get("WALDEN_E2E_STEPS")
         started = time.monotonic()
