@@ -21,6 +21,7 @@
 #                               none: already pullable as $WALDEN_E2E_REGISTRY/...:$WALDEN_E2E_TAG
 #   WALDEN_E2E_REGISTRY         image repository prefix (default walden)
 #   WALDEN_E2E_TAG              image tag (default e2e-<hash of the binaries> / e2e-<git sha>)
+#   WALDEN_E2E_UPGRADE_TAG      tag the upgrade step moves the operator to (node: <tag>-upgrade)
 #   WALDEN_E2E_POSTGRES_IMAGE   default postgres:15
 #   WALDEN_E2E_S3_IMAGE         an image with s3s-fs on PATH (default local/s3s-fs:0.14.1;
 #                               e2e/cluster/images.sh node builds it)
@@ -69,6 +70,10 @@ case "$IMAGES" in
         default_tag=e2e-$(cat "$bins/walden" "$bins/walden-operator" | sha256sum | cut -c1-12)
         export WALDEN_E2E_TAG=${WALDEN_E2E_TAG:-$default_tag}
         WALDEN_BIN_DIR="$bins" bash e2e/cluster/images.sh walden "$WALDEN_E2E_TAG"
+        # The upgrade step moves the operator to a second tag (same binaries:
+        # what an upgrade changes in the cluster is the image reference).
+        export WALDEN_E2E_UPGRADE_TAG=${WALDEN_E2E_UPGRADE_TAG:-$WALDEN_E2E_TAG-upgrade}
+        WALDEN_BIN_DIR="$bins" bash e2e/cluster/images.sh walden "$WALDEN_E2E_UPGRADE_TAG"
         ;;
     kind)
         export WALDEN_E2E_TAG=${WALDEN_E2E_TAG:-e2e-$(git rev-parse --short HEAD)}
