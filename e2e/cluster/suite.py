@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import string
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 NS = os.environ.get("WALDEN_E2E_NAMESPACE", "walden-e2e")
 OP_NS = os.environ.get("WALDEN_E2E_OPERATOR_NAMESPACE", "walden-system")
 RELEASE = "walden"
+DEPLOYMENT = f"{RELEASE}-operator"  # the chart's fullname for this release
 TIMEOUT = int(os.environ.get("WALDEN_E2E_TIMEOUT", "300"))
 REGISTRY = os.environ.get("WALDEN_E2E_REGISTRY", "walden")
 TAG = os.environ["WALDEN_E2E_TAG"]
@@ -173,9 +173,17 @@ class Suite:
         for args, ns in (
             (["get", "all,cb,fork,follower,pvc", "-o", "wide"], NS),
             (["get", "events", "--sort-by=.lastTimestamp"], NS),
-            (["logs", "deploy/" + RELEASE, "--tail=60"], OP_NS),
+            (["logs", "deploy/" + DEPLOYMENT, "--tail=60"], OP_NS),
         ):
             print(kubectl(*args, ns=ns, check=False)[-6000:], file=sys.stderr)
+        # Containers that restarted: their last words.
+        pods = get("pods", check=False) or {"items": []}
+        for pod in pods["items"]:
+            for c in pod.get("status", {}).get("containerStatuses") or []:
+                if c.get("restartCount"):
+                    name = pod["metadata"]["name"]
+                    print(f"--- {name}/{c['name']} (previous)", file=sys.stderr)
+                    print(kubectl("logs", name, "-c", c["name"], "--previous", "--tail=30", check=False), file=sys.stderr)
         sys.stderr.flush()
 
     # 1. the operator, installed in the cluster from the chart
@@ -241,7 +249,7 @@ class Suite:
 
     def operator_running(self):
         def available():
-            d = get("deployment", RELEASE, ns=OP_NS)
+            d = get("deployment", DEPLOYMENT, ns=OP_NS)
             return d["status"].get("availableReplicas", 0) >= 1 and d
         poll("the operator Deployment available", available)
         pods = get("pods", ns=OP_NS)["items"]
@@ -252,7 +260,7 @@ class Suite:
             holder = lease["spec"].get("holderIdentity")
             return holder if holder in names else None
         holder = poll("the Lease held by an operator pod", leader)
-        svc = f"{RELEASE}-metrics"
+        svc = f"{DEPLOYMENT}-metrics"
         metrics = poll(
             "/metrics through the Service",
             lambda: kubectl("get", "--raw", f"/api/v1/namespaces/{OP_NS}/services/http:{svc}:8080/proxy/metrics", ns=None),
@@ -260,7 +268,7 @@ class Suite:
         families = sorted({m.group(1) for m in re.finditer(r"^# TYPE (\S+)", metrics, re.M)})
         if not families:
             raise StepFailed(f"/metrics has no metric families: {metrics[:200]}")
-        sa = get("deployment", RELEASE, ns=OP_NS)["spec"]["template"]["spec"]["serviceAccountName"]
+        sa = get("deployment", DEPLOYMENT, ns=OP_NS)["spec"]["template"]["spec"]["serviceAccountName"]
         return f"leader {holder}, service account {sa}, {len(families)} metric families"
 
     # 2. a protected primary
@@ -268,7 +276,7 @@ class Suite:
     def infra(self):
         kubectl("create", "namespace", NS, ns=None, check=False)
         text = open(os.path.join(REPO, "e2e/cluster/manifests/infra.yaml")).read()
-        apply(string.Template(text).substitute(S3_IMAGE=S3_IMAGE, POSTGRES_IMAGE=POSTGRES_IMAGE))
+        apply(text.replace("${S3_IMAGE}", S3_IMAGE).replace("${POSTGRES_IMAGE}", POSTGRES_IMAGE))
         poll("the S3 server", lambda: get("deployment", "s3")["status"].get("availableReplicas"))
         poll("pg-0 ready", lambda: pod_ready("pg-0"))
         psql("pg-0", LEDGER)
@@ -624,16 +632,18 @@ class Suite:
         if KEEP:
             print(f"kept: namespaces {NS} and {OP_NS} (WALDEN_E2E_KEEP=1)", flush=True)
             return
+        # Walden's resources first, while the operator still runs: their
+        # finalizers (the injection's removal) need it.
+        kubectl("delete", "fork,follower,cb", "--all", "--wait=false", check=False)
+        poll(f"Walden's resources in {NS} gone", lambda: not kubectl("get", "fork,follower,cb", "-o", "name", check=False).strip()
+             if get("namespace", NS, ns=None, check=False) else True)
         kubectl("delete", "namespace", NS, "--wait=false", ns=None, check=False)
-        try:
-            self.helm.uninstall(RELEASE, ignore_not_found=True, wait="watcher", timeout=TIMEOUT)
-        except Exception as e:
-            print(f"helm uninstall: {e}", file=sys.stderr)
+        poll(f"namespace {NS} gone", lambda: get("namespace", NS, ns=None, check=False) is None, timeout=max(TIMEOUT, 300))
+        self.helm.uninstall(RELEASE, ignore_not_found=True, wait="watcher", timeout=TIMEOUT)
         if self.crds_created:
             for crd in ("continuousbackups", "forks", "followers"):
-                kubectl("delete", "crd", f"{crd}.walden.dev", "--wait=false", ns=None, check=False)
+                kubectl("delete", "crd", f"{crd}.walden.dev", ns=None, check=False)
         kubectl("delete", "namespace", OP_NS, "--wait=false", ns=None, check=False)
-        poll(f"namespace {NS} gone", lambda: get("namespace", NS, ns=None, check=False) is None, timeout=max(TIMEOUT, 300))
         poll(f"namespace {OP_NS} gone", lambda: get("namespace", OP_NS, ns=None, check=False) is None, timeout=max(TIMEOUT, 300))
         if getattr(self, "tmp_chart", None):
             shutil.rmtree(self.tmp_chart, ignore_errors=True)
