@@ -122,16 +122,23 @@ postgres_image() {
 binary_image() { # tag binary user entrypoint-args...
     local tag=$1 bin=$2 user=$3; shift 3
     local key
-    key=$(key_of "$bin" <(echo "$user $*"))
+    local roots="$WORK/rootfs/postgres/etc/ssl/certs/ca-certificates.crt"
+    [ -f "$roots" ] || { log "$roots is missing (images.sh node builds it)"; exit 1; }
+    key=$(key_of "$bin" "$roots" <(echo "$user $*"))
     current "$tag" "$key" && return 0
     log "$tag from $bin"
     local ctx
     ctx=$(mktemp -d)
     cp "$bin" "$ctx/"
+    # Debian's CA roots (from the postgres rootfs), as the distroless release
+    # base has them: the AWS SDK refuses to start without any, even for an
+    # http:// endpoint.
+    cp "$roots" "$ctx/"
     local entry
     entry=$(printf '"%s",' "/usr/local/bin/$(basename "$bin")" "$@")
     cat >"$ctx/Dockerfile" <<EOF
 FROM local/debian:bookworm
+COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY $(basename "$bin") /usr/local/bin/$(basename "$bin")
 USER $user
 ENTRYPOINT [${entry%,}]

@@ -244,6 +244,14 @@ class Suite:
         chart, how = self.chart_for_cluster()
         self.chart = chart
         kubectl("create", "namespace", OP_NS, ns=None, check=False)
+        try:
+            self.helm.status(RELEASE)
+            exists = True
+        except helm.HelmNotFoundError:
+            exists = False
+        if exists:  # left by an earlier run (e.g. WALDEN_E2E_KEEP=1)
+            self.helm.upgrade(chart, RELEASE, self.values(TAG), namespace=OP_NS, wait="watcher", timeout=TIMEOUT)
+            return how + " (upgraded the release an earlier run left)"
         self.helm.install(chart, RELEASE, self.values(TAG), namespace=OP_NS, wait="watcher", timeout=TIMEOUT)
         return how
 
