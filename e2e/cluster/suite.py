@@ -523,11 +523,14 @@ class Suite:
                if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == RELEASE]
         kubectl("delete", "pod", *old, "--wait=false", ns=OP_NS)
         poll("a new operator leading", lambda: get("lease", "walden-operator", ns=OP_NS)["spec"].get("holderIdentity") not in old + [None])
-        poll("the backup finished in status", lambda: (c := get("cb", "pg")["status"]).get("backupInProgress") != running and (c.get("lastBackup") or {}).get("id"))
+
+        def finished():
+            new = set(self.s3_backups()) - before
+            status = get("cb", "pg")["status"]
+            last = (status.get("lastBackup") or {}).get("id")
+            return new and status.get("backupInProgress") != running and last in new and new
+        new = sorted(poll(f"the backup running during the restart ({running}) in storage and in status", finished))
         after = self.s3_backups()
-        new = sorted(set(after) - before)
-        if not new:
-            raise StepFailed(f"the backup running during the restart ({running}) never completed in storage")
         minutes = [b[:13] for b in after]
         dupes = sorted({m for m in minutes if minutes.count(m) > 1})
         if dupes:
