@@ -380,9 +380,10 @@ down() {
     # Chains kubelet creates for its own use.
     for table in filter nat; do
         for chain in KUBE-FIREWALL KUBE-MARK-DROP KUBE-MARK-MASQ KUBE-POSTROUTING KUBE-KUBELET-CANARY KUBE-PROXY-CANARY; do
-            iptables -t "$table" -S 2>/dev/null | grep -- "-j $chain\b" | sed 's/^-A /-D /' | while read -r rule; do
-                eval iptables -t "$table" "$rule" 2>/dev/null || true
-            done
+            { iptables -t "$table" -S 2>/dev/null || true; } | { grep -- "-j $chain\b" || true; } |
+                sed 's/^-A /-D /' | while read -r rule; do
+                    eval iptables -t "$table" "$rule" 2>/dev/null || true
+                done
             iptables -t "$table" -F "$chain" 2>/dev/null && iptables -t "$table" -X "$chain" 2>/dev/null || true
         done
     done
