@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Builds a real kube-apiserver (Debian's kubernetes 1.20.2 source package) and
-# installs etcd, for the operator's integration tests. Idempotent: every step
-# is skipped when its result already exists, and the built binary is cached
-# under $WALDEN_KUBE_CACHE (default /var/tmp/walden-ci/kube).
+# Builds Kubernetes v1.20.2 from Debian's `kubernetes` source package and
+# installs etcd: the kube-apiserver for the operator's integration tests, and
+# the other five binaries of a single node (kube-controller-manager,
+# kube-scheduler, kubelet, kube-proxy, kubectl) for the cluster suite
+# (e2e/cluster/node.sh). All six come from one `go build`, version-stamped
+# (Helm's kubeVersion checks and kubectl's skew logic read the version), with
+# the kubelet change of e2e/cluster/node/kubelet-oom.sh applied as a build
+# overlay (the source tree itself is never modified).
+#
+# Idempotent: every step is skipped when its result already exists; the
+# binaries are cached under $WALDEN_KUBE_CACHE (default /var/tmp/walden-ci/kube)
+# with a cache key (source package, overlay, flags, Go version) in bin/.key.
 #
 # Prints the binary paths and records them in $WALDEN_KUBE_CACHE/paths.env,
 # which the tests read when WALDEN_KUBE_APISERVER / WALDEN_ETCD are not set.
 set -euo pipefail
 
+HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${WALDEN_KUBE_CACHE:-/var/tmp/walden-ci/kube}"
-APISERVER="$CACHE/bin/kube-apiserver"
+BIN="$CACHE/bin"
+APISERVER="$BIN/kube-apiserver"
 SRC_LIST=/etc/apt/sources.list.d/walden-debian-src.sources
+CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+VERSION=v1.20.2
+OVERLAY_SCRIPT="$HERE/../e2e/cluster/node/kubelet-oom.sh"
 started=$(date +%s)
 
 log() { echo "kube-apiserver.sh: $*" >&2; }
@@ -19,7 +32,23 @@ as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-mkdir -p "$CACHE/bin"
+mkdir -p "$BIN"
+
+# The cache key: what the binaries are made of. A binary set built from
+# anything else (an older script, an unstamped build) is rebuilt.
+cache_key() {
+    {
+        echo "$VERSION ${CMDS[*]}"
+        cat "$OVERLAY_SCRIPT"
+        ls "$CACHE"/source/kubernetes_*.dsc 2>/dev/null | xargs -r -n1 basename
+        command -v go >/dev/null && go version
+    } | sha256sum | cut -d' ' -f1
+}
+
+all_built() {
+    for c in "${CMDS[@]}"; do [ -x "$BIN/$c" ] || return 1; done
+    [ -f "$BIN/.key" ] && [ "$(cat "$BIN/.key")" = "$(cache_key)" ]
+}
 
 # etcd and the Go toolchain come from Debian; rsync is needed by the
 # kubernetes Makefile; reflect2 1.0.2 replaces the vendored 1.0.1, which
@@ -29,7 +58,7 @@ for p in golang-go etcd-server rsync golang-github-modern-go-reflect2-dev dpkg-d
     dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 
-if [ ! -x "$APISERVER" ] || [ "${#need_pkgs[@]}" -gt 0 ]; then
+if ! all_built || [ "${#need_pkgs[@]}" -gt 0 ]; then
     # A deb822 twin of the machine's bookworm stanza with Types: deb-src. A
     # one-line deb-src entry would conflict on Signed-By and break apt.
     if [ ! -f "$SRC_LIST" ]; then
@@ -52,7 +81,7 @@ if [ ! -x "$APISERVER" ] || [ "${#need_pkgs[@]}" -gt 0 ]; then
     fi
 fi
 
-if [ ! -x "$APISERVER" ]; then
+if ! all_built; then
     GOPATH="$CACHE/gopath"
     TREE="$GOPATH/src/k8s.io/kubernetes"
     mkdir -p "$CACHE/source" "$GOPATH/src/k8s.io"
@@ -83,16 +112,35 @@ if [ ! -x "$APISERVER" ]; then
             tail -n 50 "$CACHE/generated_files.log" >&2; exit 1; }
         touch "$CACHE/.generated"
     fi
-    log "go build ./cmd/kube-apiserver"
-    go build -o "$APISERVER.tmp" ./cmd/kube-apiserver
-    mv "$APISERVER.tmp" "$APISERVER"
+
+    # The kubelet change, as replacement files named in an overlay.json.
+    overlay="$CACHE/overlay"
+    bash "$OVERLAY_SCRIPT" "$TREE" "$overlay"
+
+    vpkg=k8s.io/kubernetes/vendor/k8s.io
+    ldflags="-s -w"
+    for p in "$vpkg/component-base/version" "$vpkg/client-go/pkg/version"; do
+        ldflags+=" -X $p.gitVersion=$VERSION -X $p.gitMajor=1 -X $p.gitMinor=20"
+        ldflags+=" -X $p.gitTreeState=archive -X $p.buildDate=1970-01-01T00:00:00Z"
+    done
+    key=$(cache_key)
+    log "go build ${CMDS[*]} ($VERSION)"
+    rm -rf "$BIN/.new" && mkdir -p "$BIN/.new"
+    pkgs=()
+    for c in "${CMDS[@]}"; do pkgs+=("./cmd/$c"); done
+    go build -overlay "$overlay/overlay.json" -ldflags "$ldflags" -o "$BIN/.new/" "${pkgs[@]}"
+    # Replace each binary atomically: running processes keep their copy.
+    for c in "${CMDS[@]}"; do mv "$BIN/.new/$c" "$BIN/$c"; done
+    rmdir "$BIN/.new"
+    echo "$key" >"$BIN/.key"
 else
-    log "cached: $APISERVER"
+    log "cached: ${CMDS[*]} in $BIN"
 fi
 
 ETCD=$(command -v etcd || echo /usr/bin/etcd)
 cat >"$CACHE/paths.env" <<PATHS
 WALDEN_KUBE_APISERVER=$APISERVER
+WALDEN_KUBE_BIN=$BIN
 WALDEN_ETCD=$ETCD
 PATHS
 log "done in $(( $(date +%s) - started ))s"
