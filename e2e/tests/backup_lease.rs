@@ -313,7 +313,7 @@ fn failed_and_interrupted_writes_leave_nothing_behind() {
     );
     assert!(!stale_tmp.exists(), "a stale temporary was left: {plan}");
     assert!(fresh_tmp.exists(), "a fresh temporary was removed");
-    assert_eq!(folders(&archive), [kept.clone()]);
+    assert_eq!(folders(&archive), std::slice::from_ref(&kept));
     primary.commit_batch(3, "after the cleanup");
     primary.archive_everything();
     let restored = restore_and_start(

@@ -103,7 +103,10 @@ fn a_promoted_standby_archives_what_the_dead_primary_could_not() {
     let standby_daemon = Daemon::start(work.path(), "standby", env);
     standby.with_env(standby_daemon.client_env()).start();
     wait_for("the standby to stream", LONG, || {
-        (standby.try_sql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'").ok()? == "1")
+        (standby
+            .try_sql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'")
+            .ok()?
+            == "1")
             .then_some(())
     });
 

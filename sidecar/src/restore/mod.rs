@@ -101,7 +101,8 @@ pub struct RestoreOptions {
     pub if_restored: IfRestored,
 }
 
-/// What `restore` did.
+/// What `restore` did. One value per restore, so the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Restored(Restored),
