@@ -46,7 +46,8 @@ fn real_segments(work: &Workdir, n: usize) -> Vec<PathBuf> {
     let mut pg = PgCluster::init(work.path(), "segsrc");
     pg.start();
     pg.sql("CREATE TABLE t (v text)");
-    let out = work.path().join("segments");
+    // The daemon archives only files of a pg_wal directory.
+    let out = work.path().join("segments").join("pg_wal");
     std::fs::create_dir_all(&out).expect("mkdir");
     let mut paths = Vec::new();
     for i in 0..n {
