@@ -107,7 +107,8 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             "lastBackup",
             "backupInProgress",
             "recoveryWindow",
-            "replay"
+            "replay",
+            "recoveredTo"
         ])
     );
     assert_eq!(
