@@ -588,7 +588,12 @@ fn file_push_fsyncs_object_then_directory_before_success() {
         .join("000000010000000000000001.00000028.backup");
     std::fs::create_dir_all(label.parent().unwrap()).unwrap();
     assert_ok(&push(&archive, &a), "first push");
-    std::fs::write(&label, "START WAL LOCATION: 0/1000028\n").unwrap();
+    std::fs::write(
+        &label,
+        "START WAL LOCATION: 0/1000028 (file 000000010000000000000001)\n\
+         STOP WAL LOCATION: 0/1000100 (file 000000010000000000000001)\n",
+    )
+    .unwrap();
     let trace = work.path().join("trace");
     let mut cmd = std::process::Command::new("strace");
     cmd.args([

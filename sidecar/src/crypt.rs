@@ -448,6 +448,16 @@ impl Storage for Encrypted {
         self.inner.list(prefix).await
     }
 
+    /// Listings show the encrypted size, and the header's size varies (age
+    /// adds a random "grease" stanza): read the header to know the plaintext's.
+    async fn written_size(&self, object: &ObjectInfo) -> Result<u64, StorageError> {
+        if !is_data_key(&object.key) {
+            return self.inner.written_size(object).await;
+        }
+        let keys = self.keys_for("get", &object.key)?;
+        Ok(self.decrypt(keys, &object.key).await?.size)
+    }
+
     async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         self.inner.list_folders(prefix).await
     }
@@ -513,6 +523,43 @@ mod tests {
             let chunks = plain.div_ceil(CHUNK).max(1);
             assert_eq!(plaintext_len(plain + chunks * TAG), Some(plain), "{plain}");
         }
+    }
+
+    /// A backup re-checks its parts by listing: the listed (encrypted) size of
+    /// each must be recognised as holding what was written, a shorter or
+    /// longer object must not.
+    #[tokio::test]
+    async fn a_listing_shows_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path().to_path_buf()));
+        let enc = Encrypted::open(raw.clone(), Some(keyring())).await.unwrap();
+        crate::repo::ensure_identity(
+            enc.as_ref(),
+            crate::repo::RepoIdentity::new(7, Some(15), 16 << 20),
+            "test",
+        )
+        .await
+        .unwrap();
+        for (i, len) in [0usize, 1, CHUNK as usize, CHUNK as usize + 1, 300_000]
+            .into_iter()
+            .enumerate()
+        {
+            let key = format!("backups/20260101T000000Z/part-{i:05}.tar.zst");
+            enc.create(&key, Box::pin(io::Cursor::new(vec![7u8; len])))
+                .await
+                .unwrap();
+            let listed = enc.list(&key).await.unwrap().remove(0);
+            assert_eq!(enc.written_size(&listed).await.unwrap(), len as u64);
+            assert!(raw.written_size(&listed).await.unwrap() > len as u64);
+            // A cut object is smaller than what was written.
+            let path = dir.path().join(&key);
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+            let cut = enc.list(&key).await.unwrap().remove(0);
+            assert_ne!(enc.written_size(&cut).await.ok(), Some(len as u64));
+        }
+        let meta = enc.list("walden.json").await.unwrap().remove(0);
+        assert_eq!(enc.written_size(&meta).await.unwrap(), meta.size);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use crate::lsn::Lsn;
 use crate::object::SealOptions;
 use crate::pg::{self, PgError};
 use crate::repo::{self, RepoError, RepoIdentity};
-use crate::storage::{Created, Storage, StorageError};
+use crate::storage::{Created, ObjectInfo, Storage, StorageError};
 use crate::wal::{SegmentName, WalFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -278,19 +278,23 @@ async fn missing_parts(
     id: &str,
     parts: &[Part],
 ) -> Result<Vec<String>, BackupError> {
-    let stored: HashMap<String, u64> = storage
+    let stored: HashMap<String, ObjectInfo> = storage
         .list(&BackupManifest::prefix(id))
         .await?
         .into_iter()
-        .map(|o| (o.key, o.size))
+        .map(|o| (o.key.clone(), o))
         .collect();
-    Ok(parts
-        .iter()
-        .filter(|p| {
-            stored.get(&format!("{}{}", BackupManifest::prefix(id), p.name)) != Some(&p.stored_size)
-        })
-        .map(|p| p.name.clone())
-        .collect())
+    let mut missing = Vec::new();
+    for p in parts {
+        let held = match stored.get(&format!("{}{}", BackupManifest::prefix(id), p.name)) {
+            Some(object) => storage.written_size(object).await? == p.stored_size,
+            None => false,
+        };
+        if !held {
+            missing.push(p.name.clone());
+        }
+    }
+    Ok(missing)
 }
 
 fn parts_gone(storage: &dyn Storage, id: &str, missing: &[String]) -> BackupError {

@@ -75,6 +75,9 @@ impl Storage for Metered {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.inner.list(prefix).await
     }
+    async fn written_size(&self, object: &ObjectInfo) -> Result<u64, StorageError> {
+        self.inner.written_size(object).await
+    }
     async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         self.inner.list_folders(prefix).await
     }

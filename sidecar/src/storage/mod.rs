@@ -89,6 +89,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Deletes the objects; keys that do not exist are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
 
+    /// The size of the body that was written to a listed object: the listed
+    /// size, unless a wrapper (encryption) adds framing the engine never sees.
+    async fn written_size(&self, object: &ObjectInfo) -> Result<u64, StorageError> {
+        Ok(object.size)
+    }
+
     /// Leftovers of interrupted writes under the prefix (none where the
     /// backend leaves none). An error means the backend cannot tell.
     async fn list_incomplete(&self) -> Result<Vec<Incomplete>, StorageError> {
@@ -177,6 +183,9 @@ impl Storage for ReadOnly {
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.0.list(prefix).await
+    }
+    async fn written_size(&self, object: &ObjectInfo) -> Result<u64, StorageError> {
+        self.0.written_size(object).await
     }
     async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         self.0.list_folders(prefix).await
