@@ -653,3 +653,40 @@ fn file_push_fsyncs_object_then_directory_before_success() {
         lines.join("\n")
     );
 }
+
+/// Images without `ca-certificates` (the postgres image the binary is copied
+/// into): a plain http:// endpoint works, an https:// one fails with a clear
+/// configuration error instead of the SDK's panic.
+#[test]
+fn s3_without_ca_roots_works_over_http_and_explains_https() {
+    let work = Workdir::new("noroots");
+    let a = real_segment(&work, "a");
+    let archive = Archive::new(StorageKind::S3, work.path(), "noroots");
+    let empty = work.path().join("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let no_roots = |cmd: &mut std::process::Command| {
+        cmd.env("SSL_CERT_FILE", &empty)
+            .env("SSL_CERT_DIR", work.path().join("no-such-dir"));
+    };
+    let mut cmd = archive.walden(&["wal-push", a.to_str().unwrap()]);
+    no_roots(&mut cmd);
+    let out = cmd.output().expect("run walden");
+    assert_ok(&out, "push over http without CA roots");
+    assert_eq!(fetched(&archive, &work, SEG1), std::fs::read(&a).unwrap());
+
+    let https = archive.proxy().endpoint().replace("http://", "https://");
+    let mut cmd = archive.walden(&["wal-fetch", SEG1, work.path().join("x").to_str().unwrap()]);
+    no_roots(&mut cmd);
+    let out = cmd
+        .env("WALDEN_S3_ENDPOINT", &https)
+        .output()
+        .expect("run walden");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked") && ![0, 101].contains(&code(&out)),
+        "exit {}: {err}",
+        code(&out)
+    );
+    assert!(err.contains("no CA certificates found"), "{err}");
+    assert!(!work.path().join("x").exists(), "wrote the destination");
+}

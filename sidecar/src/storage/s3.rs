@@ -60,13 +60,44 @@ pub struct S3Storage {
     upload_concurrency: usize,
 }
 
+/// An HTTP client that trusts the system's CA roots, or none: images
+/// without `ca-certificates` must still reach a plain `http://` endpoint, and
+/// the SDK's default client refuses to start (panics) without roots.
+fn http_client(
+    native_roots: bool,
+) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient, StorageError> {
+    use aws_smithy_http_client::tls;
+    let context = tls::TlsContext::builder()
+        .with_trust_store(tls::TrustStore::empty().with_native_roots(native_roots))
+        .build()
+        .map_err(|e| StorageError::config(format!("setting up TLS for S3: {e}")))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .tls_context(context)
+        .build_https())
+}
+
 impl S3Storage {
     pub async fn connect(
         bucket: &str,
         prefix: &str,
         settings: &S3Settings,
     ) -> Result<Self, StorageError> {
+        let endpoint = settings.endpoint.as_deref().filter(|e| !e.is_empty());
+        let plain = endpoint.is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
+        let native_roots = !rustls_native_certs::load_native_certs().certs.is_empty();
+        if !plain && !native_roots {
+            return Err(StorageError::config(format!(
+                "no CA certificates found to verify TLS to {}: install the ca-certificates \
+                 package, set SSL_CERT_FILE to a PEM bundle, or use an http:// endpoint",
+                endpoint.unwrap_or("Amazon S3")
+            )));
+        }
+        let client = http_client(native_roots)?;
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(client.clone())
             .load()
             .await;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared)
@@ -78,7 +109,7 @@ impl S3Storage {
                     .read_timeout(Duration::from_secs(60))
                     .build(),
             );
-        if let Some(endpoint) = settings.endpoint.as_deref().filter(|e| !e.is_empty()) {
+        if let Some(endpoint) = endpoint {
             url::Url::parse(endpoint).map_err(|e| {
                 StorageError::config(format!(
                     "S3 endpoint {endpoint:?} is not a URL ({e}); e.g. http://127.0.0.1:9000"
