@@ -214,6 +214,11 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
         "the follower wrote into its source's archive"
     );
     let (_, status) = follower_daemon.api("GET", "/v1/status");
-    assert_eq!(status["role"], "primary");
+    assert_eq!(
+        status["role"],
+        "primary",
+        "{status}\ndaemon log:\n{}",
+        follower_daemon.log_text()
+    );
     assert_eq!(status["archiving"]["archivedCount"], 0);
 }

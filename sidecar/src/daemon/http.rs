@@ -209,7 +209,9 @@ async fn backup(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response
 }
 
 async fn promote(State(api): State<Arc<Api>>) -> Response {
-    match api.pg.promote().await {
+    let outcome = api.pg.promote().await;
+    api.observer.invalidate().await;
+    match outcome {
         Ok(Promotion::Promoted) => {
             tracing::info!("promoted PostgreSQL");
             Json(json!({"promoted": true})).into_response()

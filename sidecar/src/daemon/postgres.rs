@@ -166,6 +166,12 @@ impl Observer {
         result
     }
 
+    /// Forgets the last probe: after a promotion through the API, status must
+    /// not report the role from before it.
+    pub async fn invalidate(&self) {
+        self.state.lock().await.last = None;
+    }
+
     async fn probe_now(&self, state: &mut ObserverState) -> Result<Probe, LocalPgError> {
         let client = match state.client.take() {
             Some(c) if !c.is_closed() => c,
