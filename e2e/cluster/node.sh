@@ -396,9 +396,11 @@ down() {
     if [ "$purge" = --purge ]; then
         log "purging the cluster's state"
         if [ -d "$STATE/kubelet" ]; then
-            grep -F " $STATE/kubelet/" /proc/mounts | cut -d' ' -f2 | sort -r | while read -r m; do
-                umount "$m" 2>/dev/null || umount -l "$m"
-            done
+            # Pod volumes under the kubelet's root, then the root itself (deepest first).
+            { grep -E " $STATE/kubelet(/| )" /proc/mounts || true; } | cut -d' ' -f2 | sort -r |
+                while read -r m; do
+                    umount "$m" 2>/dev/null || umount -l "$m"
+                done
         fi
         rm -rf "$STATE/etcd" "$STATE/kubelet" "$STATE/pv" "$PKI" "$CONF" "$KUBECONFIG_OUT"
     fi
