@@ -15,7 +15,11 @@ fn real_cluster_suite() {
         );
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/run.sh");
+    // Cargo's runtime value: a shared build cache may hold a binary compiled in another clone.
+    let script = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
+        .join("cluster/run.sh");
     let status = Command::new("bash")
         .arg(&script)
         .env("WALDEN_E2E_KUBECONFIG", kubeconfig)

@@ -581,7 +581,11 @@ mod tests {
     use std::path::PathBuf;
 
     fn repo_file(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        // Cargo's runtime value: a build cache shared by clones at other
+        // paths may hold a test binary compiled elsewhere.
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
             .join("..")
             .join(rel)
     }

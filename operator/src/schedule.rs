@@ -66,14 +66,19 @@ pub struct Decision {
 ///
 /// `last_slot` is the slot handled last (none yet: `anchor`, the resource's
 /// creation, so a new resource does not back up for slots before it existed).
+/// A backup that started after a slot (the first one, or one asked for with
+/// spec.backupRequest) already covers it: `last_backup_start` moves the base.
 pub fn decide(
     schedule: &Schedule,
     policy: MissedBackupPolicy,
     last_slot: Option<DateTime<Utc>>,
+    last_backup_start: Option<DateTime<Utc>>,
     anchor: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Decision {
-    let base = last_slot.unwrap_or(anchor);
+    let base = last_slot
+        .unwrap_or(anchor)
+        .max(last_backup_start.unwrap_or(anchor));
     let next = schedule.first_after(now);
     let due = schedule
         .latest_at_or_before(now)
@@ -206,7 +211,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let d = decide(&daily, c.policy, c.last.map(t), created, t(c.now));
+            let d = decide(&daily, c.policy, c.last.map(t), None, created, t(c.now));
             assert_eq!(d.slot, c.slot.map(t), "{}: slot", c.name);
             assert_eq!(d.start_backup, c.start, "{}: start", c.name);
             assert_eq!(d.next, Some(t(c.next)), "{}: next", c.name);
@@ -220,11 +225,70 @@ mod tests {
             &every_minute,
             MissedBackupPolicy::RunOnce,
             Some(t("2020-01-01T00:00:00Z")),
+            None,
             t("2020-01-01T00:00:00Z"),
             t("2025-01-01T00:00:30Z"),
         );
         assert_eq!(d.slot, Some(t("2025-01-01T00:00:00Z")));
         assert!(d.start_backup);
         assert_eq!(d.next, Some(t("2025-01-01T00:01:00Z")));
+    }
+
+    /// The first backup (taken at once) or an on-demand one that started
+    /// after a slot covers that slot; one that started before it does not.
+    #[test]
+    fn a_backup_started_after_a_slot_covers_it() {
+        let every_minute = Schedule::parse("* * * * *").expect("schedule");
+        let created = t("2025-01-01T12:37:55Z");
+        // (what, last slot, last backup start, now, due slot)
+        let cases = [
+            (
+                "first backup after the slot",
+                None,
+                Some("2025-01-01T12:38:03Z"),
+                "2025-01-01T12:38:33Z",
+                None,
+            ),
+            (
+                "first backup before the slot",
+                None,
+                Some("2025-01-01T12:37:58Z"),
+                "2025-01-01T12:38:33Z",
+                Some("2025-01-01T12:38:00Z"),
+            ),
+            (
+                "next slot after the covered one",
+                None,
+                Some("2025-01-01T12:38:03Z"),
+                "2025-01-01T12:39:01Z",
+                Some("2025-01-01T12:39:00Z"),
+            ),
+            (
+                "on-demand after a handled slot",
+                Some("2025-01-01T12:40:00Z"),
+                Some("2025-01-01T12:41:10Z"),
+                "2025-01-01T12:41:40Z",
+                None,
+            ),
+            (
+                "no backup yet",
+                None,
+                None,
+                "2025-01-01T12:38:33Z",
+                Some("2025-01-01T12:38:00Z"),
+            ),
+        ];
+        for (what, last, started, now, slot) in cases {
+            let d = decide(
+                &every_minute,
+                MissedBackupPolicy::RunOnce,
+                last.map(t),
+                started.map(t),
+                created,
+                t(now),
+            );
+            assert_eq!(d.slot, slot.map(t), "{what}");
+            assert_eq!(d.start_backup, slot.is_some(), "{what}");
+        }
     }
 }

@@ -48,7 +48,13 @@ const IMAGE: &str = "ghcr.io/walden-dev/walden:it";
 const WAIT: Duration = Duration::from_secs(90);
 
 fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    // Cargo's runtime value: a build cache shared by clones at other paths
+    // may hold a test binary compiled elsewhere.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
+        .join(rel)
 }
 
 /// Paths of kube-apiserver and etcd, or None (skip) outside CI.

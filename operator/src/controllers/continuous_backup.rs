@@ -662,10 +662,17 @@ async fn schedule_backup(
         .as_ref()
         .and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0))
         .unwrap_or(now);
+    let last_backup_start = primary
+        .status
+        .last_backup
+        .as_ref()
+        .map(|b| b.start_time)
+        .max(status.last_backup.as_ref().map(|b| b.start_time));
     let d = decide(
         &schedule,
         cb.spec.missed_backup_policy,
         status.last_scheduled_time,
+        last_backup_start,
         anchor,
         now,
     );
