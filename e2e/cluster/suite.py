@@ -588,6 +588,46 @@ class Suite:
             raise StepFailed(f"left running: {left.split()}")
         return f"Failed {cond.get('reason')}: {cond.get('message')}"
 
+    def fork_past_a_hole(self):
+        """A segment missing from the middle of the archive: a Fork whose target
+        lies past it is Failed naming the hole (issue 14.5), never Recovering
+        forever. The segment is put back afterwards."""
+        kubectl("patch", "cb", "pg", "--type", "merge", "-p", '{"spec":{"suspend":true}}')
+        try:
+            # No backup may start after the hole, or the restore would skip it.
+            poll("no backup in progress", lambda: not get("cb", "pg")["status"].get("backupInProgress"), timeout=max(TIMEOUT, 180))
+            self.expected |= insert_batch("pg-0", "before-hole", 80001, 100)
+            wait_archived("pg-0", archived_through("pg-0"))
+            self.expected |= insert_batch("pg-0", "in-hole", 80101, 100)
+            hole = archived_through("pg-0")
+            self.expected |= insert_batch("pg-0", "after-hole", 80201, 100)
+            target = server_now("pg-0")
+            wait_archived("pg-0", archived_through("pg-0"))
+            found = kubectl("exec", "deploy/s3", "--", "sh", "-c",
+                            f"ls /data/walden-e2e/e2e/pg/wal/*/{hole}.zst").split()
+            if len(found) != 1:
+                raise StepFailed(f"segment {hole} not found once in the S3 server: {found}")
+            kubectl("exec", "deploy/s3", "--", "mv", found[0], found[0] + ".aside")
+            try:
+                apply(json.dumps({
+                    "apiVersion": "walden.dev/v1alpha1", "kind": "Fork", "metadata": {"name": "pg-fork-hole"},
+                    "spec": {"source": {"continuousBackup": "pg"}, "target": {"time": target},
+                             "instance": {"image": POSTGRES_IMAGE, "storageSize": "1Gi"}},
+                }))
+                f = poll("the fork past the hole Failed", lambda: (f := get("fork", "pg-fork-hole"))
+                         and (f.get("status") or {}).get("phase") == "Failed" and f)
+                cond = condition(f, "Ready")
+                if hole not in cond.get("message", "") and "hole" not in cond.get("message", ""):
+                    raise StepFailed(f"the condition does not name the hole {hole}: {cond}")
+            finally:
+                kubectl("exec", "deploy/s3", "--", "mv", found[0] + ".aside", found[0])
+                kubectl("delete", "fork", "pg-fork-hole", "--wait=false", check=False)
+            poll("the failed fork's objects gone", lambda: not kubectl(
+                "get", "statefulsets,pods", "-l", "walden.dev/instance=pg-fork-hole", "-o", "name").strip())
+            return f"segment {hole} moved aside: Failed {cond.get('reason')}: {cond.get('message')[:160]}"
+        finally:
+            kubectl("patch", "cb", "pg", "--type", "merge", "-p", '{"spec":{"suspend":false}}')
+
     # 6. lifecycle
 
     def fork_pod_recreated(self):
@@ -684,6 +724,7 @@ class Suite:
             ("fault: operator restarted mid-backup", self.operator_restart_mid_backup),
             ("fault: sidecar killed, segments kept and archived later", self.sidecar_killed),
             ("fault: Fork with a bad target Failed, nothing left running", self.bad_fork),
+            ("fault: Fork past a hole in the archive Failed, naming it", self.fork_past_a_hole),
             ("lifecycle: Fork pod deleted, back Ready with its writes", self.fork_pod_recreated),
             ("lifecycle: promoted Follower pod deleted, back with its writes", self.follower_pod_recreated),
             ("lifecycle: operator upgrade, forks and followers keep data", self.operator_upgrade),
