@@ -86,10 +86,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Logs go to stdout; colours only on a terminal, never into `kubectl logs`.
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.init(),
