@@ -917,6 +917,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn token_secret_is_written_by_the_operators_field_manager() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let secret_writes: Vec<_> = api
+            .writes()
+            .into_iter()
+            .filter(|r| r.path.contains("/secrets"))
+            .collect();
+        assert!(!secret_writes.is_empty(), "the token Secret was written");
+        for w in secret_writes {
+            assert!(
+                w.query.contains("fieldManager=walden-operator"),
+                "{} {} without the operator's field manager: {:?}",
+                w.method,
+                w.path,
+                w.query
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn injects_then_a_second_reconcile_writes_nothing() {
         let (api, daemon) = setup(json!({}), Some(primary_status()));
         let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));

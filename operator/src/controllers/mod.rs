@@ -518,7 +518,12 @@ pub async fn ensure_token<K: Resource<DynamicType = ()>>(
     let token = generate_token()?;
     let owner_ref = owner_reference(owner)?;
     let secret = specs::token_secret(&name, &ns, owner_ref, &token);
-    match api.create(&PostParams::default(), &secret).await {
+    // Create, not apply: a concurrent creator's token must win, never be replaced.
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match api.create(&params, &secret).await {
         Ok(_) => Ok(token),
         // Created concurrently: use whatever won.
         Err(kube::Error::Api(s)) if s.code == 409 => {
