@@ -125,13 +125,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    let elector = LeaderElector::new(
+    let elector = Arc::new(LeaderElector::new(
         client.clone(),
         &args.lease_namespace,
         &args.lease_name,
         &identity,
         Duration::from_secs(args.lease_seconds),
-    );
+    ));
     tracing::info!(lease = %args.lease_name, identity = %identity, "waiting for leadership");
     loop {
         match elector.try_acquire_or_renew().await {
@@ -166,7 +166,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Leadership lost, or a signal: stop reconciling and exit so that the
     // pod restarts as a follower of the Lease.
+    let renewing = elector.clone();
     let lost = async move {
+        let elector = renewing;
         let deadline = Duration::from_secs(args.lease_seconds);
         let mut last_ok = tokio::time::Instant::now();
         loop {
@@ -204,6 +206,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if lost_leadership.load(Ordering::Relaxed) {
         // Exit non-zero: the pod restarts and competes for the Lease again.
         anyhow::bail!("leadership lost; controllers stopped");
+    }
+    // A graceful stop frees the Lease so that another replica leads at once
+    // instead of after lease_seconds.
+    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+        Ok(Ok(true)) => tracing::info!("Lease released"),
+        Ok(Ok(false)) => tracing::info!("Lease not ours any more; nothing to release"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease"),
+        Err(_) => tracing::warn!("releasing the Lease timed out"),
     }
     tracing::info!("controllers stopped");
     Ok(())

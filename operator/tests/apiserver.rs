@@ -484,6 +484,28 @@ async fn operator_on_a_real_apiserver() {
         lease.spec.and_then(|s| s.holder_identity).as_deref(),
         Some("replica-1")
     );
+    assert_eq!(
+        lease.metadata.managed_fields.unwrap_or_default()[0]
+            .manager
+            .as_deref(),
+        Some("walden-operator"),
+        "the Lease is written by the operator's field manager"
+    );
+    // A graceful stop frees the Lease: the other replica leads at once,
+    // well inside the 15 s the holder's last renewal still covered.
+    assert!(
+        !second.release().await.expect("release by a non-holder"),
+        "a waiting replica has nothing to release"
+    );
+    assert!(first.release().await.expect("release"), "the holder releases");
+    assert!(
+        second.try_acquire_or_renew().await.expect("take over"),
+        "the second replica takes over right after the release"
+    );
+    assert!(
+        !first.try_acquire_or_renew().await.expect("compete again"),
+        "the old holder now waits"
+    );
 
     // Objects the users own.
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
@@ -1166,6 +1188,18 @@ async fn run_the_binary(cluster: &Cluster, token: &str, admin: &Client) {
         "{first}"
     );
     assert!(out.contains("leading"), "{out}");
+    let lease = Api::<Lease>::namespaced(admin.clone(), OPERATOR_NS)
+        .get("walden-operator-bin")
+        .await
+        .expect("the binary's Lease after SIGTERM");
+    assert_eq!(
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty()),
+        None,
+        "SIGTERM releases the Lease; log: {out}"
+    );
 }
 
 #[test]
