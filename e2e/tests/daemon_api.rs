@@ -299,5 +299,8 @@ fn a_rotated_token_works_at_once_and_the_old_one_only_within_the_grace() {
 
     // The daemon's log (a file, as in `kubectl logs`) carries no colour codes.
     let log = std::fs::read(&daemon.log).expect("daemon log");
-    assert!(!log.is_empty() && !log.contains(&0x1b), "ANSI escapes in the daemon log");
+    assert!(
+        !log.is_empty() && !log.contains(&0x1b),
+        "ANSI escapes in the daemon log"
+    );
 }

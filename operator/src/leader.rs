@@ -138,11 +138,7 @@ impl LeaderElector {
             }
         }
         // replace carries resourceVersion: a concurrent writer makes it 409.
-        match self
-            .api
-            .replace(&self.name, &write_params(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &write_params(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
@@ -160,11 +156,7 @@ impl LeaderElector {
             return Ok(false);
         };
         lease.spec = Some(spec);
-        match self
-            .api
-            .replace(&self.name, &write_params(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &write_params(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),

@@ -162,6 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         clock: Arc::new(chrono::Utc::now),
         metrics: metrics.clone(),
+        tokens: Arc::default(),
     });
 
     // Leadership lost, or a signal: stop reconciling and exit so that the

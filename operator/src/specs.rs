@@ -335,9 +335,11 @@ fn sidecar_container(
 /// user's pod: Kubernetes mounts no token where a mount already exists, so
 /// the container gets none while the pod's own setting stays the user's.
 fn without_sa_token(mut c: Container) -> Container {
-    c.volume_mounts
-        .get_or_insert_with(Vec::new)
-        .push(mount(NO_SA_TOKEN_VOLUME, SA_TOKEN_DIR, true));
+    c.volume_mounts.get_or_insert_with(Vec::new).push(mount(
+        NO_SA_TOKEN_VOLUME,
+        SA_TOKEN_DIR,
+        true,
+    ));
     c
 }
 
@@ -1303,7 +1305,8 @@ mod tests {
                 pod.get("automountServiceAccountToken").is_none(),
                 "{name}: the user's pod-level setting is not ours to apply"
             );
-            let shadow = json!({"name": NO_SA_TOKEN_VOLUME, "mountPath": SA_TOKEN_DIR, "readOnly": true});
+            let shadow =
+                json!({"name": NO_SA_TOKEN_VOLUME, "mountPath": SA_TOKEN_DIR, "readOnly": true});
             for c in [
                 container(&pod["initContainers"], INSTALL_CONTAINER),
                 container(&pod["containers"], SIDECAR_CONTAINER),

@@ -497,7 +497,10 @@ async fn operator_on_a_real_apiserver() {
         !second.release().await.expect("release by a non-holder"),
         "a waiting replica has nothing to release"
     );
-    assert!(first.release().await.expect("release"), "the holder releases");
+    assert!(
+        first.release().await.expect("release"),
+        "the holder releases"
+    );
     assert!(
         second.try_acquire_or_renew().await.expect("take over"),
         "the second replica takes over right after the release"
@@ -573,6 +576,7 @@ async fn operator_on_a_real_apiserver() {
         },
         clock: Arc::new(chrono::Utc::now),
         metrics: metrics.clone(),
+        tokens: Arc::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = tokio::spawn(controllers::run(ctx, async move {

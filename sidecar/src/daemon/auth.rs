@@ -55,15 +55,22 @@ mod tests {
         let grace = Duration::from_secs(60);
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        // (name, file contents observed at second n, presented, at second, accepted)
-        let cases: [(&str, &[(&str, u64)], &str, u64, bool); 10] = [
+        /// (name, file contents observed at second n, presented, at second, accepted)
+        type Case<'a> = (&'a str, &'a [(&'a str, u64)], &'a str, u64, bool);
+        let cases: [Case; 10] = [
             ("current token", &[("a", 0)], "a", 1, true),
             ("wrong token", &[("a", 0)], "b", 1, false),
             ("empty presented", &[("a", 0)], "", 1, false),
             ("no file content", &[("", 0)], "", 1, false),
             ("new token at once", &[("a", 0), ("b", 10)], "b", 10, true),
             ("old token in grace", &[("a", 0), ("b", 10)], "a", 69, true),
-            ("old token after grace", &[("a", 0), ("b", 10)], "a", 70, false),
+            (
+                "old token after grace",
+                &[("a", 0), ("b", 10)],
+                "a",
+                70,
+                false,
+            ),
             (
                 "only one previous token",
                 &[("a", 0), ("b", 10), ("c", 20)],
