@@ -649,6 +649,16 @@ async fn operator_on_a_real_apiserver() {
         .await
         .expect("token Secret");
     assert_eq!(token_secret.owner_references()[0].uid, cb_uid);
+    let secret_managers: Vec<_> = token_secret
+        .managed_fields()
+        .iter()
+        .map(|m| m.manager.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        secret_managers,
+        ["walden-operator"],
+        "the token Secret is written by the operator's field manager"
+    );
     let cb_status = eventually("ContinuousBackup pg status", || async {
         let v = get_json(&cbs, "pg").await?;
         match condition(&v["status"], "Ready") {
