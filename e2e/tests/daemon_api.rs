@@ -263,3 +263,44 @@ fn api_backup_runs_backup_push_and_status_reports_the_catalog() {
     assert_eq!(m.get("walden_backups_total{result=\"succeeded\"}"), 1.0);
     assert!(m.get("walden_backup_duration_seconds_sum{result=\"succeeded\"}") > 0.0);
 }
+
+/// Issue 14, item 8: a rotated token file is honoured at once, and the token
+/// it replaced keeps working for the grace period only (the kubelet updates
+/// the mounted Secret long after the operator reads the new one).
+#[test]
+fn a_rotated_token_works_at_once_and_the_old_one_only_within_the_grace() {
+    let work = Workdir::new("daemon-token-rotation");
+    let archive = Archive::new(StorageKind::File, work.path(), "db");
+    let grace = Duration::from_secs(3);
+    let mut env = archive.env();
+    env.push(("WALDEN_TOKEN_GRACE".into(), grace.as_secs().to_string()));
+    let daemon = Daemon::start(work.path(), "rotation", env);
+    // An unknown backup id: 404 when authorized, 401 when not.
+    let probe = |token: &str| daemon.http("GET", "/v1/backups/none", Some(token)).0;
+    assert_eq!(probe(TOKEN), 404, "the first token works");
+    let rotated = "rotated-token-9876543210";
+    assert_eq!(probe(rotated), 401, "not before the file says so");
+
+    std::fs::write(&daemon.token_file, format!("{rotated}\n")).expect("rotate the token file");
+    let changed = std::time::Instant::now();
+    assert_eq!(probe(rotated), 404, "the new token is accepted at once");
+    assert_eq!(probe(TOKEN), 404, "the old token within the grace");
+    assert_eq!(probe("someone-else"), 401, "other tokens are still refused");
+
+    wait_for("the old token to expire", LONG, || {
+        (probe(TOKEN) == 401).then_some(())
+    });
+    assert!(
+        changed.elapsed() >= grace,
+        "the old token was refused after {:?}, before the {grace:?} grace",
+        changed.elapsed()
+    );
+    assert_eq!(probe(rotated), 404, "the new token still works");
+
+    // The daemon's log (a file, as in `kubectl logs`) carries no colour codes.
+    let log = std::fs::read(&daemon.log).expect("daemon log");
+    assert!(
+        !log.is_empty() && !log.contains(&0x1b),
+        "ANSI escapes in the daemon log"
+    );
+}

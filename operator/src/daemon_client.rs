@@ -15,11 +15,14 @@ pub const DAEMON_PORT: i32 = 8008;
 pub struct Endpoint {
     pub base_url: String,
     pub token: String,
+    /// The token the Secret held before it was rotated: the pod's mounted
+    /// copy lags behind the Secret, so a 401 is retried once with it.
+    pub previous_token: Option<String>,
 }
 
 impl Endpoint {
     /// The daemon in the pod with this IP.
-    pub fn for_pod_ip(ip: &str, token: &str) -> Self {
+    pub fn for_pod_ip(ip: &str, token: &ApiToken) -> Self {
         let host = if ip.contains(':') {
             format!("[{ip}]")
         } else {
@@ -27,8 +30,38 @@ impl Endpoint {
         };
         Endpoint {
             base_url: format!("http://{host}:{DAEMON_PORT}"),
-            token: token.to_string(),
+            token: token.current.clone(),
+            previous_token: token.previous.clone(),
         }
+    }
+}
+
+/// A resource's daemon API token as the operator knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiToken {
+    /// What the Secret holds now.
+    pub current: String,
+    /// What it held before this process saw it change, if it did.
+    pub previous: Option<String>,
+}
+
+/// The tokens read from each token Secret, remembered so that the one a
+/// rotation replaced is still known while pods mount the old copy.
+#[derive(Debug, Default)]
+pub struct TokenMemory {
+    seen: std::sync::Mutex<std::collections::HashMap<String, ApiToken>>,
+}
+
+impl TokenMemory {
+    /// Records that the Secret `key` holds `current` now.
+    pub fn remember(&self, key: &str, current: &str) -> ApiToken {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = seen.entry(key.to_string()).or_default();
+        if entry.current != current {
+            let replaced = std::mem::replace(&mut entry.current, current.to_string());
+            entry.previous = (!replaced.is_empty()).then_some(replaced);
+        }
+        entry.clone()
     }
 }
 
@@ -223,17 +256,39 @@ impl HttpDaemonClient {
         Ok(HttpDaemonClient { http })
     }
 
+    /// One request; a 401 with the current token is retried once with the
+    /// previous one (the daemon refuses before doing anything, so a retried
+    /// POST cannot run twice).
     async fn call(
         &self,
         method: reqwest::Method,
         ep: &Endpoint,
         path: &str,
     ) -> Result<(u16, String, String), DaemonError> {
+        match self.call_with(method.clone(), ep, path, &ep.token).await {
+            Err(DaemonError::Unauthorized { url }) => match &ep.previous_token {
+                Some(previous) if *previous != ep.token => {
+                    tracing::debug!(%url, "401 with the current token; trying the previous one");
+                    self.call_with(method, ep, path, previous).await
+                }
+                _ => Err(DaemonError::Unauthorized { url }),
+            },
+            other => other,
+        }
+    }
+
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        ep: &Endpoint,
+        path: &str,
+        token: &str,
+    ) -> Result<(u16, String, String), DaemonError> {
         let url = format!("{}{}", ep.base_url, path);
         let resp = self
             .http
             .request(method, &url)
-            .bearer_auth(&ep.token)
+            .bearer_auth(token)
             .send()
             .await
             .map_err(|source| DaemonError::Unreachable {
@@ -384,11 +439,11 @@ mod tests {
     #[test]
     fn ipv6_pod_ips_are_bracketed() {
         assert_eq!(
-            Endpoint::for_pod_ip("10.0.0.7", "t").base_url,
+            Endpoint::for_pod_ip("10.0.0.7", &ApiToken::default()).base_url,
             "http://10.0.0.7:8008"
         );
         assert_eq!(
-            Endpoint::for_pod_ip("fd00::7", "t").base_url,
+            Endpoint::for_pod_ip("fd00::7", &ApiToken::default()).base_url,
             "http://[fd00::7]:8008"
         );
     }
@@ -452,10 +507,12 @@ mod tests {
         let good = Endpoint {
             base_url: base_url.clone(),
             token: "secret-token".into(),
+            previous_token: None,
         };
         let bad = Endpoint {
             base_url,
             token: "wrong".into(),
+            previous_token: None,
         };
 
         let status = client.status(&good).await.expect("status");
@@ -480,6 +537,55 @@ mod tests {
         ));
     }
 
+    /// The Secret was rotated but the pod still mounts the old token.
+    #[tokio::test]
+    async fn a_401_is_retried_once_with_the_previous_token() {
+        let base_url = fake_daemon().await;
+        let client = HttpDaemonClient::new(Duration::from_secs(10)).expect("client");
+        let rotated = |previous: Option<&str>| Endpoint {
+            base_url: base_url.clone(),
+            token: "rotated-token".into(),
+            previous_token: previous.map(str::to_string),
+        };
+        let status = client
+            .status(&rotated(Some("secret-token")))
+            .await
+            .expect("accepted with the previous token");
+        assert_eq!(status.role, Role::Primary);
+        for previous in [None, Some("rotated-token"), Some("also-wrong")] {
+            let err = client
+                .status(&rotated(previous))
+                .await
+                .expect_err("no token the daemon knows");
+            assert!(
+                matches!(err, DaemonError::Unauthorized { .. }),
+                "{previous:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_memory_keeps_the_token_a_rotation_replaced() {
+        let memory = TokenMemory::default();
+        let t = |current: &str, previous: Option<&str>| ApiToken {
+            current: current.into(),
+            previous: previous.map(str::to_string),
+        };
+        // (secret, what it holds, what the operator then knows)
+        let steps = [
+            ("db/a", "one", t("one", None)),
+            ("db/a", "one", t("one", None)),
+            ("db/b", "other", t("other", None)),
+            ("db/a", "two", t("two", Some("one"))),
+            ("db/a", "two", t("two", Some("one"))),
+            ("db/a", "three", t("three", Some("two"))),
+            ("db/b", "other", t("other", None)),
+        ];
+        for (i, (key, holds, want)) in steps.into_iter().enumerate() {
+            assert_eq!(memory.remember(key, holds), want, "step {i}: {key}={holds}");
+        }
+    }
+
     #[tokio::test]
     async fn unreachable_daemon_is_an_error_naming_the_url() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -489,6 +595,7 @@ mod tests {
         let ep = Endpoint {
             base_url: format!("http://{addr}"),
             token: "t".into(),
+            previous_token: None,
         };
         let err = client.status(&ep).await.expect_err("closed port");
         assert!(err.to_string().contains(&addr.to_string()), "{err}");

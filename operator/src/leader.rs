@@ -47,6 +47,30 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: DateTime<Utc>) -> LeaseAc
     }
 }
 
+/// The Lease as a graceful stop leaves it: without a holder, so another
+/// replica takes over at once instead of waiting out the lease duration.
+/// `None` when we do not hold it (someone else's Lease is not ours to touch).
+pub fn released(spec: Option<&LeaseSpec>, me: &str, now: DateTime<Utc>) -> Option<LeaseSpec> {
+    let spec = spec?;
+    if spec.holder_identity.as_deref() != Some(me) {
+        return None;
+    }
+    Some(LeaseSpec {
+        holder_identity: None,
+        // As client-go's elector leaves a released Lease, for other tools.
+        lease_duration_seconds: Some(1),
+        renew_time: Some(micro(now)),
+        ..spec.clone()
+    })
+}
+
+fn write_params() -> PostParams {
+    PostParams {
+        field_manager: Some(crate::specs::FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
+
 /// Holds or competes for one Lease.
 pub struct LeaderElector {
     api: Api<Lease>,
@@ -91,7 +115,7 @@ impl LeaderElector {
                     ..Default::default()
                 }),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
+            return match self.api.create(&write_params(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
                 Err(e) => Err(e),
@@ -114,11 +138,25 @@ impl LeaderElector {
             }
         }
         // replace carries resourceVersion: a concurrent writer makes it 409.
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &write_params(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the Lease up on a graceful stop. `Ok(true)` when it was ours
+    /// and is now free; `Ok(false)` when someone else holds it (or took it
+    /// concurrently).
+    pub async fn release(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let Some(spec) = released(lease.spec.as_ref(), &self.identity, Utc::now()) else {
+            return Ok(false);
+        };
+        lease.spec = Some(spec);
+        match self.api.replace(&self.name, &write_params(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
@@ -163,6 +201,38 @@ mod tests {
         ];
         for (name, s, want) in cases {
             assert_eq!(decide(s.as_ref(), "me", now), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn release_frees_only_our_own_lease_for_an_immediate_takeover() {
+        let now = DateTime::parse_from_rfc3339("2025-01-01T00:01:00Z")
+            .expect("now")
+            .with_timezone(&Utc);
+        let held = |holder: &str| LeaseSpec {
+            holder_identity: Some(holder.to_string()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(micro(now)),
+            lease_transitions: Some(3),
+            ..Default::default()
+        };
+        let cases = [
+            ("no lease spec", None, false),
+            ("someone else's", Some(held("other")), false),
+            ("ours", Some(held("me")), true),
+        ];
+        for (name, spec, frees) in cases {
+            let got = released(spec.as_ref(), "me", now);
+            assert_eq!(got.is_some(), frees, "{name}");
+            if let Some(r) = got {
+                assert_eq!(r.holder_identity, None, "{name}");
+                assert_eq!(r.lease_transitions, Some(3), "{name}: history kept");
+                assert_eq!(
+                    decide(Some(&r), "other", now),
+                    LeaseAction::Acquire,
+                    "{name}: another replica takes it at once"
+                );
+            }
         }
     }
 }

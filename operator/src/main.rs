@@ -86,10 +86,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Logs go to stdout; colours only on a terminal, never into `kubectl logs`.
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.init(),
@@ -121,13 +125,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    let elector = LeaderElector::new(
+    let elector = Arc::new(LeaderElector::new(
         client.clone(),
         &args.lease_namespace,
         &args.lease_name,
         &identity,
         Duration::from_secs(args.lease_seconds),
-    );
+    ));
     tracing::info!(lease = %args.lease_name, identity = %identity, "waiting for leadership");
     loop {
         match elector.try_acquire_or_renew().await {
@@ -158,11 +162,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         clock: Arc::new(chrono::Utc::now),
         metrics: metrics.clone(),
+        tokens: Arc::default(),
     });
 
     // Leadership lost, or a signal: stop reconciling and exit so that the
     // pod restarts as a follower of the Lease.
+    let renewing = elector.clone();
     let lost = async move {
+        let elector = renewing;
         let deadline = Duration::from_secs(args.lease_seconds);
         let mut last_ok = tokio::time::Instant::now();
         loop {
@@ -200,6 +207,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if lost_leadership.load(Ordering::Relaxed) {
         // Exit non-zero: the pod restarts and competes for the Lease again.
         anyhow::bail!("leadership lost; controllers stopped");
+    }
+    // A graceful stop frees the Lease so that another replica leads at once
+    // instead of after lease_seconds.
+    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+        Ok(Ok(true)) => tracing::info!("Lease released"),
+        Ok(Ok(false)) => tracing::info!("Lease not ours any more; nothing to release"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease"),
+        Err(_) => tracing::warn!("releasing the Lease timed out"),
     }
     tracing::info!("controllers stopped");
     Ok(())

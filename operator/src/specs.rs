@@ -43,6 +43,12 @@ pub const POSTGRES_CONTAINER: &str = "postgres";
 pub const BIN_VOLUME: &str = "walden-bin";
 pub const RUN_VOLUME: &str = "walden-run";
 pub const TOKEN_VOLUME: &str = "walden-token";
+/// Where Kubernetes mounts a pod's ServiceAccount token into each container.
+pub const SA_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// An empty directory mounted over [`SA_TOKEN_DIR`] in the containers walden
+/// injects into a user's pod: they need no Kubernetes API access, and the
+/// user's own containers keep the pod's automount setting untouched.
+pub const NO_SA_TOKEN_VOLUME: &str = "walden-no-sa-token";
 /// The archive's encryption key Secret, mounted read-only where `walden` runs.
 pub const ENCRYPTION_VOLUME: &str = "walden-encryption";
 pub const ENCRYPTION_DIR: &str = "/walden/encryption";
@@ -325,6 +331,18 @@ fn sidecar_container(
     }
 }
 
+/// Shadows the ServiceAccount token path in an injected container of the
+/// user's pod: Kubernetes mounts no token where a mount already exists, so
+/// the container gets none while the pod's own setting stays the user's.
+fn without_sa_token(mut c: Container) -> Container {
+    c.volume_mounts.get_or_insert_with(Vec::new).push(mount(
+        NO_SA_TOKEN_VOLUME,
+        SA_TOKEN_DIR,
+        true,
+    ));
+    c
+}
+
 fn token_volume(token_secret: &str) -> Volume {
     Volume {
         name: TOKEN_VOLUME.to_string(),
@@ -498,7 +516,7 @@ pub fn primary_patch(
         credentials_secret: Some(&target.credentials_secret),
         retention: cb.spec.retention.as_ref(),
     };
-    let sidecar = with_encryption_key(
+    let sidecar = without_sa_token(with_encryption_key(
         sidecar_container(
             image,
             target.run_as_user,
@@ -507,7 +525,8 @@ pub fn primary_patch(
             cb.spec.sidecar.as_ref().and_then(|s| s.resources.clone()),
         ),
         &cb.spec.storage,
-    );
+    ));
+    let install = without_sa_token(install_container(image, target.run_as_user));
     let token = token_secret_name(&cb.metadata.name.clone().unwrap_or_default());
     let mut volumes = vec![
         empty_dir(BIN_VOLUME),
@@ -515,6 +534,7 @@ pub fn primary_patch(
         token_volume(&token),
     ];
     volumes.extend(encryption_volume(&cb.spec.storage));
+    volumes.push(empty_dir(NO_SA_TOKEN_VOLUME));
     Ok(json!({
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -525,7 +545,7 @@ pub fn primary_patch(
         "spec": {
             "template": {
                 "spec": {
-                    "initContainers": [install_container(image, target.run_as_user)],
+                    "initContainers": [install],
                     "containers": [postgres, sidecar],
                     "volumes": volumes,
                 }
@@ -1254,8 +1274,67 @@ mod tests {
             .iter()
             .map(|v| v["name"].as_str().unwrap_or_default())
             .collect();
-        assert_eq!(names, [BIN_VOLUME, RUN_VOLUME, TOKEN_VOLUME]);
+        assert_eq!(
+            names,
+            [BIN_VOLUME, RUN_VOLUME, TOKEN_VOLUME, NO_SA_TOKEN_VOLUME]
+        );
         assert_eq!(volumes[2]["secret"]["secretName"], "pg-backup-walden-token");
+    }
+
+    /// The injected containers never see a ServiceAccount token, whatever the
+    /// user chose for the pod; the user's own setting (and so their containers'
+    /// token) is left exactly as it was.
+    #[test]
+    fn primary_patch_keeps_service_account_tokens_out_of_walden_containers() {
+        let cases = [
+            ("user left it unset", None),
+            ("user wants tokens", Some(true)),
+            ("user disabled tokens", Some(false)),
+        ];
+        for (name, user) in cases {
+            let mut target = sts(
+                json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]),
+                None,
+            );
+            if let Some(pod) = target.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+                pod.automount_service_account_token = user;
+            }
+            let patch = primary_patch(&base_cb(), &target, IMAGE).expect("patch");
+            let pod = &patch["spec"]["template"]["spec"];
+            assert!(
+                pod.get("automountServiceAccountToken").is_none(),
+                "{name}: the user's pod-level setting is not ours to apply"
+            );
+            let shadow =
+                json!({"name": NO_SA_TOKEN_VOLUME, "mountPath": SA_TOKEN_DIR, "readOnly": true});
+            for c in [
+                container(&pod["initContainers"], INSTALL_CONTAINER),
+                container(&pod["containers"], SIDECAR_CONTAINER),
+            ] {
+                let mounts = c["volumeMounts"].as_array().expect("mounts");
+                assert!(
+                    mounts.contains(&shadow),
+                    "{name}: {} gets an empty directory where the token would be: {mounts:?}",
+                    c["name"]
+                );
+            }
+            let pg = container(&pod["containers"], "postgres");
+            assert!(
+                !pg["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["mountPath"] == SA_TOKEN_DIR),
+                "{name}: the user's postgres container keeps what it had"
+            );
+            let volume = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == NO_SA_TOKEN_VOLUME)
+                .unwrap_or_else(|| panic!("{name}: no {NO_SA_TOKEN_VOLUME} volume"));
+            assert!(volume.get("emptyDir").is_some(), "{name}: {volume}");
+        }
     }
 
     /// The key Secret reaches every container that runs `walden` with storage

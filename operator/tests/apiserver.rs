@@ -490,6 +490,31 @@ async fn operator_on_a_real_apiserver() {
         lease.spec.and_then(|s| s.holder_identity).as_deref(),
         Some("replica-1")
     );
+    assert_eq!(
+        lease.metadata.managed_fields.unwrap_or_default()[0]
+            .manager
+            .as_deref(),
+        Some("walden-operator"),
+        "the Lease is written by the operator's field manager"
+    );
+    // A graceful stop frees the Lease: the other replica leads at once,
+    // well inside the 15 s the holder's last renewal still covered.
+    assert!(
+        !second.release().await.expect("release by a non-holder"),
+        "a waiting replica has nothing to release"
+    );
+    assert!(
+        first.release().await.expect("release"),
+        "the holder releases"
+    );
+    assert!(
+        second.try_acquire_or_renew().await.expect("take over"),
+        "the second replica takes over right after the release"
+    );
+    assert!(
+        !first.try_acquire_or_renew().await.expect("compete again"),
+        "the old holder now waits"
+    );
 
     // Objects the users own.
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
@@ -557,6 +582,7 @@ async fn operator_on_a_real_apiserver() {
         },
         clock: Arc::new(chrono::Utc::now),
         metrics: metrics.clone(),
+        tokens: Arc::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = tokio::spawn(controllers::run(ctx, async move {
@@ -629,6 +655,16 @@ async fn operator_on_a_real_apiserver() {
         .await
         .expect("token Secret");
     assert_eq!(token_secret.owner_references()[0].uid, cb_uid);
+    let secret_managers: Vec<_> = token_secret
+        .managed_fields()
+        .iter()
+        .map(|m| m.manager.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        secret_managers,
+        ["walden-operator"],
+        "the token Secret is written by the operator's field manager"
+    );
     let cb_status = eventually("ContinuousBackup pg status", || async {
         let v = get_json(&cbs, "pg").await?;
         match condition(&v["status"], "Ready") {
@@ -1172,6 +1208,18 @@ async fn run_the_binary(cluster: &Cluster, token: &str, admin: &Client) {
         "{first}"
     );
     assert!(out.contains("leading"), "{out}");
+    let lease = Api::<Lease>::namespaced(admin.clone(), OPERATOR_NS)
+        .get("walden-operator-bin")
+        .await
+        .expect("the binary's Lease after SIGTERM");
+    assert_eq!(
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty()),
+        None,
+        "SIGTERM releases the Lease; log: {out}"
+    );
 }
 
 #[test]

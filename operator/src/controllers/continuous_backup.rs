@@ -11,7 +11,7 @@ use crate::api::{
     BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
     CONTINUOUS_BACKUP_FINALIZER,
 };
-use crate::daemon_client::{BackupState, DaemonStatus, Endpoint, Role, StartBackup};
+use crate::daemon_client::{ApiToken, BackupState, DaemonStatus, Endpoint, Role, StartBackup};
 use crate::schedule::{decide, Schedule};
 use crate::specs::{self, FIELD_MANAGER};
 use chrono::{DateTime, Utc};
@@ -88,7 +88,7 @@ async fn find_primary(
     ctx: &Context,
     ns: &str,
     sts: &StatefulSet,
-    token: &str,
+    token: &ApiToken,
 ) -> Result<Result<Primary, String>, Error> {
     let selector = sts
         .spec
@@ -921,6 +921,57 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn token_secret_is_written_by_the_operators_field_manager() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let secret_writes: Vec<_> = api
+            .writes()
+            .into_iter()
+            .filter(|r| r.path.contains("/secrets"))
+            .collect();
+        assert!(!secret_writes.is_empty(), "the token Secret was written");
+        for w in secret_writes {
+            assert!(
+                w.query.contains("fieldManager=walden-operator"),
+                "{} {} without the operator's field manager: {:?}",
+                w.method,
+                w.path,
+                w.query
+            );
+        }
+    }
+
+    /// After the Secret is rotated, daemon calls carry the old token too (the
+    /// pod mounts it until the kubelet refreshes the volume).
+    #[tokio::test]
+    async fn a_rotated_token_secret_keeps_the_old_token_for_the_daemon_calls() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("first reconcile");
+        let path = "/api/v1/namespaces/db/secrets/pg-backup-walden-token";
+        let mut secret = api.get(path).expect("token secret");
+        let old = daemon
+            .calls()
+            .last()
+            .expect("a daemon call")
+            .1
+            .token
+            .clone();
+        // "rotated" in base64, as a user's `kubectl edit` leaves it.
+        secret["data"]["token"] = json!("cm90YXRlZA==");
+        api.insert(secret);
+        reconcile(stored_cb(&api), ctx)
+            .await
+            .expect("after rotation");
+        let (_, ep) = daemon.calls().last().cloned().expect("a daemon call");
+        assert_eq!(ep.token, "rotated");
+        assert_eq!(ep.previous_token.as_deref(), Some(old.as_str()));
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ pub mod fork;
 use crate::api::{
     ContinuousBackup, ContinuousBackupStatus, FollowerStatus, ForkStatus, SourceSpec, StorageSpec,
 };
-use crate::daemon_client::{DaemonApi, DaemonError};
+use crate::daemon_client::{ApiToken, DaemonApi, DaemonError, TokenMemory};
 use crate::metrics::Metrics;
 use crate::specs::{self, OperatorConfig, SpecError, FIELD_MANAGER};
 use chrono::{DateTime, Utc};
@@ -41,6 +41,8 @@ pub struct Context {
     pub config: OperatorConfig,
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
+    /// Token Secrets as last read, so a rotation's old token stays known.
+    pub tokens: Arc<TokenMemory>,
 }
 
 impl Context {
@@ -503,14 +505,27 @@ pub fn generate_token() -> Result<String, Error> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Returns the daemon API token of `owner`, creating its Secret if needed.
+/// Returns the daemon API token of `owner`, creating its Secret if needed,
+/// with the token it held before a rotation this process saw.
 /// An existing token is never rotated here: pods already mount it.
 pub async fn ensure_token<K: Resource<DynamicType = ()>>(
     ctx: &Context,
     owner: &K,
-) -> Result<String, Error> {
+) -> Result<ApiToken, Error> {
     let ns = namespace_of(owner)?;
     let name = specs::token_secret_name(&owner.meta().name.clone().unwrap_or_default());
+    let token = secret_token(ctx, owner, &ns, &name).await?;
+    Ok(ctx.tokens.remember(&format!("{ns}/{name}"), &token))
+}
+
+async fn secret_token<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    owner: &K,
+    ns: &str,
+    name: &str,
+) -> Result<String, Error> {
+    let name = name.to_string();
+    let ns = ns.to_string();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(token) = read_token(&api, &name).await? {
         return Ok(token);
@@ -518,7 +533,12 @@ pub async fn ensure_token<K: Resource<DynamicType = ()>>(
     let token = generate_token()?;
     let owner_ref = owner_reference(owner)?;
     let secret = specs::token_secret(&name, &ns, owner_ref, &token);
-    match api.create(&PostParams::default(), &secret).await {
+    // Create, not apply: a concurrent creator's token must win, never be replaced.
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match api.create(&params, &secret).await {
         Ok(_) => Ok(token),
         // Created concurrently: use whatever won.
         Err(kube::Error::Api(s)) if s.code == 409 => {

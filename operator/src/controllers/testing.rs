@@ -411,6 +411,7 @@ pub fn context_with_image(
         },
         clock: Arc::new(move || now),
         metrics: Arc::new(Metrics::default()),
+        tokens: Arc::default(),
     })
 }
 

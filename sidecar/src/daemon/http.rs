@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -13,9 +14,9 @@ use axum::{Json, Router};
 use chrono::SecondsFormat;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use super::archiver::Archiver;
+use super::auth::Tokens;
 use super::backup::{Backups, StartError};
 use super::metrics::Metrics;
 use super::postgres::{Observer, PgTarget, Promotion};
@@ -28,6 +29,10 @@ pub struct Api {
     pub observer: Arc<Observer>,
     pub pgdata: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// Tokens read from `token_file`, with the one a rotation replaced.
+    pub tokens: std::sync::Mutex<Tokens>,
+    /// How long a replaced token stays valid.
+    pub token_grace: Duration,
     pub registry: Registry,
     pub metrics: Metrics,
 }
@@ -51,7 +56,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// Constant-time comparison of the presented token with the file's content.
-/// The file is read on every request, so a rotated Secret takes effect at once.
+/// The file is read on every request, so a rotated Secret takes effect at
+/// once; the token it replaced stays valid for `token_grace`.
 async fn authorize(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
@@ -75,9 +81,15 @@ async fn authorize(
         },
         None => String::new(),
     };
-    let ok = !expected.is_empty()
-        && !presented.is_empty()
-        && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()));
+    let now = Instant::now();
+    let ok = {
+        let mut tokens = api
+            .tokens
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tokens.observe(&expected, now);
+        tokens.accepts(presented, now, api.token_grace)
+    };
     if !ok {
         let mut resp = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         resp.headers_mut().insert(

@@ -3,6 +3,7 @@
 //! parallel archiving and prefetch) and the operator's HTTP API.
 
 pub mod archiver;
+pub mod auth;
 pub mod backup;
 pub mod http;
 pub mod listen;
@@ -41,6 +42,10 @@ pub struct DaemonArgs {
     /// File holding the bearer token required under /v1 (without it, /v1 answers 401)
     #[arg(long, env = "WALDEN_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+
+    /// Seconds the token a changed token file replaced is still accepted (a rotated Secret reaches callers and the mounted file at different times)
+    #[arg(long, env = "WALDEN_TOKEN_GRACE", default_value_t = 300)]
+    pub token_grace: u64,
 
     /// Directory for the archive log (what was stored; survives daemon restarts)
     #[arg(long, env = "WALDEN_STATE_DIR", default_value = "/walden/run/state")]
@@ -209,6 +214,8 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
         observer: observer.clone(),
         pgdata: args.pgdata.clone(),
         token_file: args.token_file.clone(),
+        tokens: std::sync::Mutex::new(auth::Tokens::default()),
+        token_grace: std::time::Duration::from_secs(args.token_grace),
         registry,
         metrics: metrics.clone(),
     });
