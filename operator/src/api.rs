@@ -34,7 +34,8 @@ pub const CONTINUOUS_BACKUP_FINALIZER: &str = "walden.dev/injection";
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Last Backup", "type": "date", "jsonPath": ".status.lastBackup.stopTime"}"#,
     printcolumn = r#"{"name": "Recoverable From", "type": "string", "jsonPath": ".status.firstRecoverabilityPoint"}"#,
-    printcolumn = r#"{"name": "Archive Lag", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "Time since the last WAL segment was archived"}"#,
+    printcolumn = r#"{"name": "Archive Backlog", "type": "integer", "jsonPath": ".status.archiveBacklog", "description": "WAL segments PostgreSQL has finished that are not archived yet (0 on a healthy database, idle or busy)"}"#,
+    printcolumn = r#"{"name": "Last Archived", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "When the newest WAL segment was archived; grows on an idle database, which is not a lag", "priority": 1}"#,
     printcolumn = r#"{"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -295,10 +296,16 @@ pub struct ContinuousBackupStatus {
     /// Earliest time the archive can restore to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_recoverability_point: Option<DateTime<Utc>>,
+    /// The newest WAL segment archived; kept across primary pod restarts
+    /// (a fresh daemon knows none until it archives one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_archived_wal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_archived_time: Option<DateTime<Utc>>,
+    /// WAL segments waiting to be archived (`.ready` files on the primary):
+    /// the archive's real lag, 0 when archiving keeps up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_backlog: Option<u64>,
     /// The pod whose daemon reported role primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_pod: Option<String>,
@@ -657,7 +664,12 @@ mod tests {
             .into_iter()
             .map(|c| c.name)
             .collect();
-        for want in ["Last Backup", "Recoverable From", "Archive Lag"] {
+        for want in [
+            "Last Backup",
+            "Recoverable From",
+            "Archive Backlog",
+            "Last Archived",
+        ] {
             assert!(cols.contains(&want.to_string()), "{cols:?}");
         }
     }

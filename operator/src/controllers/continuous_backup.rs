@@ -322,8 +322,14 @@ fn mirror_daemon_status(
     now: DateTime<Utc>,
     events: &mut Vec<PendingEvent>,
 ) {
-    status.last_archived_wal = d.archiving.last_archived_wal.clone();
-    status.last_archived_time = d.archiving.last_archived_time;
+    // A recreated primary pod starts a daemon that has archived nothing
+    // yet (its log is in an emptyDir): keep what was last known until it
+    // reports a newer segment.
+    if let Some(wal) = &d.archiving.last_archived_wal {
+        status.last_archived_wal = Some(wal.clone());
+        status.last_archived_time = d.archiving.last_archived_time;
+    }
+    status.archive_backlog = Some(d.archiving.ready_count);
     if let Some(b) = &d.last_backup {
         status.last_backup = Some(BackupInfo {
             id: b.id.clone(),
@@ -372,7 +378,7 @@ fn mirror_daemon_status(
             now,
         );
     } else {
-        let msg = match &d.archiving.last_archived_wal {
+        let msg = match &status.last_archived_wal {
             Some(wal) => format!("last archived {wal}"),
             None => "archiving enabled, nothing archived yet".to_string(),
         };
@@ -1455,6 +1461,87 @@ mod tests {
         );
         assert_eq!(condition(&cb, "Ready").0, "False");
         assert!(api.event_reasons().contains(&"ArchiveFailing".to_string()));
+    }
+
+    #[tokio::test]
+    async fn archive_backlog_is_the_ready_count_not_the_time_since_the_last_segment() {
+        let mut s = primary_status();
+        s.archiving.ready_count = 3;
+        let (api, daemon) = setup(json!({}), Some(s));
+        // Hours after the last segment: an idle database, not a lagging one.
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T16:00:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.archive_backlog, Some(3));
+
+        let mut s = primary_status();
+        s.archiving.ready_count = 0;
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), s);
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.archive_backlog, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_fresh_daemon_does_not_blank_the_last_archived_wal() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+
+        // The primary pod is recreated: its daemon has archived nothing yet.
+        let mut fresh = primary_status();
+        fresh.archiving.last_archived_wal = None;
+        fresh.archiving.last_archived_time = None;
+        fresh.archiving.archived_count = 0;
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), fresh);
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("000000010000000000000007")
+        );
+        assert_eq!(
+            status.last_archived_time,
+            Some(time("2025-05-01T10:00:00Z"))
+        );
+        let (s, _, message) = condition(&cb, "Archiving");
+        assert_eq!(s, "True");
+        assert!(message.contains("000000010000000000000007"), "{message}");
+
+        // Once it archives, the newer segment replaces the kept one.
+        let mut later = primary_status();
+        later.archiving.last_archived_wal = Some("000000010000000000000009".into());
+        later.archiving.last_archived_time = Some(time("2025-05-01T10:06:00Z"));
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), later);
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("000000010000000000000009")
+        );
+        assert_eq!(
+            status.last_archived_time,
+            Some(time("2025-05-01T10:06:00Z"))
+        );
     }
 
     #[tokio::test]
