@@ -1323,6 +1323,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_backup_gets_its_own_succeeded_event() {
+        let (api, daemon) = setup(json!({"backupRequest": "one"}), Some(primary_status()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        for (token, id) in [("one", "20250501T100500Z"), ("two", "20250501T100600Z")] {
+            let mut cb = api.get(CB_PATH).expect("cb");
+            cb["spec"]["backupRequest"] = json!(token);
+            api.insert(cb);
+            *daemon.start.lock().expect("lock") = Some(StartBackup::Started(id.into()));
+            reconcile(stored_cb(&api), ctx.clone())
+                .await
+                .expect("reconcile");
+            daemon.jobs.lock().expect("lock").insert(
+                id.into(),
+                BackupJob {
+                    id: id.into(),
+                    state: BackupState::Succeeded,
+                    error: None,
+                    start_time: None,
+                    stop_time: None,
+                },
+            );
+            reconcile(stored_cb(&api), ctx.clone())
+                .await
+                .expect("reconcile");
+        }
+        assert_eq!(
+            api.event_notes("BackupSucceeded"),
+            [
+                "base backup 20250501T100500Z completed",
+                "base backup 20250501T100600Z completed"
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn schedule_starts_a_backup_and_follows_it_to_success() {
         let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(primary_status()));
         *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250502T030005Z".into()));

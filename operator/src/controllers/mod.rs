@@ -15,13 +15,13 @@ use crate::api::{
     ContinuousBackup, ContinuousBackupStatus, FollowerStatus, ForkStatus, SourceSpec, StorageSpec,
 };
 use crate::daemon_client::{DaemonApi, DaemonError};
+use crate::events::{Event, EventType, Recorder};
 use crate::metrics::Metrics;
 use crate::specs::{self, OperatorConfig, SpecError, FIELD_MANAGER};
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::Error as FinalizerError;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
