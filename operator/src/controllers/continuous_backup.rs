@@ -31,6 +31,8 @@ const CONTROLLER: &str = "continuousbackup";
 /// How often status is refreshed from the daemon when nothing is due sooner.
 const REFRESH: Duration = Duration::from_secs(60);
 const RETRY: Duration = Duration::from_secs(30);
+/// Longest daemon error quoted in a condition message, in bytes.
+const MAX_ERROR: usize = 300;
 
 pub async fn run(
     ctx: Arc<Context>,
@@ -351,7 +353,11 @@ fn mirror_daemon_status(
                 .last_failed_wal
                 .as_deref()
                 .unwrap_or("a segment"),
-            d.archiving.last_error.as_deref().unwrap_or("unknown error")
+            // An old or third-party daemon may send a whole error dump.
+            super::truncate(
+                d.archiving.last_error.as_deref().unwrap_or("unknown error"),
+                MAX_ERROR
+            )
         );
         if set_condition(
             &mut status.conditions,
@@ -1576,6 +1582,27 @@ mod tests {
         assert_eq!(
             status.last_archived_time,
             Some(time("2025-05-01T10:06:00Z"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_archive_error_is_cut_in_the_condition() {
+        let mut s = primary_status();
+        s.archiving.last_failed_wal = Some("000000010000000000000008".into());
+        s.archiving.last_failed_time = Some(time("2025-05-01T10:01:00Z"));
+        s.archiving.last_error = Some(format!(
+            "upload s3://b/wal: dispatch failure ({})",
+            "DispatchFailure { source: ConnectorError { .. } } ".repeat(100)
+        ));
+        let (api, daemon) = setup(json!({}), Some(s));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let (_, reason, message) = condition(&stored_cb(&api), "Archiving");
+        assert_eq!(reason, "ArchiveFailing");
+        assert!(
+            message.len() <= 400 && message.contains("upload s3://b/wal: dispatch failure"),
+            "{} bytes: {message}",
+            message.len()
         );
     }
 

@@ -485,7 +485,8 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes (on a character boundary), marked with `…`.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
