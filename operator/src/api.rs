@@ -481,7 +481,8 @@ fn default_conninfo_key() -> String {
     printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
     printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
     printcolumn = r#"{"name": "Promoted", "type": "boolean", "jsonPath": ".status.promoted"}"#,
-    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".status.service"}"#
+    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".status.service"}"#,
+    printcolumn = r#"{"name": "Streaming", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Streaming\")].status", "description": "Every standby streams from the primary (False: some replay from the archive only)", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FollowerSpec {
@@ -515,6 +516,11 @@ pub struct ReplicaStatus {
     pub lag_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<u64>,
+    /// True: a WAL receiver streams from the primary; false: this replica
+    /// replays from the archive only (segments arrive as they are archived).
+    /// Absent when its daemon does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<bool>,
 }
 
 /// Observed state of a Follower.
