@@ -870,6 +870,48 @@ mod tests {
         check_example::<Follower>("follower.yaml");
     }
 
+    /// The streaming set-up example fits the Follower example and survives
+    /// the operator's injection (its `-c hba_file` is kept).
+    #[test]
+    fn the_streaming_example_is_consistent() {
+        use serde::Deserialize;
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&example("streaming/primary.yaml"))
+            .map(|d| Value::deserialize(d).expect("streaming example YAML"))
+            .collect();
+        let of = |kind: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind)
+                .unwrap_or_else(|| panic!("no {kind} in the streaming example"))
+        };
+        let follower: Follower =
+            serde_yaml::from_str(&example("follower.yaml")).expect("follower example");
+        let conninfo = follower.spec.streaming.expect("follower example streams");
+        let secret = of("Secret");
+        assert_eq!(secret["metadata"]["name"], conninfo.primary_conninfo_secret.as_str());
+        assert!(secret["stringData"][&conninfo.key]
+            .as_str()
+            .is_some_and(|c| c.contains("user=replicator")));
+        let hba = of("ConfigMap")["data"]["pg_hba.conf"]
+            .as_str()
+            .expect("pg_hba.conf");
+        assert!(
+            hba.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 4 && f[0] == "host" && f[1] == "replication" && f[2] == "replicator"
+            }),
+            "{hba}"
+        );
+        let args: Vec<String> = serde_json::from_value(
+            of("StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+        )
+        .expect("args");
+        let injected = crate::specs::postgres_args(&args, "60s");
+        assert!(
+            injected.contains(&"hba_file=/etc/postgresql/hba/pg_hba.conf".to_string()),
+            "{injected:?}"
+        );
+    }
+
     #[test]
     fn the_schema_checker_catches_drift() {
         let mut problems = Vec::new();
