@@ -875,9 +875,10 @@ mod tests {
     #[test]
     fn the_streaming_example_is_consistent() {
         use serde::Deserialize;
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&example("streaming/primary.yaml"))
-            .map(|d| Value::deserialize(d).expect("streaming example YAML"))
-            .collect();
+        let docs: Vec<Value> =
+            serde_yaml::Deserializer::from_str(&example("streaming/primary.yaml"))
+                .map(|d| Value::deserialize(d).expect("streaming example YAML"))
+                .collect();
         let of = |kind: &str| {
             docs.iter()
                 .find(|d| d["kind"] == kind)
@@ -887,7 +888,10 @@ mod tests {
             serde_yaml::from_str(&example("follower.yaml")).expect("follower example");
         let conninfo = follower.spec.streaming.expect("follower example streams");
         let secret = of("Secret");
-        assert_eq!(secret["metadata"]["name"], conninfo.primary_conninfo_secret.as_str());
+        assert_eq!(
+            secret["metadata"]["name"],
+            conninfo.primary_conninfo_secret.as_str()
+        );
         assert!(secret["stringData"][&conninfo.key]
             .as_str()
             .is_some_and(|c| c.contains("user=replicator")));

@@ -698,9 +698,9 @@ mod tests {
         use aws_sdk_s3::operation::head_object::HeadObjectError;
         use aws_smithy_runtime_api::client::result::ConnectorError;
         type Err = SdkError<HeadObjectError, HttpResponse>;
-        let io = |m: &str| std::io::Error::new(std::io::ErrorKind::Other, m.to_string());
+        let io = |m: &str| std::io::Error::other(m.to_string());
         let wrapped = |m: &str| -> Box<dyn std::error::Error + Send + Sync> {
-            Box::new(std::io::Error::new(std::io::ErrorKind::Other, io(m)))
+            Box::new(std::io::Error::other(io(m)))
         };
         let long = "x".repeat(1000);
         let cases: Vec<(Err, &str)> = vec![
