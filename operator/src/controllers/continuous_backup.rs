@@ -330,6 +330,13 @@ fn mirror_daemon_status(
     if let Some(wal) = &d.archiving.last_archived_wal {
         status.last_archived_wal = Some(wal.clone());
         status.last_archived_time = d.archiving.last_archived_time;
+    } else if status.last_archived_wal.is_none() {
+        // Nothing kept either (a re-created ContinuousBackup): the archive
+        // listing knows its newest segment, though not when it was stored.
+        status.last_archived_wal = d
+            .recovery_window
+            .as_ref()
+            .and_then(|w| w.last_archived_wal.clone());
     }
     status.archive_backlog = Some(d.archiving.ready_count);
     if let Some(b) = &d.last_backup {
@@ -1604,6 +1611,25 @@ mod tests {
             "{} bytes: {message}",
             message.len()
         );
+    }
+
+    #[tokio::test]
+    async fn with_nothing_kept_the_newest_archived_wal_comes_from_the_archive_listing() {
+        let mut fresh = primary_status();
+        fresh.archiving.last_archived_wal = None;
+        fresh.archiving.last_archived_time = None;
+        if let Some(w) = fresh.recovery_window.as_mut() {
+            w.last_archived_wal = Some("00000001000000000000000A".into());
+        }
+        let (api, daemon) = setup(json!({}), Some(fresh));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("00000001000000000000000A")
+        );
+        assert_eq!(status.last_archived_time, None, "not invented");
     }
 
     #[tokio::test]
