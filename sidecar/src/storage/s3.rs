@@ -346,10 +346,17 @@ where
         (_, ErrorKind::NotFound, _) => "object not found".to_string(),
         (Some(s), _, Some((code, Some(text)))) => format!("HTTP {s} {code}: {text}"),
         (Some(s), _, Some((code, None))) => format!("HTTP {s} {code}"),
-        (Some(s), _, None) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
+        (Some(s), _, None) => status_message(s),
         (None, _, _) => transport_message(endpoint, &err),
     };
     StorageError::new(kind, op, object, message)
+}
+
+/// An HTTP error without an S3 error code (a proxy's 502 page, an empty
+/// 403): the status says it all; the SDK's rendering would dump the raw
+/// response (its inner error is only "Error").
+fn status_message(status: u16) -> String {
+    format!("HTTP {status} without an S3 error code")
 }
 
 /// A failure with no HTTP response (nothing listens, DNS, TLS, a timeout),
@@ -727,6 +734,22 @@ mod tests {
         for (err, want) in cases {
             assert_eq!(transport_message("http://s3:9000", &err), want);
         }
+        let bare = HeadObjectError::generic(aws_sdk_s3::error::ErrorMetadata::builder().build());
+        let response = HttpResponse::new(
+            502.try_into().expect("status"),
+            aws_smithy_types::body::SdkBody::from("<html>bad gateway</html>"),
+        );
+        let err = classify(
+            "http://s3:9000",
+            "stat",
+            "s3://b/k",
+            SdkError::<HeadObjectError, HttpResponse>::service_error(bare, response),
+        );
+        assert_eq!(err.kind, ErrorKind::Transient);
+        assert_eq!(
+            err.to_string(),
+            "stat s3://b/k: HTTP 502 without an S3 error code"
+        );
         let err: Err = SdkError::dispatch_failure(ConnectorError::io(wrapped(&long)));
         let msg = transport_message("http://s3:9000", &err);
         assert!(msg.len() < 400 && msg.ends_with('…'), "{} chars", msg.len());
