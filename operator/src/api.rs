@@ -35,6 +35,7 @@ pub const CONTINUOUS_BACKUP_FINALIZER: &str = "walden.dev/injection";
     printcolumn = r#"{"name": "Last Backup", "type": "date", "jsonPath": ".status.lastBackup.stopTime"}"#,
     printcolumn = r#"{"name": "Recoverable From", "type": "string", "jsonPath": ".status.firstRecoverabilityPoint"}"#,
     printcolumn = r#"{"name": "Archive Backlog", "type": "integer", "jsonPath": ".status.archiveBacklog", "description": "WAL segments PostgreSQL has finished that are not archived yet (0 on a healthy database, idle or busy)"}"#,
+    printcolumn = r#"{"name": "Archive Lag", "type": "date", "jsonPath": ".status.archiveBacklogSince", "description": "How long the oldest WAL segment not archived yet has waited; empty when none waits"}"#,
     printcolumn = r#"{"name": "Last Archived", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "When the newest WAL segment was archived; grows on an idle database, which is not a lag", "priority": 1}"#,
     printcolumn = r#"{"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1}"#
 )]
@@ -306,6 +307,10 @@ pub struct ContinuousBackupStatus {
     /// the archive's real lag, 0 when archiving keeps up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive_backlog: Option<u64>,
+    /// When the oldest segment of the backlog was complete: its age is the
+    /// archive lag. Unset when nothing waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_backlog_since: Option<DateTime<Utc>>,
     /// The pod whose daemon reported role primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_pod: Option<String>,
@@ -674,6 +679,7 @@ mod tests {
             "Last Backup",
             "Recoverable From",
             "Archive Backlog",
+            "Archive Lag",
             "Last Archived",
         ] {
             assert!(cols.contains(&want.to_string()), "{cols:?}");

@@ -339,6 +339,7 @@ fn mirror_daemon_status(
             .and_then(|w| w.last_archived_wal.clone());
     }
     status.archive_backlog = Some(d.archiving.ready_count);
+    status.archive_backlog_since = d.archiving.oldest_ready_time;
     if let Some(b) = &d.last_backup {
         status.last_backup = Some(BackupInfo {
             id: b.id.clone(),
@@ -1515,6 +1516,7 @@ mod tests {
     async fn archive_backlog_is_the_ready_count_not_the_time_since_the_last_segment() {
         let mut s = primary_status();
         s.archiving.ready_count = 3;
+        s.archiving.oldest_ready_time = Some(time("2025-05-01T15:58:00Z"));
         let (api, daemon) = setup(json!({}), Some(s));
         // Hours after the last segment: an idle database, not a lagging one.
         let ctx = context(&api, daemon.clone(), time("2025-05-01T16:00:00Z"));
@@ -1523,6 +1525,10 @@ mod tests {
             .expect("reconcile");
         let status = stored_cb(&api).status.clone().expect("status");
         assert_eq!(status.archive_backlog, Some(3));
+        assert_eq!(
+            status.archive_backlog_since,
+            Some(time("2025-05-01T15:58:00Z"))
+        );
 
         let mut s = primary_status();
         s.archiving.ready_count = 0;
@@ -1534,6 +1540,7 @@ mod tests {
         reconcile(stored_cb(&api), ctx).await.expect("reconcile");
         let status = stored_cb(&api).status.clone().expect("status");
         assert_eq!(status.archive_backlog, Some(0));
+        assert_eq!(status.archive_backlog_since, None, "nothing waits: no lag");
     }
 
     #[tokio::test]
