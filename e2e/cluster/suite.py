@@ -357,7 +357,7 @@ class Suite:
         table = kubectl("get", "cb", "pg")
         header, row = table.splitlines()[:2]
         cols = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip())))
-        for col in ("LAST BACKUP", "RECOVERABLE FROM", "ARCHIVE LAG"):
+        for col in ("LAST BACKUP", "RECOVERABLE FROM", "ARCHIVE BACKLOG"):
             if not cols.get(col) or cols[col] == "<none>":
                 raise StepFailed(f"kubectl get cb: column {col} empty: {table}")
         events = get("events")["items"]

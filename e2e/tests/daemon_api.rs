@@ -121,7 +121,8 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             "lastError",
             "archivedCount",
             "failedCount",
-            "readyCount"
+            "readyCount",
+            "oldestReadyTime"
         ])
     );
     assert_eq!(status["role"], "primary");

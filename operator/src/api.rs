@@ -34,7 +34,9 @@ pub const CONTINUOUS_BACKUP_FINALIZER: &str = "walden.dev/injection";
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Last Backup", "type": "date", "jsonPath": ".status.lastBackup.stopTime"}"#,
     printcolumn = r#"{"name": "Recoverable From", "type": "string", "jsonPath": ".status.firstRecoverabilityPoint"}"#,
-    printcolumn = r#"{"name": "Archive Lag", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "Time since the last WAL segment was archived"}"#,
+    printcolumn = r#"{"name": "Archive Backlog", "type": "integer", "jsonPath": ".status.archiveBacklog", "description": "WAL segments PostgreSQL has finished that are not archived yet (0 on a healthy database, idle or busy)"}"#,
+    printcolumn = r#"{"name": "Archive Lag", "type": "date", "jsonPath": ".status.archiveBacklogSince", "description": "How long the oldest WAL segment not archived yet has waited; empty when none waits"}"#,
+    printcolumn = r#"{"name": "Last Archived", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "When the newest WAL segment was archived; grows on an idle database, which is not a lag", "priority": 1}"#,
     printcolumn = r#"{"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -295,10 +297,20 @@ pub struct ContinuousBackupStatus {
     /// Earliest time the archive can restore to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_recoverability_point: Option<DateTime<Utc>>,
+    /// The newest WAL segment archived; kept across primary pod restarts
+    /// (a fresh daemon knows none until it archives one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_archived_wal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_archived_time: Option<DateTime<Utc>>,
+    /// WAL segments waiting to be archived (`.ready` files on the primary):
+    /// the archive's real lag, 0 when archiving keeps up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_backlog: Option<u64>,
+    /// When the oldest segment of the backlog was complete: its age is the
+    /// archive lag. Unset when nothing waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_backlog_since: Option<DateTime<Utc>>,
     /// The pod whose daemon reported role primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_pod: Option<String>,
@@ -474,7 +486,8 @@ fn default_conninfo_key() -> String {
     printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
     printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
     printcolumn = r#"{"name": "Promoted", "type": "boolean", "jsonPath": ".status.promoted"}"#,
-    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".status.service"}"#
+    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".status.service"}"#,
+    printcolumn = r#"{"name": "Streaming", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Streaming\")].status", "description": "Every standby streams from the primary (False: some replay from the archive only)", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FollowerSpec {
@@ -508,6 +521,11 @@ pub struct ReplicaStatus {
     pub lag_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<u64>,
+    /// True: a WAL receiver streams from the primary; false: this replica
+    /// replays from the archive only (segments arrive as they are archived).
+    /// Absent when its daemon does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<bool>,
 }
 
 /// Observed state of a Follower.
@@ -661,7 +679,13 @@ mod tests {
             .into_iter()
             .map(|c| c.name)
             .collect();
-        for want in ["Last Backup", "Recoverable From", "Archive Lag"] {
+        for want in [
+            "Last Backup",
+            "Recoverable From",
+            "Archive Backlog",
+            "Archive Lag",
+            "Last Archived",
+        ] {
             assert!(cols.contains(&want.to_string()), "{cols:?}");
         }
     }
@@ -854,6 +878,52 @@ mod tests {
         check_example::<ContinuousBackup>("continuousbackup.yaml");
         check_example::<Fork>("fork.yaml");
         check_example::<Follower>("follower.yaml");
+    }
+
+    /// The streaming set-up example fits the Follower example and survives
+    /// the operator's injection (its `-c hba_file` is kept).
+    #[test]
+    fn the_streaming_example_is_consistent() {
+        use serde::Deserialize;
+        let docs: Vec<Value> =
+            serde_yaml::Deserializer::from_str(&example("streaming/primary.yaml"))
+                .map(|d| Value::deserialize(d).expect("streaming example YAML"))
+                .collect();
+        let of = |kind: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind)
+                .unwrap_or_else(|| panic!("no {kind} in the streaming example"))
+        };
+        let follower: Follower =
+            serde_yaml::from_str(&example("follower.yaml")).expect("follower example");
+        let conninfo = follower.spec.streaming.expect("follower example streams");
+        let secret = of("Secret");
+        assert_eq!(
+            secret["metadata"]["name"],
+            conninfo.primary_conninfo_secret.as_str()
+        );
+        assert!(secret["stringData"][&conninfo.key]
+            .as_str()
+            .is_some_and(|c| c.contains("user=replicator")));
+        let hba = of("ConfigMap")["data"]["pg_hba.conf"]
+            .as_str()
+            .expect("pg_hba.conf");
+        assert!(
+            hba.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 4 && f[0] == "host" && f[1] == "replication" && f[2] == "replicator"
+            }),
+            "{hba}"
+        );
+        let args: Vec<String> = serde_json::from_value(
+            of("StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+        )
+        .expect("args");
+        let injected = crate::specs::postgres_args(&args, "60s");
+        assert!(
+            injected.contains(&"hba_file=/etc/postgresql/hba/pg_hba.conf".to_string()),
+            "{injected:?}"
+        );
     }
 
     #[test]

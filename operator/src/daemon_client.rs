@@ -108,6 +108,10 @@ pub struct Archiving {
     pub archived_count: u64,
     pub failed_count: u64,
     pub ready_count: u64,
+    /// When the oldest segment waiting for archiving was complete; absent
+    /// when nothing waits (and from older daemons).
+    #[serde(default)]
+    pub oldest_ready_time: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -371,7 +375,8 @@ mod tests {
         "role": "primary",
         "archiving": {"lastArchivedWal": "000000010000000000000003", "lastArchivedTime": "2025-05-01T10:00:00Z",
                       "lastFailedWal": null, "lastFailedTime": null, "lastError": null,
-                      "archivedCount": 3, "failedCount": 0, "readyCount": 1},
+                      "archivedCount": 3, "failedCount": 0, "readyCount": 1,
+                      "oldestReadyTime": "2025-05-01T10:00:30Z"},
         "lastBackup": {"id": "20250501T095900Z", "startTime": "2025-05-01T09:59:00Z", "stopTime": "2025-05-01T10:00:00Z",
                        "startLsn": "0/2000028", "stopLsn": "0/2000100"},
         "backupInProgress": {"id": "20250501T110000Z", "startTime": "2025-05-01T11:00:00Z"},
@@ -393,6 +398,10 @@ mod tests {
         let p: DaemonStatus = serde_json::from_str(STATUS_PRIMARY).expect("primary status");
         assert_eq!(p.role, Role::Primary);
         assert_eq!(p.archiving.ready_count, 1);
+        assert_eq!(
+            p.archiving.oldest_ready_time.map(|t| t.to_rfc3339()),
+            Some("2025-05-01T10:00:30+00:00".to_string())
+        );
         assert_eq!(
             p.last_backup.as_ref().map(|b| b.stop_lsn.as_str()),
             Some("0/2000100")

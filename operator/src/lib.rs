@@ -4,6 +4,7 @@
 pub mod api;
 pub mod controllers;
 pub mod daemon_client;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod rules;

@@ -2,13 +2,13 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::runtime::events::{Recorder, Reporter};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use walden_operator::controllers::{self, Context};
 use walden_operator::daemon_client::HttpDaemonClient;
+use walden_operator::events::{Recorder, Reporter};
 use walden_operator::leader::LeaderElector;
 use walden_operator::metrics::Metrics;
 use walden_operator::server::{self, ServerState};

@@ -31,6 +31,8 @@ const CONTROLLER: &str = "continuousbackup";
 /// How often status is refreshed from the daemon when nothing is due sooner.
 const REFRESH: Duration = Duration::from_secs(60);
 const RETRY: Duration = Duration::from_secs(30);
+/// Longest daemon error quoted in a condition message, in bytes.
+const MAX_ERROR: usize = 300;
 
 pub async fn run(
     ctx: Arc<Context>,
@@ -322,8 +324,22 @@ fn mirror_daemon_status(
     now: DateTime<Utc>,
     events: &mut Vec<PendingEvent>,
 ) {
-    status.last_archived_wal = d.archiving.last_archived_wal.clone();
-    status.last_archived_time = d.archiving.last_archived_time;
+    // A recreated primary pod starts a daemon that has archived nothing
+    // yet (its log is in an emptyDir): keep what was last known until it
+    // reports a newer segment.
+    if let Some(wal) = &d.archiving.last_archived_wal {
+        status.last_archived_wal = Some(wal.clone());
+        status.last_archived_time = d.archiving.last_archived_time;
+    } else if status.last_archived_wal.is_none() {
+        // Nothing kept either (a re-created ContinuousBackup): the archive
+        // listing knows its newest segment, though not when it was stored.
+        status.last_archived_wal = d
+            .recovery_window
+            .as_ref()
+            .and_then(|w| w.last_archived_wal.clone());
+    }
+    status.archive_backlog = Some(d.archiving.ready_count);
+    status.archive_backlog_since = d.archiving.oldest_ready_time;
     if let Some(b) = &d.last_backup {
         status.last_backup = Some(BackupInfo {
             id: b.id.clone(),
@@ -345,7 +361,11 @@ fn mirror_daemon_status(
                 .last_failed_wal
                 .as_deref()
                 .unwrap_or("a segment"),
-            d.archiving.last_error.as_deref().unwrap_or("unknown error")
+            // An old or third-party daemon may send a whole error dump.
+            super::truncate(
+                d.archiving.last_error.as_deref().unwrap_or("unknown error"),
+                MAX_ERROR
+            )
         );
         if set_condition(
             &mut status.conditions,
@@ -372,7 +392,7 @@ fn mirror_daemon_status(
             now,
         );
     } else {
-        let msg = match &d.archiving.last_archived_wal {
+        let msg = match &status.last_archived_wal {
             Some(wal) => format!("last archived {wal}"),
             None => "archiving enabled, nothing archived yet".to_string(),
         };
@@ -1375,6 +1395,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_backup_gets_its_own_succeeded_event() {
+        let (api, daemon) = setup(json!({"backupRequest": "one"}), Some(primary_status()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        for (token, id) in [("one", "20250501T100500Z"), ("two", "20250501T100600Z")] {
+            let mut cb = api.get(CB_PATH).expect("cb");
+            cb["spec"]["backupRequest"] = json!(token);
+            api.insert(cb);
+            *daemon.start.lock().expect("lock") = Some(StartBackup::Started(id.into()));
+            reconcile(stored_cb(&api), ctx.clone())
+                .await
+                .expect("reconcile");
+            daemon.jobs.lock().expect("lock").insert(
+                id.into(),
+                BackupJob {
+                    id: id.into(),
+                    state: BackupState::Succeeded,
+                    error: None,
+                    start_time: None,
+                    stop_time: None,
+                },
+            );
+            reconcile(stored_cb(&api), ctx.clone())
+                .await
+                .expect("reconcile");
+        }
+        assert_eq!(
+            api.event_notes("BackupSucceeded"),
+            [
+                "base backup 20250501T100500Z completed",
+                "base backup 20250501T100600Z completed"
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn schedule_starts_a_backup_and_follows_it_to_success() {
         let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(primary_status()));
         *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250502T030005Z".into()));
@@ -1513,6 +1568,133 @@ mod tests {
         );
         assert_eq!(condition(&cb, "Ready").0, "False");
         assert!(api.event_reasons().contains(&"ArchiveFailing".to_string()));
+    }
+
+    #[tokio::test]
+    async fn archive_backlog_is_the_ready_count_not_the_time_since_the_last_segment() {
+        let mut s = primary_status();
+        s.archiving.ready_count = 3;
+        s.archiving.oldest_ready_time = Some(time("2025-05-01T15:58:00Z"));
+        let (api, daemon) = setup(json!({}), Some(s));
+        // Hours after the last segment: an idle database, not a lagging one.
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T16:00:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.archive_backlog, Some(3));
+        assert_eq!(
+            status.archive_backlog_since,
+            Some(time("2025-05-01T15:58:00Z"))
+        );
+
+        let mut s = primary_status();
+        s.archiving.ready_count = 0;
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), s);
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.archive_backlog, Some(0));
+        assert_eq!(status.archive_backlog_since, None, "nothing waits: no lag");
+    }
+
+    #[tokio::test]
+    async fn a_fresh_daemon_does_not_blank_the_last_archived_wal() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+
+        // The primary pod is recreated: its daemon has archived nothing yet.
+        let mut fresh = primary_status();
+        fresh.archiving.last_archived_wal = None;
+        fresh.archiving.last_archived_time = None;
+        fresh.archiving.archived_count = 0;
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), fresh);
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("000000010000000000000007")
+        );
+        assert_eq!(
+            status.last_archived_time,
+            Some(time("2025-05-01T10:00:00Z"))
+        );
+        let (s, _, message) = condition(&cb, "Archiving");
+        assert_eq!(s, "True");
+        assert!(message.contains("000000010000000000000007"), "{message}");
+
+        // Once it archives, the newer segment replaces the kept one.
+        let mut later = primary_status();
+        later.archiving.last_archived_wal = Some("000000010000000000000009".into());
+        later.archiving.last_archived_time = Some(time("2025-05-01T10:06:00Z"));
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), later);
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("000000010000000000000009")
+        );
+        assert_eq!(
+            status.last_archived_time,
+            Some(time("2025-05-01T10:06:00Z"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_archive_error_is_cut_in_the_condition() {
+        let mut s = primary_status();
+        s.archiving.last_failed_wal = Some("000000010000000000000008".into());
+        s.archiving.last_failed_time = Some(time("2025-05-01T10:01:00Z"));
+        s.archiving.last_error = Some(format!(
+            "upload s3://b/wal: dispatch failure ({})",
+            "DispatchFailure { source: ConnectorError { .. } } ".repeat(100)
+        ));
+        let (api, daemon) = setup(json!({}), Some(s));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let (_, reason, message) = condition(&stored_cb(&api), "Archiving");
+        assert_eq!(reason, "ArchiveFailing");
+        assert!(
+            message.len() <= 400 && message.contains("upload s3://b/wal: dispatch failure"),
+            "{} bytes: {message}",
+            message.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn with_nothing_kept_the_newest_archived_wal_comes_from_the_archive_listing() {
+        let mut fresh = primary_status();
+        fresh.archiving.last_archived_wal = None;
+        fresh.archiving.last_archived_time = None;
+        if let Some(w) = fresh.recovery_window.as_mut() {
+            w.last_archived_wal = Some("00000001000000000000000A".into());
+        }
+        let (api, daemon) = setup(json!({}), Some(fresh));
+        let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(
+            status.last_archived_wal.as_deref(),
+            Some("00000001000000000000000A")
+        );
+        assert_eq!(status.last_archived_time, None, "not invented");
     }
 
     #[tokio::test]

@@ -199,6 +199,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
                 replay_lsn: None,
                 lag_seconds: None,
                 lag_bytes: None,
+                streaming: None,
             };
             if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) {
                 let ep = Endpoint::for_pod_ip(&ip, &token);
@@ -212,6 +213,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
                             replica.replay_lsn = Some(r.replay_lsn);
                             replica.lag_seconds = Some(r.lag_seconds);
                             replica.lag_bytes = Some(r.lag_bytes);
+                            replica.streaming = r.streaming;
                         }
                         if i == 0 {
                             first_endpoint = Some((ep, d.role));
@@ -284,6 +286,15 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             });
         }
 
+        report_streaming(
+            &mut status,
+            f.spec.streaming.is_some(),
+            f.spec.replicas,
+            generation,
+            now,
+            &mut events,
+        );
+
         if f.spec.promote && !status.promoted {
             promote(ctx, f, &mut status, first_endpoint, &mut events).await;
         }
@@ -292,6 +303,116 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
     apply_status(&api, f, f.status.as_ref(), &status).await?;
     publish(ctx, f, &events).await;
     Ok(Action::requeue(POLL))
+}
+
+/// Where the checked replicas get their WAL from (pure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum StreamingVerdict {
+    /// spec.streaming is unset, or no replica is a standby any more: no condition.
+    NotApplicable,
+    /// Every expected standby streams.
+    Streaming(usize),
+    /// These standbys replay from the archive only.
+    ArchiveFallback(Vec<String>),
+    /// These standbys are missing or did not say.
+    Unknown(Vec<String>),
+}
+
+fn streaming_verdict(
+    configured: bool,
+    promoted: bool,
+    expected: i32,
+    replicas: &[ReplicaStatus],
+) -> StreamingVerdict {
+    if !configured || promoted {
+        return StreamingVerdict::NotApplicable;
+    }
+    let standbys: Vec<&ReplicaStatus> = replicas
+        .iter()
+        .filter(|r| r.role.as_deref() != Some("primary"))
+        .collect();
+    let fallback: Vec<String> = standbys
+        .iter()
+        .filter(|r| r.streaming == Some(false))
+        .map(|r| r.pod.clone())
+        .collect();
+    if !fallback.is_empty() {
+        return StreamingVerdict::ArchiveFallback(fallback);
+    }
+    let mut unknown: Vec<String> = standbys
+        .iter()
+        .filter(|r| r.streaming.is_none())
+        .map(|r| r.pod.clone())
+        .collect();
+    let primaries = replicas.len() - standbys.len();
+    let missing = usize::try_from(expected)
+        .unwrap_or(0)
+        .saturating_sub(replicas.len());
+    if missing > 0 {
+        unknown.push(format!("{missing} replica(s) without a pod"));
+    }
+    if !unknown.is_empty() {
+        return StreamingVerdict::Unknown(unknown);
+    }
+    if standbys.is_empty() && primaries > 0 {
+        return StreamingVerdict::NotApplicable;
+    }
+    StreamingVerdict::Streaming(standbys.len())
+}
+
+/// The `Streaming` condition: spec.streaming asks for it, but a standby
+/// whose connection the primary refuses (the official image's pg_hba.conf
+/// has no `host replication` line) silently replays from the archive.
+fn report_streaming(
+    status: &mut FollowerStatus,
+    configured: bool,
+    expected: i32,
+    generation: Option<i64>,
+    now: chrono::DateTime<chrono::Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let verdict = streaming_verdict(configured, status.promoted, expected, &status.replicas);
+    let (s, reason, msg) = match verdict {
+        StreamingVerdict::NotApplicable => {
+            status.conditions.retain(|c| c.type_ != "Streaming");
+            return;
+        }
+        StreamingVerdict::Streaming(n) => (
+            Status::True,
+            "Streaming",
+            format!("{n} standby replica(s) stream WAL from the primary"),
+        ),
+        StreamingVerdict::ArchiveFallback(pods) => (
+            Status::False,
+            "ArchiveFallback",
+            format!(
+                "spec.streaming is set, but {} replay(s) from the archive only (no WAL receiver): the primary refuses or cannot be reached for replication; its pg_hba.conf needs a `host replication <user> <pod network> scram-sha-256` line and the conninfo's user the REPLICATION attribute (see operator/README.md, Streaming)",
+                pods.join(", ")
+            ),
+        ),
+        StreamingVerdict::Unknown(pods) => (
+            Status::Unknown,
+            "StreamingUnknown",
+            format!("not known whether these stream: {}", pods.join(", ")),
+        ),
+    };
+    let warn = s == Status::False;
+    if set_condition(
+        &mut status.conditions,
+        "Streaming",
+        s,
+        reason,
+        &msg,
+        generation,
+        now,
+    ) && reason != "StreamingUnknown"
+    {
+        events.push(if warn {
+            PendingEvent::warning(reason, "Observe", msg)
+        } else {
+            PendingEvent::normal(reason, "Observe", msg)
+        });
+    }
 }
 
 fn mark_promoted(
@@ -431,6 +552,105 @@ mod tests {
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
             .unwrap_or_else(|| panic!("no {t} condition"));
         (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    fn replica(pod: &str, role: Option<&str>, streaming: Option<bool>) -> ReplicaStatus {
+        ReplicaStatus {
+            pod: pod.into(),
+            role: role.map(str::to_string),
+            replay_lsn: None,
+            lag_seconds: None,
+            lag_bytes: None,
+            streaming,
+        }
+    }
+
+    #[test]
+    fn streaming_verdict_table() {
+        use StreamingVerdict::*;
+        let sb = Some("standby");
+        let both = [
+            replica("r-0", sb, Some(true)),
+            replica("r-1", sb, Some(false)),
+        ];
+        let ok = [
+            replica("r-0", sb, Some(true)),
+            replica("r-1", sb, Some(true)),
+        ];
+        let silent = [replica("r-0", sb, Some(true)), replica("r-1", sb, None)];
+        let primary = [replica("r-0", Some("primary"), Some(false))];
+        let cases: Vec<(bool, bool, i32, &[ReplicaStatus], StreamingVerdict)> = vec![
+            (false, false, 2, &both, NotApplicable),
+            (true, true, 1, &primary, NotApplicable),
+            (true, false, 2, &ok, Streaming(2)),
+            (true, false, 2, &both, ArchiveFallback(vec!["r-1".into()])),
+            (true, false, 2, &silent, Unknown(vec!["r-1".into()])),
+            (
+                true,
+                false,
+                3,
+                &ok,
+                Unknown(vec!["1 replica(s) without a pod".into()]),
+            ),
+            (true, false, 1, &primary, NotApplicable),
+            (
+                true,
+                false,
+                1,
+                &[],
+                Unknown(vec!["1 replica(s) without a pod".into()]),
+            ),
+        ];
+        for (configured, promoted, expected, replicas, want) in cases {
+            assert_eq!(
+                streaming_verdict(configured, promoted, expected, replicas),
+                want,
+                "configured={configured} promoted={promoted} expected={expected} {replicas:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_replaying_from_the_archive_is_named_in_the_streaming_condition() {
+        let api = setup(2, false);
+        api.insert(pod(NS, "r-0", "10.0.1.1", labels(), true));
+        api.insert(pod(NS, "r-1", "10.0.1.2", labels(), true));
+        let daemon = Arc::new(FakeDaemon::default());
+        let set = |url: &str, streaming: bool| {
+            let mut s = standby_status("0/5000060", 0.5, 0);
+            if let Some(r) = s.replay.as_mut() {
+                r.streaming = Some(streaming);
+            }
+            daemon.statuses.lock().expect("lock").insert(url.into(), s);
+        };
+        set("http://10.0.1.1:8008", true);
+        set("http://10.0.1.2:8008", false);
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T12:00:00Z"));
+        reconcile(stored(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let f = stored(&api);
+        let replicas = &f.status.as_ref().expect("status").replicas;
+        assert_eq!(
+            replicas
+                .iter()
+                .map(|r| (r.pod.as_str(), r.streaming))
+                .collect::<Vec<_>>(),
+            [("r-0", Some(true)), ("r-1", Some(false))]
+        );
+        let (s, reason, message) = cond(&f, "Streaming");
+        assert_eq!((s.as_str(), reason.as_str()), ("False", "ArchiveFallback"));
+        assert!(
+            message.contains("r-1") && !message.contains("r-0") && message.contains("pg_hba.conf"),
+            "{message}"
+        );
+        assert_eq!(cond(&f, "Ready").0, "True", "serving, only not streaming");
+        assert!(api.event_reasons().contains(&"ArchiveFallback".to_string()));
+
+        set("http://10.0.1.2:8008", true);
+        reconcile(stored(&api), ctx).await.expect("reconcile");
+        let (s, reason, _) = cond(&stored(&api), "Streaming");
+        assert_eq!((s.as_str(), reason.as_str()), ("True", "Streaming"));
     }
 
     #[tokio::test]

@@ -15,13 +15,13 @@ use crate::api::{
     ContinuousBackup, ContinuousBackupStatus, FollowerStatus, ForkStatus, SourceSpec, StorageSpec,
 };
 use crate::daemon_client::{ApiToken, DaemonApi, DaemonError, TokenMemory};
+use crate::events::{Event, EventType, Recorder};
 use crate::metrics::Metrics;
 use crate::specs::{self, OperatorConfig, SpecError, FIELD_MANAGER};
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::Error as FinalizerError;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -487,7 +487,8 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes (on a character boundary), marked with `…`.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

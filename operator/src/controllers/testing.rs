@@ -5,13 +5,13 @@ use super::Context;
 use crate::daemon_client::{
     BackupJob, DaemonApi, DaemonError, DaemonStatus, Endpoint, Promotion, StartBackup,
 };
+use crate::events::{Recorder, Reporter};
 use crate::metrics::Metrics;
 use crate::specs::OperatorConfig;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -132,6 +132,16 @@ impl FakeApi {
             .iter()
             .filter(|r| r.path.contains("/events"))
             .filter_map(|r| r.body["reason"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Notes of the Events created (not repeats counted on one) with this reason.
+    pub fn event_notes(&self, reason: &str) -> Vec<String> {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.contains("/events"))
+            .filter(|r| r.body["reason"] == reason)
+            .filter_map(|r| r.body["note"].as_str().map(str::to_string))
             .collect()
     }
 

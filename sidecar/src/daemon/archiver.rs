@@ -401,6 +401,15 @@ impl Archiver {
         Some(n as u64)
     }
 
+    /// Since when the oldest segment still waiting for archiving has been
+    /// complete (the mtime of its `.ready` file, which PostgreSQL writes when
+    /// it finishes the segment); `None` when nothing waits. Unlike the age of
+    /// the last archived segment, this does not grow on an idle database.
+    pub async fn oldest_ready_since(&self, pg_wal: Option<PathBuf>) -> Option<DateTime<Utc>> {
+        let dir = pg_wal.or_else(|| self.pg_wal())?;
+        oldest_ready(&dir).await
+    }
+
     /// Stops starting uploads and waits up to `timeout` for running ones.
     /// Unfinished uploads are abandoned: they were never reported, and
     /// PostgreSQL asks again after the restart.
@@ -452,9 +461,58 @@ async fn ready_files(pg_wal: &Path) -> std::io::Result<Vec<String>> {
     Ok(names)
 }
 
+/// The earliest `.ready` mtime among the segments waiting in `pg_wal`.
+async fn oldest_ready(pg_wal: &Path) -> Option<DateTime<Utc>> {
+    let names = ready_files(pg_wal).await.ok()?;
+    let mut oldest: Option<DateTime<Utc>> = None;
+    for name in names {
+        let path = pg_wal.join("archive_status").join(format!("{name}.ready"));
+        // A file archived meanwhile is gone: it no longer waits.
+        let Ok(meta) = tokio::fs::metadata(&path).await else {
+            continue;
+        };
+        let Ok(modified) = meta.modified() else {
+            continue;
+        };
+        let t = DateTime::<Utc>::from(modified);
+        oldest = Some(oldest.map_or(t, |o| o.min(t)));
+    }
+    oldest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn oldest_ready_is_the_earliest_waiting_segment_and_none_when_nothing_waits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pg_wal = tmp.path().join("pg_wal");
+        let status = pg_wal.join("archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        assert_eq!(oldest_ready(&pg_wal).await, None);
+        let base = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        for (name, age) in [
+            ("000000010000000000000003.ready", 10),
+            ("000000010000000000000004.ready", 300),
+            ("000000010000000000000002.done", 9000),
+            ("not-a-segment.ready", 9000),
+        ] {
+            let f = std::fs::File::create(status.join(name)).unwrap();
+            f.set_modified(base - Duration::from_secs(age)).unwrap();
+        }
+        assert_eq!(
+            oldest_ready(&pg_wal).await,
+            Some(DateTime::<Utc>::from(base - Duration::from_secs(300)))
+        );
+        for name in [
+            "000000010000000000000003.ready",
+            "000000010000000000000004.ready",
+        ] {
+            std::fs::remove_file(status.join(name)).unwrap();
+        }
+        assert_eq!(oldest_ready(&pg_wal).await, None);
+    }
 
     #[test]
     fn only_files_of_the_archived_pg_wal_are_accepted() {

@@ -134,6 +134,10 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
         .await
         .unwrap_or(0);
+    let oldest_ready = api
+        .archiver
+        .oldest_ready_since(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
+        .await;
     let (role, replay, recovered_to) = match api.observer.probe().await {
         Ok(p) => {
             api.metrics
@@ -180,6 +184,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
             "archivedCount": a.archived_count,
             "failedCount": a.failed_count,
             "readyCount": ready,
+            "oldestReadyTime": time(oldest_ready),
         },
         "lastBackup": catalog.last_backup,
         "backupInProgress": in_progress,

@@ -54,6 +54,8 @@ const DELETE_BATCH: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct S3Storage {
     client: Client,
+    /// Where requests go, as errors name it (`http://minio:9000`, `Amazon S3`).
+    endpoint: String,
     bucket: String,
     prefix: String,
     part_size: usize,
@@ -124,6 +126,7 @@ impl S3Storage {
         let part_size = settings.part_size.max(MIN_PART_SIZE);
         Ok(Self {
             client: Client::from_conf(conf.build()),
+            endpoint: endpoint.unwrap_or("Amazon S3").to_string(),
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
             part_size,
@@ -154,7 +157,7 @@ impl S3Storage {
             .key(&full)
             .send()
             .await
-            .map_err(|e| classify("start multipart upload", &loc, e))?;
+            .map_err(|e| classify(&self.endpoint, "start multipart upload", &loc, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         let result = self.upload_parts(key, &upload_id, first, body).await;
         let result = match result {
@@ -176,7 +179,12 @@ impl S3Storage {
                 match done {
                     Ok(_) => Ok(Created::Created),
                     Err(e) if is_precondition_failed(&e) => Ok(Created::AlreadyExists),
-                    Err(e) => Err(classify("complete multipart upload", &loc, e)),
+                    Err(e) => Err(classify(
+                        &self.endpoint,
+                        "complete multipart upload",
+                        &loc,
+                        e,
+                    )),
                 }
             }
             Err(e) => Err(e),
@@ -234,11 +242,12 @@ impl S3Storage {
                 .part_number(number)
                 .body(ByteStream::from(chunk.freeze()));
             let loc = loc.clone();
+            let endpoint = self.endpoint.clone();
             inflight.spawn(async move {
                 let out = req
                     .send()
                     .await
-                    .map_err(|e| classify("upload part of", &loc, e))?;
+                    .map_err(|e| classify(&endpoint, "upload part of", &loc, e))?;
                 Ok::<_, StorageError>(
                     CompletedPart::builder()
                         .part_number(number)
@@ -308,7 +317,12 @@ fn to_utc(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc
 
 /// Maps an SDK error to a storage error: 404 is NotFound; network failures,
 /// timeouts, throttling and 5xx are transient; the rest (403, bad requests) is permanent.
-fn classify<E>(op: &'static str, object: &str, err: SdkError<E, HttpResponse>) -> StorageError
+fn classify<E>(
+    endpoint: &str,
+    op: &'static str,
+    object: &str,
+    err: SdkError<E, HttpResponse>,
+) -> StorageError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -332,10 +346,62 @@ where
         (_, ErrorKind::NotFound, _) => "object not found".to_string(),
         (Some(s), _, Some((code, Some(text)))) => format!("HTTP {s} {code}: {text}"),
         (Some(s), _, Some((code, None))) => format!("HTTP {s} {code}"),
-        (Some(s), _, None) => format!("HTTP {s}: {}", DisplayErrorContext(&err)),
-        (None, _, _) => DisplayErrorContext(&err).to_string(),
+        (Some(s), _, None) => status_message(s),
+        (None, _, _) => transport_message(endpoint, &err),
     };
     StorageError::new(kind, op, object, message)
+}
+
+/// An HTTP error without an S3 error code (a proxy's 502 page, an empty
+/// 403): the status says it all; the SDK's rendering would dump the raw
+/// response (its inner error is only "Error").
+fn status_message(status: u16) -> String {
+    format!("HTTP {status} without an S3 error code")
+}
+
+/// A failure with no HTTP response (nothing listens, DNS, TLS, a timeout),
+/// said in one line: what failed and the root cause. The SDK's own
+/// rendering appends a Debug dump of every wrapper, which users then see
+/// in conditions and logs.
+fn transport_message<E, R>(endpoint: &str, err: &SdkError<E, R>) -> String
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    let what = match err {
+        SdkError::DispatchFailure(d) if d.is_timeout() => {
+            format!("timed out connecting to {endpoint}")
+        }
+        SdkError::DispatchFailure(d) if d.is_io() => format!("cannot connect to {endpoint}"),
+        SdkError::DispatchFailure(_) => format!("request to {endpoint} failed"),
+        SdkError::TimeoutError(_) => format!("timed out waiting for {endpoint}"),
+        SdkError::ResponseError(_) => format!("unreadable response from {endpoint}"),
+        SdkError::ConstructionFailure(_) => "could not build the request".to_string(),
+        _ => format!("request to {endpoint} failed"),
+    };
+    match root_cause(err) {
+        Some(cause) => format!("{what}: {cause}"),
+        None => what,
+    }
+}
+
+/// The innermost message of an error's source chain (it names the real
+/// problem: "Connection refused (os error 111)"), bounded in length.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    const MAX: usize = 300;
+    let mut inner = err.source()?;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    let text = inner.to_string();
+    if text.len() <= MAX {
+        return Some(text);
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(format!("{}…", &text[..end]))
 }
 
 #[async_trait]
@@ -368,7 +434,7 @@ impl Storage for S3Storage {
         match put {
             Ok(_) => Ok(Created::Created),
             Err(e) if is_precondition_failed(&e) => Ok(Created::AlreadyExists),
-            Err(e) => Err(classify("upload", &loc, e)),
+            Err(e) => Err(classify(&self.endpoint, "upload", &loc, e)),
         }
     }
 
@@ -381,7 +447,7 @@ impl Storage for S3Storage {
             .key(self.full_key(key))
             .send()
             .await
-            .map_err(|e| classify("download", &loc, e))?;
+            .map_err(|e| classify(&self.endpoint, "download", &loc, e))?;
         let size = out.content_length().unwrap_or_default().max(0) as u64;
         Ok(Download {
             body: Box::pin(out.body.into_async_read()),
@@ -403,7 +469,7 @@ impl Storage for S3Storage {
             Ok(o) => o,
             // An empty object has no satisfiable range.
             Err(e) if status_of(&e) == Some(416) => return Ok(Vec::new()),
-            Err(e) => return Err(classify("download", &loc, e)),
+            Err(e) => return Err(classify(&self.endpoint, "download", &loc, e)),
         };
         let bytes = out
             .body
@@ -429,7 +495,7 @@ impl Storage for S3Storage {
                 modified: o.last_modified().and_then(to_utc),
             })),
             Err(e) => {
-                let err = classify("stat", &loc, e);
+                let err = classify(&self.endpoint, "stat", &loc, e);
                 if err.is_not_found() {
                     Ok(None)
                 } else {
@@ -456,7 +522,7 @@ impl Storage for S3Storage {
             .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("list", &loc, e))?;
+            let page = page.map_err(|e| classify(&self.endpoint, "list", &loc, e))?;
             for obj in page.contents() {
                 let Some(k) = obj.key() else { continue };
                 let Some(rel) = k.strip_prefix(&strip) else {
@@ -486,7 +552,7 @@ impl Storage for S3Storage {
             .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("list", &loc, e))?;
+            let page = page.map_err(|e| classify(&self.endpoint, "list", &loc, e))?;
             for p in page.common_prefixes() {
                 if let Some(name) = p.prefix().and_then(|p| p.strip_prefix(&full)) {
                     out.push(name.trim_end_matches('/').to_string());
@@ -516,7 +582,7 @@ impl Storage for S3Storage {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|e| classify("delete", &self.location(&batch[0]), e))?;
+                .map_err(|e| classify(&self.endpoint, "delete", &self.location(&batch[0]), e))?;
             if let Some(failed) = out.errors().first() {
                 return Err(StorageError::new(
                     ErrorKind::Transient,
@@ -555,7 +621,7 @@ impl Storage for S3Storage {
                 .set_upload_id_marker(upload_marker.take())
                 .send()
                 .await
-                .map_err(|e| classify("list multipart uploads in", &loc, e))?;
+                .map_err(|e| classify(&self.endpoint, "list multipart uploads in", &loc, e))?;
             for u in page.uploads() {
                 let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
                     continue;
@@ -592,7 +658,126 @@ impl Storage for S3Storage {
         {
             Ok(_) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Ok(()),
-            Err(e) => Err(classify("abort multipart upload of", &loc, e)),
+            Err(e) => Err(classify(
+                &self.endpoint,
+                "abort multipart upload of",
+                &loc,
+                e,
+            )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An S3 storage at `endpoint` with static credentials (no AWS chain).
+    fn storage_at(endpoint: &str) -> S3Storage {
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .http_client(http_client(false).expect("http client"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "key", "secret", None, None, "test",
+            ))
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .build(),
+            )
+            .build();
+        S3Storage {
+            client: Client::from_conf(conf),
+            endpoint: endpoint.to_string(),
+            bucket: "backups".into(),
+            prefix: "pg".into(),
+            part_size: MIN_PART_SIZE,
+            upload_concurrency: 1,
+        }
+    }
+
+    #[test]
+    fn transport_failures_name_what_failed_and_the_root_cause() {
+        use aws_sdk_s3::operation::head_object::HeadObjectError;
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        type Err = SdkError<HeadObjectError, HttpResponse>;
+        let io = |m: &str| std::io::Error::other(m.to_string());
+        let wrapped = |m: &str| -> Box<dyn std::error::Error + Send + Sync> {
+            Box::new(std::io::Error::other(io(m)))
+        };
+        let long = "x".repeat(1000);
+        let cases: Vec<(Err, &str)> = vec![
+            (
+                SdkError::dispatch_failure(ConnectorError::io(wrapped("Connection refused"))),
+                "cannot connect to http://s3:9000: Connection refused",
+            ),
+            (
+                SdkError::dispatch_failure(ConnectorError::timeout(wrapped("deadline"))),
+                "timed out connecting to http://s3:9000: deadline",
+            ),
+            (
+                SdkError::dispatch_failure(ConnectorError::other(
+                    wrapped("invalid peer certificate: UnknownIssuer"),
+                    None,
+                )),
+                "request to http://s3:9000 failed: invalid peer certificate: UnknownIssuer",
+            ),
+            (
+                SdkError::timeout_error(io("read timed out")),
+                "timed out waiting for http://s3:9000: read timed out",
+            ),
+        ];
+        for (err, want) in cases {
+            assert_eq!(transport_message("http://s3:9000", &err), want);
+        }
+        let bare = HeadObjectError::generic(aws_sdk_s3::error::ErrorMetadata::builder().build());
+        let response = HttpResponse::new(
+            502.try_into().expect("status"),
+            aws_smithy_types::body::SdkBody::from("<html>bad gateway</html>"),
+        );
+        let err = classify(
+            "http://s3:9000",
+            "stat",
+            "s3://b/k",
+            SdkError::<HeadObjectError, HttpResponse>::service_error(bare, response),
+        );
+        assert_eq!(err.kind, ErrorKind::Transient);
+        assert_eq!(
+            err.to_string(),
+            "stat s3://b/k: HTTP 502 without an S3 error code"
+        );
+        let err: Err = SdkError::dispatch_failure(ConnectorError::io(wrapped(&long)));
+        let msg = transport_message("http://s3:9000", &err);
+        assert!(msg.len() < 400 && msg.ends_with('…'), "{} chars", msg.len());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_one_short_line_with_the_cause() {
+        // A loopback port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let err = storage_at(&endpoint)
+            .head("wal/000000010000000000000001")
+            .await
+            .expect_err("nothing listens");
+        let msg = err.to_string();
+        assert_eq!(err.kind, ErrorKind::Transient);
+        assert!(
+            msg.contains(&format!("cannot connect to {endpoint}"))
+                && msg.to_lowercase().contains("connection refused"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("DispatchFailure") && !msg.contains('{'),
+            "{msg}"
+        );
+        assert!(msg.len() < 200, "{} chars: {msg}", msg.len());
     }
 }
