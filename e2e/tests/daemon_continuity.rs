@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use walden::wal::{SegmentName, WalFile};
-use walden_e2e::daemon::Options;
 use walden_e2e::sys::wait_for;
 use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
 
@@ -42,16 +41,9 @@ fn status_names_the_first_hole_and_ends_the_window_before_it() {
     ]);
     let mut env = archive.env();
     env.extend(pg.libpq_env());
-    let daemon = Daemon::start_with(
-        work.path(),
-        "continuity",
-        env,
-        // Every refresh re-checks from the start, so a deletion behind the mark is seen at once.
-        Options {
-            args: vec!["--continuity-recheck".into(), "1".into()],
-            ..Options::default()
-        },
-    );
+    // Every refresh re-checks from the start, so a deletion behind the mark is seen at once.
+    env.push(("WALDEN_CONTINUITY_RECHECK".into(), "1".into()));
+    let daemon = Daemon::start(work.path(), "continuity", env);
     pg.with_env(daemon.client_env()).start();
     pg.sql("CREATE TABLE t (x int)");
 
