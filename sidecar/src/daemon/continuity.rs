@@ -599,7 +599,8 @@ mod tests {
         let folders = [(1, 0), (1, 1), (1, 2), (2, 1), (2, 2), (3, 2)];
         let two: &[(u32, u64)] = &[(1, 0), (2, 300)];
         // (what, serving, from, want)
-        let cases: Vec<(&str, &[(u32, u64)], u64, Vec<&str>)> = vec![
+        type Case<'a> = (&'a str, &'a [(u32, u64)], u64, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
             (
                 "from the start",
                 &[(1, 0)],
@@ -683,5 +684,65 @@ mod tests {
         );
         tracker.refresh(None, false).await.unwrap();
         assert_eq!(tracker.report(), None);
+    }
+
+    /// After a promotion the line follows the new timeline's history file;
+    /// without that file, recovery cannot follow and the hole names it.
+    #[tokio::test]
+    async fn follows_the_new_timeline_and_names_a_missing_history_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(crate::storage::FileStorage::new(dir.path().to_path_buf()));
+        let id = serde_json::json!({
+            "format": 1, "system_identifier": "8", "pg_version": 15,
+            "wal_segment_size": SIZE, "created_at": "2026-01-01T00:00:00Z", "created_by": "test"
+        });
+        storage
+            .create(
+                "walden.json",
+                Box::pin(std::io::Cursor::new(serde_json::to_vec(&id).unwrap())),
+            )
+            .await
+            .unwrap();
+        for s in [seg(1, 2), seg(1, 3), seg(1, 4), seg(2, 5), seg(2, 6)] {
+            storage
+                .create(
+                    &WalFile::Segment(s).object_key(),
+                    Box::pin(std::io::Cursor::new(vec![0u8])),
+                )
+                .await
+                .unwrap();
+        }
+        let tracker = Continuity::new(storage.clone(), None, Duration::from_secs(600));
+        let start = Some((1, Lsn(2 * u64::from(SIZE) + 0x28)));
+        tracker.refresh(start, true).await.unwrap();
+        let report = tracker.report().unwrap();
+        assert_eq!(
+            report.first_hole.map(|h| h.missing).as_deref(),
+            Some("00000002.history"),
+            "{:?}",
+            tracker.report()
+        );
+        // Timeline 2 began in segment 5.
+        let history = format!(
+            "1\t{}\tno recovery target specified\n",
+            Lsn(5 * u64::from(SIZE) + 0x60)
+        );
+        let sealed = crate::object::Sealer::new(
+            std::io::Cursor::new(history.into_bytes()),
+            crate::object::SealOptions::default(),
+        );
+        storage
+            .create(&WalFile::History(2).object_key(), Box::pin(sealed))
+            .await
+            .unwrap();
+        tracker.refresh(start, false).await.unwrap();
+        assert_eq!(
+            tracker.report(),
+            Some(Report {
+                checked_through: Some(seg(2, 6).to_string()),
+                first_hole: None,
+            })
+        );
     }
 }
