@@ -108,7 +108,8 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             "backupInProgress",
             "recoveryWindow",
             "replay",
-            "recoveredTo"
+            "recoveredTo",
+            "continuity"
         ])
     );
     assert_eq!(
@@ -144,6 +145,7 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     // No base backup exists yet (the backup command here is a stand-in): no last backup, no window.
     assert!(status["lastBackup"].is_null());
     assert!(status["recoveryWindow"].is_null());
+    assert!(status["continuity"].is_null());
 
     // Promotion of a primary is refused.
     let (code, body) = daemon.api("POST", "/v1/promote");

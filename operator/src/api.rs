@@ -297,6 +297,10 @@ pub struct ContinuousBackupStatus {
     /// Earliest time the archive can restore to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_recoverability_point: Option<DateTime<Utc>>,
+    /// The last WAL segment a restore can reach: the archive's end, or the
+    /// segment before its first hole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recoverable_wal: Option<String>,
     /// The newest WAL segment archived; kept across primary pod restarts
     /// (a fresh daemon knows none until it archives one).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -79,6 +79,27 @@ pub struct DaemonStatus {
     /// Fork, a promoted Follower). Absent from older daemons.
     #[serde(default)]
     pub recovered_to: Option<RecoveredTo>,
+    /// How far the archive is stored without a gap from the oldest backup.
+    /// Absent from older daemons, and before the daemon's first check.
+    #[serde(default)]
+    pub continuity: Option<Continuity>,
+}
+
+/// The archive's continuity as the daemon last checked it in storage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Continuity {
+    pub checked_through: Option<String>,
+    pub first_hole: Option<ArchiveHole>,
+}
+
+/// The first file missing below the archive's end: recovery stops before it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveHole {
+    pub missing: String,
+    /// The last segment stored before it (none: the oldest backup's start is missing).
+    pub after: Option<String>,
 }
 
 /// The last replayed position of a finished recovery.

@@ -450,13 +450,39 @@ fn timelines(segments: &BTreeSet<SegmentName>, histories: &Histories) -> Vec<Tim
         .collect()
 }
 
-fn name_of(tli: u32, segno: u64, segment_size: u32) -> SegmentName {
+pub(crate) fn name_of(tli: u32, segno: u64, segment_size: u32) -> SegmentName {
     let per_log = SegmentName::segments_per_log(segment_size);
     SegmentName {
         timeline: tli,
         log: (segno / per_log) as u32,
         seg: (segno % per_log) as u32,
     }
+}
+
+/// Which timeline serves each segment along the line of timeline `line`:
+/// (timeline, first segment number it serves), oldest first. The segment
+/// holding a switch point is read from the new timeline.
+pub(crate) fn serving(histories: &Histories, line: u32, segment_size: u32) -> Vec<(u32, u64)> {
+    let size = u64::from(segment_size.max(1));
+    let mut out = Vec::new();
+    let mut begin = 0u64;
+    for a in histories.ancestors(line) {
+        out.push((a.tli, begin / size));
+        begin = a.end.0;
+    }
+    out.push((line, begin / size));
+    out
+}
+
+/// The timeline segment number `n` is read from, per [`serving`].
+pub(crate) fn tli_for(serving: &[(u32, u64)], n: u64) -> u32 {
+    serving
+        .iter()
+        .rev()
+        .find(|(_, first)| *first <= n)
+        .or(serving.last())
+        .map(|(t, _)| *t)
+        .unwrap_or(0)
 }
 
 /// WAL continuity from every backup to the end of the archive, on every
@@ -467,7 +493,6 @@ pub fn continuity(
     histories: &Histories,
     segment_size: u32,
 ) -> Vec<Problem> {
-    let size = u64::from(segment_size.max(1));
     let mut problems = BTreeSet::new();
     let mut tlis: BTreeSet<u32> = segments.iter().map(|s| s.timeline).collect();
     tlis.extend(histories.0.keys());
@@ -503,22 +528,8 @@ pub fn continuity(
             .filter(|t| *t == b.timeline || histories.on_line(b.timeline, b.start_lsn, *t))
             .collect();
         for line in lines {
-            // (timeline, first segment number it serves) along the line, oldest first.
-            let mut serving: Vec<(u32, u64)> = Vec::new();
-            let mut begin = 0u64;
-            for a in histories.ancestors(line) {
-                serving.push((a.tli, begin / size));
-                begin = a.end.0;
-            }
-            serving.push((line, begin / size));
-            let tli_for = |n: u64| {
-                serving
-                    .iter()
-                    .rev()
-                    .find(|(_, first)| *first <= n)
-                    .map(|(t, _)| *t)
-                    .unwrap_or(line)
-            };
+            let serving = serving(histories, line, segment_size);
+            let tli_for = |n: u64| tli_for(&serving, n);
             let end = segments
                 .iter()
                 .filter(|s| {

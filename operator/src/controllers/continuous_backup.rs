@@ -351,10 +351,13 @@ fn mirror_daemon_status(
     }
     if let Some(w) = &d.recovery_window {
         status.first_recoverability_point = Some(w.first_point);
+        status.last_recoverable_wal = w.last_archived_wal.clone();
     }
     let failing = archive_failing(d);
     let has_backup = d.last_backup.is_some() || status.last_backup.is_some();
-    if failing {
+    if let Some(hole) = archive_hole(d) {
+        report_archive_hole(status, &hole, generation, now, events);
+    } else if failing {
         let msg = format!(
             "archiving {} failed: {}",
             d.archiving
@@ -461,6 +464,63 @@ fn report_sidecar(
             choice.message.clone(),
         ));
     }
+}
+
+/// The hole the daemon found in the archive, as a condition message (pure).
+fn archive_hole(d: &DaemonStatus) -> Option<String> {
+    let hole = d.continuity.as_ref()?.first_hole.as_ref()?;
+    let mut msg = match &hole.after {
+        Some(after) => format!(
+            "the archive has a hole: {} is missing after {after}; recovery cannot pass it, so the recovery window ends at {after}",
+            hole.missing
+        ),
+        None => format!(
+            "the archive has a hole: {} is missing, and the oldest backup needs it; no restore can start from that backup",
+            hole.missing
+        ),
+    };
+    if archive_failing(d) {
+        msg.push_str(&format!(
+            "; archiving {} also fails: {}",
+            d.archiving
+                .last_failed_wal
+                .as_deref()
+                .unwrap_or("a segment"),
+            d.archiving.last_error.as_deref().unwrap_or("unknown error")
+        ));
+    }
+    Some(msg)
+}
+
+/// `Archiving=False` and `Ready=False` with reason `ArchiveHole`, and a
+/// Warning Event when it is new: a window that cannot be reached is not one.
+fn report_archive_hole(
+    status: &mut ContinuousBackupStatus,
+    msg: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    if set_condition(
+        &mut status.conditions,
+        "Archiving",
+        Status::False,
+        "ArchiveHole",
+        msg,
+        generation,
+        now,
+    ) {
+        events.push(PendingEvent::warning("ArchiveHole", "Archive", msg));
+    }
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        Status::False,
+        "ArchiveHole",
+        msg,
+        generation,
+        now,
+    );
 }
 
 /// Whether the daemon's last archive attempt failed.
@@ -1568,6 +1628,153 @@ mod tests {
         );
         assert_eq!(condition(&cb, "Ready").0, "False");
         assert!(api.event_reasons().contains(&"ArchiveFailing".to_string()));
+    }
+
+    #[test]
+    fn archive_hole_messages() {
+        let hole = |after: Option<&str>| {
+            let mut s = primary_status();
+            s.continuity = Some(crate::daemon_client::Continuity {
+                checked_through: after.map(String::from),
+                first_hole: Some(crate::daemon_client::ArchiveHole {
+                    missing: "000000010000000000000005".into(),
+                    after: after.map(String::from),
+                }),
+            });
+            s
+        };
+        let healthy = {
+            let mut s = primary_status();
+            s.continuity = Some(crate::daemon_client::Continuity {
+                checked_through: Some("000000010000000000000007".into()),
+                first_hole: None,
+            });
+            s
+        };
+        let failing = {
+            let mut s = hole(Some("000000010000000000000004"));
+            s.archiving.last_failed_wal = Some("000000010000000000000008".into());
+            s.archiving.last_failed_time = Some(time("2025-05-01T10:01:00Z"));
+            s.archiving.last_error = Some("s3: AccessDenied".into());
+            s
+        };
+        // (what, status, expected fragments; empty: no hole)
+        let cases: Vec<(&str, DaemonStatus, Vec<&str>)> = vec![
+            ("an older daemon says nothing", primary_status(), vec![]),
+            ("continuous", healthy, vec![]),
+            (
+                "a hole after a segment",
+                hole(Some("000000010000000000000004")),
+                vec![
+                    "000000010000000000000005 is missing after 000000010000000000000004",
+                    "window ends at 000000010000000000000004",
+                ],
+            ),
+            (
+                "the oldest backup's start is missing",
+                hole(None),
+                vec!["000000010000000000000005 is missing, and the oldest backup needs it"],
+            ),
+            (
+                "a hole while archiving fails",
+                failing,
+                vec![
+                    "000000010000000000000005 is missing",
+                    "archiving 000000010000000000000008 also fails: s3: AccessDenied",
+                ],
+            ),
+        ];
+        for (what, s, want) in cases {
+            match archive_hole(&s) {
+                None => assert!(want.is_empty(), "{what}: no hole reported"),
+                Some(msg) => {
+                    assert!(!want.is_empty(), "{what}: {msg}");
+                    for w in want {
+                        assert!(msg.contains(w), "{what}: {msg}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn archive_hole_is_a_condition_an_event_and_the_end_of_the_window() {
+        let mut s = primary_status();
+        s.continuity = Some(crate::daemon_client::Continuity {
+            checked_through: Some("000000010000000000000004".into()),
+            first_hole: Some(crate::daemon_client::ArchiveHole {
+                missing: "000000010000000000000005".into(),
+                after: Some("000000010000000000000004".into()),
+            }),
+        });
+        if let Some(w) = s.recovery_window.as_mut() {
+            w.last_archived_wal = Some("000000010000000000000004".into());
+        }
+        let (api, daemon) = setup(json!({}), Some(s));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        let cb = stored_cb(&api);
+        let (status, reason, message) = condition(&cb, "Archiving");
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "ArchiveHole"));
+        assert!(message.contains("000000010000000000000005"), "{message}");
+        let (ready, ready_reason, _) = condition(&cb, "Ready");
+        assert_eq!(
+            (ready.as_str(), ready_reason.as_str()),
+            ("False", "ArchiveHole")
+        );
+        let st = cb.status.clone().expect("status");
+        assert_eq!(
+            st.last_recoverable_wal.as_deref(),
+            Some("000000010000000000000004"),
+            "the window ends before the hole"
+        );
+        // Archiving itself goes on: the daemon's own view is still mirrored.
+        assert_eq!(
+            st.last_archived_wal.as_deref(),
+            Some("000000010000000000000007")
+        );
+        let warnings: Vec<Value> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.contains("/events") && r.body["reason"] == "ArchiveHole")
+            .map(|r| r.body)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0]["type"], "Warning");
+        assert!(!api.event_reasons().contains(&"Protected".to_string()));
+
+        // The same hole again: no new write, no second Event.
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("second reconcile");
+        assert!(api.writes().is_empty(), "{:?}", api.writes());
+
+        // Repaired: Archiving and Ready come back, the window reaches the end.
+        let mut repaired = primary_status();
+        repaired.continuity = Some(crate::daemon_client::Continuity {
+            checked_through: Some("000000010000000000000007".into()),
+            first_hole: None,
+        });
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), repaired);
+        reconcile(stored_cb(&api), ctx)
+            .await
+            .expect("third reconcile");
+        let cb = stored_cb(&api);
+        assert_eq!(condition(&cb, "Archiving").0, "True");
+        assert_eq!(condition(&cb, "Ready").1, "Protected");
+        assert_eq!(
+            cb.status
+                .as_ref()
+                .and_then(|s| s.last_recoverable_wal.as_deref()),
+            Some("000000010000000000000007")
+        );
     }
 
     #[tokio::test]

@@ -55,6 +55,8 @@ struct Jobs {
 pub struct Catalog {
     pub last_backup: Option<Value>,
     pub window: Option<Value>,
+    /// Where the oldest backup starts (timeline, start LSN): where continuity is checked from.
+    pub oldest_start: Option<super::continuity::Start>,
 }
 
 /// What the daemon's children (`backup-push`, `backup-list`, `retain`) are
@@ -379,9 +381,21 @@ fn parse_catalog(json: &[u8]) -> Result<Catalog, String> {
         }
         Value::Object(o)
     });
+    let oldest_start = v.get("backups").and_then(Value::as_array).and_then(|bs| {
+        bs.iter()
+            .filter_map(|b| {
+                let stop = b.get("stopTime").and_then(Value::as_str)?;
+                let tli = u32::try_from(b.get("timeline").and_then(Value::as_u64)?).ok()?;
+                let lsn = b.get("startLsn").and_then(Value::as_str)?.parse().ok()?;
+                Some((stop.to_string(), (tli, lsn)))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, start)| start)
+    });
     Ok(Catalog {
         last_backup,
         window,
+        oldest_start,
     })
 }
 
@@ -400,9 +414,15 @@ mod tests {
         assert_eq!(b["id"], "20260102T000000Z");
         assert_eq!(b["stopLsn"], "0/5000100");
         assert!(b.get("timeline").is_none());
+        assert_eq!(
+            c.oldest_start,
+            Some((1, crate::lsn::Lsn(0x200_0028))),
+            "the oldest backup's start"
+        );
         let w = c.window.unwrap();
         assert_eq!(w["lastArchivedWal"], "000000010000000000000009");
         let empty = parse_catalog(br#"{"backups":[],"window":null}"#).unwrap();
         assert!(empty.last_backup.is_none() && empty.window.is_none());
+        assert!(empty.oldest_start.is_none());
     }
 }

@@ -18,12 +18,15 @@ use serde_json::{json, Value};
 use super::archiver::Archiver;
 use super::auth::Tokens;
 use super::backup::{Backups, StartError};
+use super::continuity::{self, Continuity};
 use super::metrics::Metrics;
 use super::postgres::{Observer, PgTarget, Promotion};
 
 pub struct Api {
     pub archiver: Arc<Archiver>,
     pub backups: Arc<Backups>,
+    /// The archive's continuity, kept current in the background.
+    pub continuity: Arc<Continuity>,
     pub pg: PgTarget,
     /// The shared observer status reads PostgreSQL's state from.
     pub observer: Arc<Observer>,
@@ -169,6 +172,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         }
     };
     let catalog = api.backups.catalog();
+    let continuity = api.continuity.report();
     let in_progress = api
         .backups
         .running()
@@ -188,11 +192,22 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         },
         "lastBackup": catalog.last_backup,
         "backupInProgress": in_progress,
-        "recoveryWindow": catalog.window,
+        "recoveryWindow": window_to_hole(catalog.window, continuity.as_ref()),
+        "continuity": continuity,
         "replay": replay,
         "recoveredTo": recovered_to,
     }))
     .into_response()
+}
+
+/// The window ends where the archive is known continuous: a window past a
+/// hole cannot be reached. Before the first check, the catalog's end stands.
+fn window_to_hole(window: Option<Value>, continuity: Option<&continuity::Report>) -> Option<Value> {
+    let mut window = window?;
+    if let (Some(c), Some(w)) = (continuity, window.as_object_mut()) {
+        w.insert("lastArchivedWal".into(), json!(c.checked_through));
+    }
+    Some(window)
 }
 
 async fn start_backup(State(api): State<Arc<Api>>) -> Response {

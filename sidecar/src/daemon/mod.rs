@@ -5,6 +5,7 @@
 pub mod archiver;
 pub mod auth;
 pub mod backup;
+pub mod continuity;
 pub mod http;
 pub mod listen;
 pub mod metered;
@@ -96,6 +97,11 @@ pub struct DaemonArgs {
     #[arg(long, env = "WALDEN_HTTP_HEADER_TIMEOUT", default_value_t = 10, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub http_header_timeout: u64,
+
+    /// Seconds between full re-checks of the archive's continuity from the oldest backup (between them, only new WAL is listed)
+    #[arg(long, env = "WALDEN_CONTINUITY_RECHECK", default_value_t = 600, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub continuity_recheck: u64,
 
     /// Grace period of retention for backup folders without backup.json (walden retain --grace)
     #[arg(long, env = "WALDEN_RETENTION_GRACE", value_name = "DURATION", default_value = crate::retention::DEFAULT_GRACE,
@@ -206,10 +212,16 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     if args.token_file.is_none() {
         tracing::warn!("no WALDEN_TOKEN_FILE: every /v1 request will be refused with 401");
     }
+    let continuity = continuity::Continuity::new(
+        storage.clone(),
+        args.pgdata.as_ref().map(|d| d.join("pg_wal")),
+        Duration::from_secs(args.continuity_recheck),
+    );
     let observer = Arc::new(postgres::Observer::new(postgres::PgTarget::from_env()));
     let api = Arc::new(http::Api {
         archiver: archiver.clone(),
         backups: backups.clone(),
+        continuity: continuity.clone(),
         pg: postgres::PgTarget::from_env(),
         observer: observer.clone(),
         pgdata: args.pgdata.clone(),
@@ -257,6 +269,7 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     ));
     let catalog_task = tokio::spawn(backups.clone().refresh_forever());
     let watch_task = tokio::spawn(watch_postgres(observer, metrics.clone()));
+    let continuity_task = tokio::spawn(continuity.run_forever(backups.clone(), archiver.clone()));
 
     shutdown_signal().await?;
     tracing::info!("shutting down: no new requests; waiting for running uploads");
@@ -276,6 +289,7 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     prefetcher.clear();
     catalog_task.abort();
     watch_task.abort();
+    continuity_task.abort();
     if tokio::time::timeout(Duration::from_secs(5), http_task)
         .await
         .is_err()
