@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::sys::{as_pg, chown_pg, free_port, pg_bin, run, wait_for};
+use crate::sys::{as_pg, chown_pg, free_port, pg_bin, run, wait_for, walden_bin};
 
 pub struct PgCluster {
     pub data: PathBuf,
@@ -66,6 +66,18 @@ impl PgCluster {
         for (k, v) in settings {
             writeln!(f, "{k} = {v}").expect("write conf");
         }
+    }
+
+    /// PostgreSQL itself archives through the walden binary under test
+    /// (`archive_mode = on`, `archive_command = 'walden wal-push %p'`).
+    pub fn archive_through_walden(&self) {
+        self.set(&[
+            ("archive_mode", "on".into()),
+            (
+                "archive_command",
+                format!("'{} wal-push %p'", walden_bin().display()),
+            ),
+        ]);
     }
 
     /// Environment for the server and so for archive_command / restore_command.

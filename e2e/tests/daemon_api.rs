@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use walden_e2e::daemon::TOKEN;
 use walden_e2e::sys::wait_for;
-use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
+use walden_e2e::{Archive, Daemon, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -56,13 +56,7 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
     let jobs = work.path().join("jobs");
     std::fs::create_dir_all(&jobs).expect("mkdir");
     let mut pg = PgCluster::init(work.path(), "primary");
-    pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
-    ]);
+    pg.archive_through_walden();
     let mut env = archive.env();
     env.extend(pg.libpq_env());
     env.push(("WALDEN_BACKUP_COMMAND".into(), backup_command(&jobs)));
@@ -225,14 +219,8 @@ fn api_backup_runs_backup_push_and_status_reports_the_catalog() {
     let work = Workdir::new("daemon-api-backup");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
     let mut pg = PgCluster::init(work.path(), "primary");
-    pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
-        ("wal_level", "replica".into()),
-    ]);
+    pg.archive_through_walden();
+    pg.set(&[("wal_level", "replica".into())]);
     let mut env = archive.env();
     env.extend(pg.libpq_env());
     let daemon = Daemon::start(work.path(), "api", env);

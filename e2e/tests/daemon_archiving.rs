@@ -31,12 +31,8 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// A primary whose archive_command goes through `daemon`.
 fn primary(work: &Workdir, daemon_env: &mut Vec<(String, String)>) -> PgCluster {
     let pg = PgCluster::init(work.path(), "primary");
+    pg.archive_through_walden();
     pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
         ("wal_level", "replica".into()),
         ("max_wal_size", "'1GB'".into()),
     ]);

@@ -192,12 +192,8 @@ fn backlog_run(through_daemon: bool) {
     let work = Workdir::new(&format!("bench-backlog-{tag}"));
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
     let mut pg = PgCluster::init(work.path(), "primary");
+    pg.archive_through_walden();
     pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
         ("wal_level", "replica".into()),
         ("max_wal_size", "'1GB'".into()),
     ]);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use walden::wal::{SegmentName, WalFile};
 use walden_e2e::sys::wait_for;
-use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
+use walden_e2e::{Archive, Daemon, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(180);
 const SEGMENT_SIZE: u32 = 16 << 20;
@@ -32,13 +32,7 @@ fn status_names_the_first_hole_and_ends_the_window_before_it() {
     let work = Workdir::new("daemon-continuity");
     let archive = Archive::new(StorageKind::S3, work.path(), "db");
     let mut pg = PgCluster::init(work.path(), "primary");
-    pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
-    ]);
+    pg.archive_through_walden();
     let mut env = archive.env();
     env.extend(pg.libpq_env());
     // Every refresh re-checks from the start, so a deletion behind the mark is seen at once.

@@ -59,14 +59,8 @@ fn follower_replays_the_archive_streams_is_promoted_and_never_writes_the_source(
 
     // The source: a primary archiving through its daemon.
     let mut primary = PgCluster::init(work.path(), "primary");
-    primary.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden.display()),
-        ),
-        ("wal_level", "replica".into()),
-    ]);
+    primary.archive_through_walden();
+    primary.set(&[("wal_level", "replica".into())]);
     let mut env = archive.env();
     env.extend(primary.libpq_env());
     let mut source_daemon = Daemon::start(work.path(), "source", env);

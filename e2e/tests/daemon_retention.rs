@@ -7,7 +7,7 @@ use std::time::Duration;
 use walden::wal::{SegmentName, WalFile};
 use walden_e2e::ledger::block_on;
 use walden_e2e::sys::wait_for;
-use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
+use walden_e2e::{Archive, Daemon, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -40,13 +40,7 @@ fn daemon_applies_retention_after_each_successful_backup() {
     let work = Workdir::new("daemon-retain");
     let archive = Archive::new(StorageKind::File, work.path(), "db");
     let mut pg = PgCluster::init(work.path(), "primary");
-    pg.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
-    ]);
+    pg.archive_through_walden();
     let mut env = archive.env();
     env.extend(pg.libpq_env());
     env.push(("WALDEN_RETENTION_FULL".into(), "1".into()));

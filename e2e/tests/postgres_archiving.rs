@@ -91,14 +91,8 @@ fn scenario(kind: StorageKind) {
     let walden = walden_bin();
 
     let mut primary = PgCluster::init(work.path(), "primary");
-    primary.set(&[
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden.display()),
-        ),
-        ("wal_level", "replica".into()),
-    ]);
+    primary.archive_through_walden();
+    primary.set(&[("wal_level", "replica".into())]);
     primary.with_env(archive.env()).start();
     let base = primary.base_backup(work.path(), "base");
 
