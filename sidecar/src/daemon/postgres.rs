@@ -46,12 +46,6 @@ impl PgTarget {
             .map_err(|_| LocalPgError::Timeout(CONNECT_TIMEOUT))??)
     }
 
-    /// Role and, on a standby, replay position and lag, over a new connection.
-    pub async fn probe(&self) -> Result<Probe, LocalPgError> {
-        let client = self.connect().await?;
-        probe_on(&client).await
-    }
-
     /// Promotes a standby and waits (up to 60 s) until it accepts writes.
     pub async fn promote(&self) -> Result<Promotion, LocalPgError> {
         let client = self.connect().await?;
