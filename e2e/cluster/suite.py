@@ -551,21 +551,36 @@ class Suite:
         kills = 0
         first = 70001
 
+        def failed():
+            return int(psql("pg-0", "SELECT failed_count FROM pg_stat_archiver")) > failed0
+
         def down_and_failing():
-            # Kill the sidecar (when it runs) and commit while it is gone, until
-            # PostgreSQL has seen archive_command fail at least once: however
-            # quickly the kubelet restarts it, the window recurs on every kill.
+            # One kill, one commit while the sidecar is gone, then wait until
+            # PostgreSQL reports archive_command failing or the sidecar is back
+            # (the kubelet restarted it within the client's socket wait): only
+            # then kill again, so the kubelet's back-off grows no more than needed.
             nonlocal kills, first
             state = walden_status()
             if "running" in (state.get("state") or {}):
                 subprocess.run(["docker", "kill", state["containerID"].removeprefix("docker://")],
                                capture_output=True, check=False)
                 kills += 1
-            self.expected |= insert_batch("pg-0", "sidecar-down", first, 100)
+                poll("the sidecar seen down", lambda: "running" not in (walden_status().get("state") or {})
+                     or walden_status().get("containerID") != state["containerID"], timeout=60)
+            # Ids are never reused, even when kubectl fails after a commit;
+            # what committed is read back below.
             first += 100
+            insert_batch("pg-0", "sidecar-down", first - 100, 100)
             psql("pg-0", "SELECT pg_switch_wal()")
-            return int(psql("pg-0", "SELECT failed_count FROM pg_stat_archiver")) > failed0
-        poll("archive_command failing while the sidecar is down", down_and_failing)
+            return poll("archive_command failing, or the sidecar back",
+                        lambda: ("failed" if failed() else None)
+                        or ("back" if "running" in (walden_status().get("state") or {}) else None),
+                        timeout=120) == "failed"
+        try:
+            poll("archive_command failing while the sidecar is down", down_and_failing)
+        finally:
+            down = psql("pg-0", "SELECT id FROM ledger WHERE batch = 'sidecar-down'")
+            self.expected |= {int(x) for x in down.split()}
         seg = archived_through("pg-0")
         poll("the sidecar back", lambda: pod_ready("pg-0"))
         last = wait_archived("pg-0", seg)
