@@ -470,7 +470,15 @@ class Suite:
                 None,
             ),
         )
-        return f"{len(want)} rows followed; {receiver}; status replayLsn {replica.get('replayLsn')} lag {replica.get('lagSeconds')}s"
+        # Issue 14.4: status says, per replica, that it streams.
+        streaming = poll(
+            "the Follower's status: the replica streams, condition Streaming=True",
+            lambda: (f := get("follower", "pg-replicas")) and any(
+                r.get("pod") == pod and r.get("streaming") is True for r in (f["status"].get("replicas") or [])
+            ) and condition(f, "Streaming").get("status") == "True" and condition(f, "Streaming"),
+        )
+        return (f"{len(want)} rows followed; {receiver}; status replayLsn {replica.get('replayLsn')} "
+                f"lag {replica.get('lagSeconds')}s; Streaming {streaming.get('reason')}")
 
     def promote(self):
         kubectl("patch", "follower", "pg-replicas", "--type", "merge", "-p", '{"spec":{"promote":true}}')
