@@ -36,6 +36,7 @@ pub const CONTINUOUS_BACKUP_FINALIZER: &str = "walden.dev/injection";
     printcolumn = r#"{"name": "Recoverable From", "type": "string", "jsonPath": ".status.firstRecoverabilityPoint"}"#,
     printcolumn = r#"{"name": "Archive Backlog", "type": "integer", "jsonPath": ".status.archiveBacklog", "description": "WAL segments PostgreSQL has finished that are not archived yet (0 on a healthy database, idle or busy)"}"#,
     printcolumn = r#"{"name": "Archive Lag", "type": "date", "jsonPath": ".status.archiveBacklogSince", "description": "How long the oldest WAL segment not archived yet has waited; empty when none waits"}"#,
+    printcolumn = r#"{"name": "Restore Test", "type": "string", "jsonPath": ".status.lastRestoreTest.result", "description": "The last restore proof: Succeeded, Failed or TimedOut"}"#,
     printcolumn = r#"{"name": "Last Archived", "type": "date", "jsonPath": ".status.lastArchivedTime", "description": "When the newest WAL segment was archived; grows on an idle database, which is not a lag", "priority": 1}"#,
     printcolumn = r#"{"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1}"#
 )]
@@ -74,6 +75,164 @@ pub struct ContinuousBackupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub backup_request: Option<String>,
+    /// Scheduled restore proofs: a throwaway restore of the archive, checked
+    /// with pg_amcheck and SQL; the Recoverable condition reports the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_test: Option<RestoreTestSpec>,
+}
+
+/// A restore proof: on schedule, the archive is restored into a temporary
+/// pod (read-only to the archive, like a Fork), PostgreSQL recovers, and
+/// pg_amcheck and the checks run on it; the pod is removed afterwards.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTestSpec {
+    /// When to prove, five-field cron syntax (UTC), e.g. "0 5 * * *".
+    #[schemars(length(min = 9))]
+    pub schedule: String,
+    /// Latest: the end of the archive. Random: a random WAL position inside
+    /// the recovery window, so that over time every part of it is proven.
+    #[serde(default)]
+    pub target: RestoreTestTarget,
+    /// SQL that must return true on the restored database, e.g.
+    /// `select count(*) > 0 from orders`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<RestoreTestCheck>,
+    /// Database the checks run in.
+    #[serde(default = "default_postgres")]
+    #[schemars(length(min = 1))]
+    pub database: String,
+    /// Role the proof connects as: a superuser of the source (pg_amcheck
+    /// installs its extension where missing).
+    #[serde(default = "default_postgres")]
+    #[schemars(length(min = 1))]
+    pub user: String,
+    /// Run pg_amcheck (heap and btree indexes of every database).
+    #[serde(default = "default_true")]
+    pub amcheck: bool,
+    /// A proof not finished this many seconds after it started fails (TimedOut).
+    #[serde(default = "default_deadline")]
+    #[schemars(range(min = 60))]
+    pub deadline_seconds: i64,
+    /// Recoverable stays True this long after the last successful proof.
+    #[serde(default = "default_max_age")]
+    #[schemars(range(min = 60))]
+    pub max_age_seconds: i64,
+    /// PostgreSQL image of the proof [default: the image of the protected
+    /// StatefulSet's postgres container, so the major version matches].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources of the proof's PostgreSQL container [default: requests of
+    /// 100m CPU and 256Mi memory, no limits].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Size limit of the proof's scratch volume (an emptyDir on the node),
+    /// e.g. "20Gi"; it must hold the restored database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_size: Option<String>,
+}
+
+fn default_postgres() -> String {
+    "postgres".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_deadline() -> i64 {
+    3600
+}
+fn default_max_age() -> i64 {
+    48 * 3600
+}
+
+/// Where a restore proof recovers to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum RestoreTestTarget {
+    /// The end of the archive.
+    #[default]
+    Latest,
+    /// A random WAL position between the oldest backup's end and the start
+    /// of the last recoverable segment.
+    Random,
+}
+
+/// One SQL check of a restore proof.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTestCheck {
+    /// Shown in status and Events.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Its last row must be one true value.
+    #[schemars(length(min = 1))]
+    pub sql: String,
+}
+
+/// A restore proof in flight.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTestRun {
+    pub pod: String,
+    pub started_at: DateTime<Utc>,
+    /// The WAL position asked for; none: the end of the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_lsn: Option<String>,
+}
+
+/// How a restore proof ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RestoreTestResult {
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+/// The outcome of one check of a proof (pg_amcheck included).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTestCheckStatus {
+    pub name: String,
+    pub passed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a proof's recovery ended, as the restored server reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTestReached {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    /// The last replayed transaction's commit time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+}
+
+/// The last finished restore proof.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTestStatus {
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// What was asked: "latest" (the end of the archive) or "lsn X/Y".
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<RestoreTestReached>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_used: Option<String>,
+    /// The restore init container's run time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_seconds: Option<f64>,
+    /// From PostgreSQL's start to the end of recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<RestoreTestCheckStatus>,
+    pub result: RestoreTestResult,
+    /// Passed, RestoreFailed, RecoveryFailed, AmcheckFailed, CheckFailed,
+    /// TimedOut, PodLost, ...
+    pub reason: String,
+    pub message: String,
 }
 
 fn default_archive_timeout() -> String {
@@ -321,6 +480,24 @@ pub struct ContinuousBackupStatus {
     /// The last spec.backupRequest the operator started a backup for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_request: Option<String>,
+    /// The WAL position of the oldest backup's end: where the recovery
+    /// window starts (restore proofs pick random targets from here on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_recoverable_lsn: Option<String>,
+    /// The restore proof running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_test_in_progress: Option<RestoreTestRun>,
+    /// The last finished restore proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore_test: Option<RestoreTestStatus>,
+    /// When the last successful proof finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_restore_test: Option<DateTime<Utc>>,
+    /// The scheduled time the last started proof stood for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_restore_test: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_restore_test_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

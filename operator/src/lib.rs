@@ -7,6 +7,7 @@ pub mod daemon_client;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod restore_test;
 pub mod rules;
 pub mod schedule;
 pub mod server;

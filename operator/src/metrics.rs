@@ -5,10 +5,26 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
     pub controller: String,
+    pub result: String,
+}
+
+/// One ContinuousBackup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One ContinuousBackup and a proof's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProofLabels {
+    pub namespace: String,
+    pub name: String,
     pub result: String,
 }
 
@@ -18,11 +34,43 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub backups_started: Counter,
     pub leader: Gauge,
+    /// `walden_restore_test_*`: the restore proofs (the age of the last
+    /// success is `time() - walden_restore_test_last_success_timestamp_seconds`).
+    pub restore_test_result: Family<BackupLabels, Gauge>,
+    pub restore_test_duration: Family<BackupLabels, Gauge<f64, AtomicU64>>,
+    pub restore_test_last_success: Family<BackupLabels, Gauge>,
+    pub restore_test_runs: Family<ProofLabels, Counter>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("walden_operator");
+        let mut root = Registry::default();
+        let proofs = root.sub_registry_with_prefix("walden_restore_test");
+        let restore_test_result = Family::<BackupLabels, Gauge>::default();
+        proofs.register(
+            "result",
+            "1 if the last restore proof of the ContinuousBackup succeeded, 0 if it failed or timed out",
+            restore_test_result.clone(),
+        );
+        let restore_test_duration = Family::<BackupLabels, Gauge<f64, AtomicU64>>::default();
+        proofs.register(
+            "duration_seconds",
+            "How long the last restore proof took, from its start to its end",
+            restore_test_duration.clone(),
+        );
+        let restore_test_last_success = Family::<BackupLabels, Gauge>::default();
+        proofs.register(
+            "last_success_timestamp_seconds",
+            "When the last successful restore proof finished (Unix time)",
+            restore_test_last_success.clone(),
+        );
+        let restore_test_runs = Family::<ProofLabels, Counter>::default();
+        proofs.register(
+            "runs",
+            "Finished restore proofs by result",
+            restore_test_runs.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("walden_operator");
         let reconciles = Family::<ReconcileLabels, Counter>::default();
         registry.register(
             "reconciles",
@@ -42,10 +90,14 @@ impl Default for Metrics {
             leader.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             reconciles,
             backups_started,
             leader,
+            restore_test_result,
+            restore_test_duration,
+            restore_test_last_success,
+            restore_test_runs,
         }
     }
 }

@@ -6,14 +6,14 @@
 //! `postgres`, so no config file in PGDATA has to be edited.
 
 use crate::api::{
-    ContinuousBackup, InstanceSpec, RecoveryTarget, RetentionSpec, SidecarSpec,
+    ContinuousBackup, InstanceSpec, RecoveryTarget, RestoreTestSpec, RetentionSpec, SidecarSpec,
     SidecarUpdatePolicy, StorageSpec, StreamingSpec,
 };
 use crate::daemon_client::DAEMON_PORT;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
+    HTTPGetAction, PersistentVolumeClaim, Pod, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
@@ -60,6 +60,14 @@ pub const POSTGRES_PORT: i32 = 5432;
 /// Label carrying the owning resource's name on fork and follower pods.
 pub const INSTANCE_LABEL: &str = "walden.dev/instance";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// The container of a restore proof pod that runs `walden restore-test`.
+pub const RESTORE_TEST_CONTAINER: &str = "restore-test";
+/// Component label of restore proof pods.
+pub const RESTORE_TEST_COMPONENT: &str = "restore-test";
+/// Annotation on a proof pod: the WAL position it restores to (absent: the
+/// end of the archive), so a proof adopted after an operator restart is
+/// reported with what it was asked.
+pub const RESTORE_TEST_TARGET_ANNOTATION: &str = "walden.dev/restore-test-target-lsn";
 /// Env var the follower's restore reads the conninfo from (kept out of the pod spec).
 pub const CONNINFO_ENV: &str = "WALDEN_PRIMARY_CONNINFO";
 
@@ -909,6 +917,153 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
                 }),
             },
             volume_claim_templates: Some(vec![claim]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Name of the restore proof pod of a ContinuousBackup: one name, so two
+/// proofs of one ContinuousBackup can never run at once.
+pub fn restore_test_pod_name(cb_name: &str) -> String {
+    format!("{cb_name}-restore-test")
+}
+
+/// Everything a restore proof pod is built from.
+pub struct RestoreTestPlan<'a> {
+    pub cb_name: &'a str,
+    pub namespace: &'a str,
+    pub owner: OwnerReference,
+    pub spec: &'a RestoreTestSpec,
+    pub storage: &'a StorageSpec,
+    pub compression_level: i32,
+    /// The PostgreSQL image (the spec's, or the protected container's).
+    pub postgres_image: &'a str,
+    pub walden_image: &'a str,
+    pub run_as_user: i64,
+    /// None: the end of the archive.
+    pub target_lsn: Option<&'a str>,
+}
+
+/// The restore proof pod: the Fork's restore (read-only to the archive,
+/// into a scratch emptyDir), then `walden restore-test` in the PostgreSQL
+/// image, which fetches WAL itself (there is no sidecar: the pod must end).
+/// Its report is the container's termination message.
+pub fn restore_test_pod(plan: &RestoreTestPlan<'_>) -> Pod {
+    let uid = plan.run_as_user;
+    let mut labels = managed_labels();
+    labels.insert(INSTANCE_LABEL.to_string(), plan.cb_name.to_string());
+    labels.insert(
+        COMPONENT_LABEL.to_string(),
+        RESTORE_TEST_COMPONENT.to_string(),
+    );
+    let storage_env = storage_env(plan.storage, plan.compression_level, true);
+    let target = plan.target_lsn.map(|lsn| RecoveryTarget {
+        time: None,
+        lsn: Some(lsn.to_string()),
+        name: None,
+        backup_id: None,
+        exclusive: None,
+    });
+    let mut restore_env = storage_env.clone();
+    restore_env.push(env("WALDEN_TERMINATION_LOG", "/dev/termination-log"));
+    let restore = with_encryption_key(
+        Container {
+            name: RESTORE_CONTAINER.to_string(),
+            image: Some(plan.walden_image.to_string()),
+            command: Some(restore_args(target.as_ref(), false, false)),
+            env: Some(restore_env),
+            volume_mounts: Some(vec![mount(DATA_VOLUME, DATA_MOUNT, false)]),
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            resources: plan.spec.resources.clone(),
+            security_context: Some(restricted_security_context(uid, true)),
+            ..Default::default()
+        },
+        plan.storage,
+    );
+    let checks: Vec<Value> = plan
+        .spec
+        .checks
+        .iter()
+        .map(|c| json!({"name": c.name, "sql": c.sql}))
+        .collect();
+    let mut proof_env = vec![
+        env("PGDATA", INSTANCE_PGDATA),
+        env("WALDEN_RESTORE_TEST_SOCKET_DIR", RUN_DIR),
+        env("WALDEN_RESTORE_TEST_USER", &plan.spec.user),
+        env("WALDEN_RESTORE_TEST_DATABASE", &plan.spec.database),
+        env("WALDEN_RESTORE_TEST_CHECKS", Value::Array(checks).to_string()),
+        env("WALDEN_RESTORE_TEST_AMCHECK", plan.spec.amcheck.to_string()),
+        env(
+            "WALDEN_RESTORE_TEST_TIMEOUT",
+            plan.spec.deadline_seconds.to_string(),
+        ),
+        env("WALDEN_TERMINATION_LOG", "/dev/termination-log"),
+    ];
+    proof_env.extend(storage_env);
+    let resources = plan.spec.resources.clone().unwrap_or(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("100m".to_string())),
+            ("memory".to_string(), Quantity("256Mi".to_string())),
+        ])),
+        ..Default::default()
+    });
+    let proof = with_encryption_key(
+        Container {
+            name: RESTORE_TEST_CONTAINER.to_string(),
+            image: Some(plan.postgres_image.to_string()),
+            command: Some(vec![
+                format!("{BIN_DIR}/walden"),
+                "restore-test".to_string(),
+            ]),
+            env: Some(proof_env),
+            volume_mounts: Some(vec![
+                mount(DATA_VOLUME, DATA_MOUNT, false),
+                mount(BIN_VOLUME, BIN_DIR, true),
+                mount(RUN_VOLUME, RUN_DIR, false),
+            ]),
+            resources: Some(resources),
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+            security_context: Some(restricted_security_context(uid, false)),
+            ..Default::default()
+        },
+        plan.storage,
+    );
+    let mut data = empty_dir(DATA_VOLUME);
+    if let (Some(e), Some(size)) = (data.empty_dir.as_mut(), &plan.spec.storage_size) {
+        e.size_limit = Some(Quantity(size.clone()));
+    }
+    let mut volumes = vec![data, empty_dir(BIN_VOLUME), empty_dir(RUN_VOLUME)];
+    volumes.extend(encryption_volume(plan.storage));
+    let annotations = plan.target_lsn.map(|lsn| {
+        BTreeMap::from([(
+            RESTORE_TEST_TARGET_ANNOTATION.to_string(),
+            lsn.to_string(),
+        )])
+    });
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(restore_test_pod_name(plan.cb_name)),
+            namespace: Some(plan.namespace.to_string()),
+            labels: Some(labels),
+            annotations,
+            owner_references: Some(vec![plan.owner.clone()]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            init_containers: Some(vec![install_container(plan.walden_image, uid), restore]),
+            containers: vec![proof],
+            volumes: Some(volumes),
+            restart_policy: Some("Never".to_string()),
+            active_deadline_seconds: Some(plan.spec.deadline_seconds),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(uid),
+                run_as_group: Some(uid),
+                fs_group: Some(uid),
+                ..Default::default()
+            }),
+            automount_service_account_token: Some(false),
             ..Default::default()
         }),
         ..Default::default()

@@ -448,7 +448,8 @@ async fn operator_on_a_real_apiserver() {
     let token = operator_token(&admin).await;
     let operator = cluster.client(&token);
 
-    // The operator's identity is least-privileged: no deletes, no reading other namespaces' leases.
+    // The operator's identity is least-privileged: no deletes (but of its
+    // restore proof pods), no reading other namespaces' leases.
     let denied = Api::<StatefulSet>::namespaced(operator.clone(), NS)
         .delete("anything", &DeleteParams::default())
         .await

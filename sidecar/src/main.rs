@@ -12,7 +12,7 @@ use walden::client::{self, ClientArgs, FetchOutcome};
 use walden::config::Settings;
 use walden::daemon::DaemonArgs;
 use walden::restore::{
-    self, marker::IfRestored, settings::RecoverySettings, Outcome, RestoreOptions,
+    self, marker::IfRestored, proof, settings::RecoverySettings, Outcome, RestoreOptions,
 };
 use walden::wal::{self, PushOptions};
 use walden::{retention, verify};
@@ -198,6 +198,42 @@ enum Command {
         if_restored: IfRestored,
         /// Also write the outcome here: the reason of a failure, or "restored backup ID"
         /// (Kubernetes' terminationMessagePath, read by the operator)
+        #[arg(long, env = "WALDEN_TERMINATION_LOG", value_name = "PATH")]
+        termination_log: Option<PathBuf>,
+    },
+    /// Prove a restore: start PostgreSQL on what `walden restore` wrote, follow recovery to its end, run pg_amcheck and SQL checks
+    #[command(long_about = "Prove a restored data directory (the operator's scheduled restore proofs).\n\n\
+        Starts PostgreSQL on DIR (written by walden restore) on a private unix socket only, with archiving \
+        off, waits until recovery ends, records where it ended (LSN and time), runs pg_amcheck on every \
+        database (heap and btree indexes) and each SQL check (its last row must be one true value), stops \
+        the server, and prints one JSON report. Exit status: 0 the proof passed; 1 it failed (the report \
+        says why: a hole, a corrupt segment, a target not in the archive, a failed check).")]
+    RestoreTest {
+        /// The restored data directory
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Private directory for the server's socket and the proof's files
+        #[arg(long, env = "WALDEN_RESTORE_TEST_SOCKET_DIR", value_name = "DIR")]
+        socket_dir: PathBuf,
+        /// Role the checks run as (the source's superuser)
+        #[arg(long, env = "WALDEN_RESTORE_TEST_USER", default_value = "postgres")]
+        user: String,
+        /// Database the checks run in
+        #[arg(long, env = "WALDEN_RESTORE_TEST_DATABASE", default_value = "postgres")]
+        database: String,
+        /// SQL checks, a JSON array of {"name": ..., "sql": ...}
+        #[arg(long, env = "WALDEN_RESTORE_TEST_CHECKS", default_value = "[]", value_name = "JSON")]
+        checks: String,
+        /// Run pg_amcheck on every database
+        #[arg(long, env = "WALDEN_RESTORE_TEST_AMCHECK", default_value_t = true, action = clap::ArgAction::Set)]
+        amcheck: bool,
+        /// Directory of postgres and pg_amcheck [default: found on PATH]
+        #[arg(long, env = "WALDEN_PG_BIN", value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
+        /// Seconds recovery may take
+        #[arg(long, env = "WALDEN_RESTORE_TEST_TIMEOUT", default_value_t = 3600, value_name = "SECONDS")]
+        timeout: u64,
+        /// Also write the report here (Kubernetes' terminationMessagePath, read by the operator)
         #[arg(long, env = "WALDEN_TERMINATION_LOG", value_name = "PATH")]
         termination_log: Option<PathBuf>,
     },
@@ -529,6 +565,45 @@ async fn run(cli: Cli) -> ExitCode {
                     }
                     fail("restore", e)
                 }
+            }
+        }
+        Command::RestoreTest {
+            pgdata,
+            socket_dir,
+            user,
+            database,
+            checks,
+            amcheck,
+            pg_bin,
+            timeout,
+            termination_log,
+        } => {
+            let checks = match proof::parse_checks(&checks) {
+                Ok(c) => c,
+                Err(e) => return fail("restore-test", anyhow::anyhow!(e)),
+            };
+            let opts = proof::Options {
+                pgdata,
+                socket_dir,
+                port: 5432,
+                user,
+                database,
+                checks,
+                amcheck,
+                pg_bin,
+                timeout: Duration::from_secs(timeout),
+            };
+            let report = proof::run(&opts).await;
+            let line = report.to_line();
+            if let Some(path) = &termination_log {
+                write_termination_log(path, &line);
+            }
+            println!("{line}");
+            if report.passed {
+                ExitCode::SUCCESS
+            } else {
+                tracing::error!("restore-test: {}", report.message);
+                ExitCode::FAILURE
             }
         }
         Command::Retain {

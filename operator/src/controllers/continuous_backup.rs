@@ -266,6 +266,10 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             Err(e) => return Err(kube_err(format!("applying StatefulSet {target}"))(e)),
         }
 
+        // Proofs read the archive, not the primary: they run whatever the
+        // primary's state.
+        let proof_wait =
+            super::restore_test::step(ctx, &cb, &sts, &mut status, now, &mut events).await?;
         let primary = match find_primary(ctx, &ns, &sts, &token).await? {
             Ok(p) => p,
             Err(why) => {
@@ -306,6 +310,9 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
         }
         if status.backup_in_progress.is_some() {
             requeue = requeue.min(RETRY);
+        }
+        if let Some(w) = proof_wait {
+            requeue = requeue.min(w);
         }
         Action::requeue(requeue)
     };
@@ -351,6 +358,7 @@ fn mirror_daemon_status(
     }
     if let Some(w) = &d.recovery_window {
         status.first_recoverability_point = Some(w.first_point);
+        status.first_recoverable_lsn = Some(w.first_lsn.clone());
         status.last_recoverable_wal = w.last_archived_wal.clone();
     }
     let failing = archive_failing(d);
@@ -808,6 +816,18 @@ async fn schedule_backup(
 /// operator cannot reach storage, and retention is the engine's business.
 async fn cleanup(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error> {
     let ns = namespace_of(cb.as_ref())?;
+    if let Some(pod) = super::restore_test::cancel(ctx, cb.as_ref()).await? {
+        publish(
+            ctx,
+            cb.as_ref(),
+            &[PendingEvent::normal(
+                "RestoreTestCancelled",
+                "Cleanup",
+                format!("restore proof {pod} cancelled: its pod is deleted"),
+            )],
+        )
+        .await;
+    }
     let target = &cb.spec.target.stateful_set;
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let sts = sts_api
@@ -1999,5 +2019,214 @@ mod tests {
             .contains(&"InjectionRemoved".to_string()));
         // Backups live in storage the operator cannot reach; it does not even ask the daemon.
         assert!(daemon.calls().is_empty());
+    }
+
+    const PROOF_PATH: &str = "/api/v1/namespaces/db/pods/pg-backup-restore-test";
+    const PROOF_REPORT: &str = r#"{"passed":true,"reason":"Passed","message":"restored backup 20250501T030000Z and recovered to 0/7000060","backup":"20250501T030000Z","reachedLsn":"0/7000060","reachedTime":"2025-05-01T04:59:00Z","replaySeconds":3.5,"amcheck":{"name":"pg_amcheck","passed":true},"checks":[{"name":"rows","passed":true}]}"#;
+
+    fn proof_spec() -> Value {
+        json!({"restoreTest": {"schedule": "0 5 * * *", "target": "Random",
+            "checks": [{"name": "rows", "sql": "select count(*) > 0 from orders"}]}})
+    }
+
+    /// A first reconcile before any proof is due mirrors the archive's
+    /// window; the second, at the slot, starts the proof.
+    async fn started_proof(api: &FakeApi, daemon: &Arc<FakeDaemon>) {
+        let early = context(api, daemon.clone(), time("2025-05-01T04:00:00Z"));
+        reconcile(stored_cb(api), early).await.expect("reconcile");
+        assert!(api.get(PROOF_PATH).is_none(), "nothing due before 05:00");
+        let at = context(api, daemon.clone(), time("2025-05-01T05:00:05Z"));
+        reconcile(stored_cb(api), at).await.expect("reconcile");
+    }
+
+    fn set_pod_status(api: &FakeApi, status: Value) {
+        let mut pod = api.get(PROOF_PATH).expect("proof pod");
+        pod["status"] = status;
+        api.insert(pod);
+    }
+
+    fn pod_posts(api: &FakeApi) -> usize {
+        api.requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/api/v1/namespaces/db/pods")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_restore_proof_runs_on_schedule_and_is_recorded() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        started_proof(&api, &daemon).await;
+        let pod: Pod = serde_json::from_value(api.get(PROOF_PATH).expect("proof pod")).expect("pod");
+        let spec = pod.spec.clone().expect("spec");
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.active_deadline_seconds, Some(3600));
+        let proof = &spec.containers[0];
+        assert_eq!(proof.image.as_deref(), Some("postgres:16"), "the protected container's image");
+        let env: Vec<(String, String)> = proof
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        assert!(env.contains(&("WALDEN_READ_ONLY".into(), "true".into())), "{env:?}");
+        assert!(env.iter().any(|(k, v)| k == "WALDEN_RESTORE_TEST_CHECKS" && v.contains("from orders")));
+        let restore = &spec.init_containers.as_ref().expect("init")[1];
+        let args = restore.command.clone().unwrap_or_default().join(" ");
+        assert!(args.contains("--target-lsn"), "Random target: {args}");
+        assert_eq!(
+            pod.metadata.owner_references.as_ref().map(|o| o[0].uid.clone()),
+            Some("cb-uid".to_string())
+        );
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        let run = status.restore_test_in_progress.clone().expect("in progress");
+        assert_eq!(run.started_at, time("2025-05-01T05:00:05Z"));
+        let lsn = run.target_lsn.clone().expect("a random LSN");
+        assert_eq!(
+            pod.annotations().get(specs::RESTORE_TEST_TARGET_ANNOTATION),
+            Some(&lsn)
+        );
+        assert!(args.contains(&lsn), "{args}");
+        assert_eq!(condition(&cb, "Recoverable").1, "NotYetProven");
+        assert!(api.event_reasons().contains(&"RestoreTestStarted".to_string()));
+        assert_eq!(pod_posts(&api), 1);
+
+        // Still restoring: nothing new is created, the proof is polled.
+        set_pod_status(&api, json!({"phase": "Pending", "initContainerStatuses": [
+            {"name": "walden-restore", "state": {"running": {}}}]}));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:02:00Z"));
+        let action = reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        assert_eq!(pod_posts(&api), 1, "never two proofs at once");
+
+        set_pod_status(&api, json!({"phase": "Succeeded",
+            "initContainerStatuses": [{"name": "walden-restore", "state": {"terminated": {"exitCode": 0,
+                "message": "restored backup 20250501T030000Z to lsn", "startedAt": "2025-05-01T05:00:10Z", "finishedAt": "2025-05-01T05:01:10Z"}}}],
+            "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 0, "message": PROOF_REPORT}}}]}));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:03:00Z"));
+        reconcile(stored_cb(&api), ctx.clone()).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        assert!(status.restore_test_in_progress.is_none());
+        let last = status.last_restore_test.clone().expect("recorded");
+        assert_eq!(last.result, crate::api::RestoreTestResult::Succeeded);
+        assert_eq!(last.target, format!("lsn {lsn}"));
+        assert_eq!(last.backup_used.as_deref(), Some("20250501T030000Z"));
+        assert_eq!(last.restore_seconds, Some(60.0));
+        assert_eq!(last.replay_seconds, Some(3.5));
+        assert_eq!(last.reached.as_ref().and_then(|r| r.lsn.as_deref()), Some("0/7000060"));
+        assert_eq!(last.checks.len(), 2);
+        assert_eq!(status.last_successful_restore_test, Some(time("2025-05-01T05:03:00Z")));
+        assert_eq!(condition(&cb, "Recoverable").0, "True");
+        assert!(api.get(PROOF_PATH).is_none(), "the proof pod is removed");
+        assert!(api.event_reasons().contains(&"RestoreTestSucceeded".to_string()));
+        let metrics = ctx.metrics.encode().expect("metrics");
+        assert!(metrics.contains(r#"walden_restore_test_result{namespace="db",name="pg-backup"} 1"#), "{metrics}");
+        assert!(metrics.contains(r#"walden_restore_test_duration_seconds{namespace="db",name="pg-backup"} 175"#), "{metrics}");
+        assert!(metrics.contains("walden_restore_test_last_success_timestamp_seconds"), "{metrics}");
+
+        // Older than maxAgeSeconds (48 h) with no newer proof: not evidence any more.
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["spec"]["suspend"] = json!(true);
+        api.insert(obj);
+        api.clear_requests();
+        let ctx = context(&api, daemon.clone(), time("2025-05-03T05:03:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        let (st, reason, _) = condition(&cb, "Recoverable");
+        assert_eq!((st.as_str(), reason.as_str()), ("False", "RestoreTestTooOld"));
+        assert!(api.event_reasons().contains(&"RestoreTestTooOld".to_string()));
+        assert_eq!(pod_posts(&api), 0, "suspended: no proof started");
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_makes_the_archive_not_recoverable() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        started_proof(&api, &daemon).await;
+        set_pod_status(&api, json!({"phase": "Failed", "initContainerStatuses": [
+            {"name": "walden-restore", "state": {"terminated": {"exitCode": 1,
+             "message": "restore: part-00001.tar.zst of backup 20250501T030000Z: checksum mismatch"}}}]}));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:04:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        let last = cb.status.clone().and_then(|s| s.last_restore_test).expect("recorded");
+        assert_eq!(last.result, crate::api::RestoreTestResult::Failed);
+        assert_eq!(last.reason, "RestoreFailed");
+        let (st, reason, msg) = condition(&cb, "Recoverable");
+        assert_eq!((st.as_str(), reason.as_str()), ("False", "RestoreTestFailed"));
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+        assert!(api.event_notes("RestoreTestFailed").iter().any(|n| n.contains("checksum mismatch")));
+        assert!(api.get(PROOF_PATH).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_proof_past_its_deadline_times_out_and_is_removed() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        started_proof(&api, &daemon).await;
+        set_pod_status(&api, json!({"phase": "Pending", "initContainerStatuses": [
+            {"name": "walden-install", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:30:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        assert!(api.get(PROOF_PATH).is_some(), "inside the deadline it waits");
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T06:01:06Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        let last = cb.status.clone().and_then(|s| s.last_restore_test).expect("recorded");
+        assert_eq!(last.result, crate::api::RestoreTestResult::TimedOut);
+        assert!(last.message.contains("ImagePullBackOff"), "{}", last.message);
+        assert_eq!(condition(&cb, "Recoverable").1, "RestoreTestTimedOut");
+        assert!(api.get(PROOF_PATH).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_vanished_proof_pod_is_a_failure_not_a_wait() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        started_proof(&api, &daemon).await;
+        // Evicted and garbage-collected, or deleted by hand.
+        let pods: Api<Pod> = Api::namespaced(api.client(), NS);
+        pods.delete("pg-backup-restore-test", &Default::default()).await.expect("delete");
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:10:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        let last = stored_cb(&api).status.clone().and_then(|s| s.last_restore_test).expect("recorded");
+        assert_eq!(last.reason, "PodLost");
+    }
+
+    #[tokio::test]
+    async fn deleting_the_continuous_backup_cancels_a_proof_in_flight() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        started_proof(&api, &daemon).await;
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["metadata"]["deletionTimestamp"] = json!("2025-05-01T05:01:00Z");
+        api.insert(obj);
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:01:01Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("cleanup");
+        assert!(api.get(PROOF_PATH).is_none(), "the proof pod is deleted");
+        assert!(api.event_reasons().contains(&"RestoreTestCancelled".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_that_name_not_made_by_walden_is_never_touched() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        api.insert(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "pg-backup-restore-test", "namespace": NS, "labels": {"app": "mine"}}}));
+        let early = context(&api, daemon.clone(), time("2025-05-01T04:00:00Z"));
+        reconcile(stored_cb(&api), early).await.expect("reconcile");
+        let at = context(&api, daemon.clone(), time("2025-05-01T05:00:05Z"));
+        reconcile(stored_cb(&api), at).await.expect("reconcile");
+        let cb = stored_cb(&api);
+        assert_eq!(condition(&cb, "Recoverable").1, "PodNameTaken");
+        assert_eq!(pod_posts(&api), 0);
+        assert!(api.writes().iter().all(|r| r.method != "DELETE"));
+        assert_eq!(
+            api.get(PROOF_PATH).expect("kept")["metadata"]["labels"]["app"],
+            json!("mine")
+        );
+        // Deletion leaves it alone too.
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["metadata"]["deletionTimestamp"] = json!("2025-05-01T05:01:00Z");
+        api.insert(obj);
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:01:01Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("cleanup");
+        assert!(api.get(PROOF_PATH).is_some());
     }
 }

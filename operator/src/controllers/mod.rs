@@ -10,6 +10,7 @@
 pub mod continuous_backup;
 pub mod follower;
 pub mod fork;
+pub mod restore_test;
 
 use crate::api::{
     ContinuousBackup, ContinuousBackupStatus, FollowerStatus, ForkStatus, SourceSpec, StorageSpec,

@@ -277,6 +277,13 @@ impl FakeApi {
                 st.objects.insert(path, obj.clone());
                 (StatusCode::OK, obj)
             }
+            "DELETE" => match st.objects.remove(&path) {
+                Some(o) => (StatusCode::OK, o),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    status_error(404, "NotFound", &format!("{path} not found")),
+                ),
+            },
             other => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 status_error(

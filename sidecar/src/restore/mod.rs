@@ -11,6 +11,7 @@
 
 pub mod extract;
 pub mod marker;
+pub mod proof;
 pub mod settings;
 
 use std::collections::HashMap;
