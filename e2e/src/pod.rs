@@ -12,12 +12,15 @@
 //! - **images**: the walden image's `/usr/local/bin/walden` is a copy of the
 //!   built binary in a per-pod image root; the postgres image is the local
 //!   PostgreSQL 15, whose entrypoint (`postgres` on `$PGDATA` with the
-//!   container's `-c` args) is run with `pg_ctl`;
+//!   container's `-c` args) is run with `pg_ctl`, and whose `PATH` holds
+//!   that server's bin directory (as the image's does);
 //! - **network**: every container port of the pod maps to a free port on
 //!   127.0.0.1 (`0.0.0.0:P` and `PGPORT=P` are rewritten);
 //! - **users**: the pod's `runAsUser` is the local `postgres` user;
 //! - **Kubernetes semantics**: `valueFrom.secretKeyRef` reads the test's
-//!   Secrets, and `$(VAR)` in commands expands from the container's env;
+//!   Secrets, `$(VAR)` in commands expands from the container's env, and
+//!   `/dev/termination-log` (the default terminationMessagePath) is a file
+//!   per container that [`Pod::termination_message`] reads back;
 //! - **test safety**: `PATH`, `AWS_EC2_METADATA_DISABLED=true` and empty
 //!   AWS config files are added to every process.
 
@@ -27,7 +30,10 @@ use std::process::{Child, Command, Stdio};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret};
 
-use crate::sys::{as_pg, chown_pg, free_port, walden_bin};
+use crate::sys::{as_pg, chown_pg, free_port, pg_bin, walden_bin};
+
+/// Kubernetes' default terminationMessagePath.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// The binary inside the walden image (the operator's `IMAGE_BINARY`).
 pub const IMAGE_BINARY: &str = "/usr/local/bin/walden";
@@ -270,14 +276,21 @@ impl Pod {
 
     /// The container's environment, resolved and mapped.
     pub fn env(&self, c: &Container) -> Vec<(String, String)> {
+        let path = if c.image.as_deref() == Some(self.walden_image.as_str()) {
+            "/usr/bin:/bin".to_string()
+        } else {
+            format!("{}:/usr/bin:/bin", pg_bin("").display())
+        };
         let mut out: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("PATH".into(), path),
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
             ("AWS_CONFIG_FILE".into(), "/dev/null".into()),
             ("AWS_SHARED_CREDENTIALS_FILE".into(), "/dev/null".into()),
         ];
         for e in c.env.iter().flatten() {
-            let value = if let Some(v) = &e.value {
+            let value = if e.value.as_deref() == Some(TERMINATION_LOG) {
+                self.termination_log(&c.name).to_string_lossy().into_owned()
+            } else if let Some(v) = &e.value {
                 self.map_network(&e.name, &self.map_value(c, v))
             } else if let Some(sel) = e
                 .value_from
@@ -354,6 +367,20 @@ impl Pod {
         out
     }
 
+    /// Runs a container (init or not) to its end, whatever its exit status.
+    pub fn run_to_end(&self, name: &str) -> std::process::Output {
+        let c = self
+            .spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(self.spec.containers.iter())
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("pod {}: no container {name}", self.name));
+        retry_busy(|| self.command(c).output())
+            .unwrap_or_else(|e| panic!("container {name}: {e}"))
+    }
+
     /// Starts a long-running container; its stderr goes to `<root>/<name>.log`.
     pub fn start(&mut self, name: &str) -> PathBuf {
         let c = self.container(name).clone();
@@ -385,6 +412,22 @@ impl Pod {
             }
         }
         out
+    }
+
+    /// The file a container's termination log is (made writable for the
+    /// pod's user, as the kubelet makes it).
+    fn termination_log(&self, container: &str) -> PathBuf {
+        let f = self.root.join(format!("{container}.termination-log"));
+        if !f.exists() && std::fs::write(&f, "").is_ok() {
+            chown_pg(&f);
+        }
+        f
+    }
+
+    /// What a container wrote to its termination log, as the kubelet would
+    /// put it into the pod status.
+    pub fn termination_message(&self, container: &str) -> Option<String> {
+        std::fs::read_to_string(self.termination_log(container)).ok()
     }
 
     pub fn local_port(&self, pod_port: u16) -> u16 {

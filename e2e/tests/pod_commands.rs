@@ -25,9 +25,10 @@ use walden_e2e::sys::{wait_for, ACCESS_KEY, BUCKET, SECRET_KEY};
 use walden_e2e::{PgCluster, S3Server, Workdir};
 use walden_operator::api::{ContinuousBackup, Follower, Fork};
 use walden_operator::daemon_client::DAEMON_PORT;
+use walden_operator::restore_test::{observe, Finished, Observed};
 use walden_operator::specs::{
-    self, InstanceKind, InstancePlan, OperatorConfig, INSTALL_CONTAINER, POSTGRES_CONTAINER,
-    RESTORE_CONTAINER, SIDECAR_CONTAINER,
+    self, InstanceKind, InstancePlan, OperatorConfig, RestoreTestPlan, INSTALL_CONTAINER,
+    POSTGRES_CONTAINER, RESTORE_CONTAINER, RESTORE_TEST_CONTAINER, SIDECAR_CONTAINER,
 };
 
 const LONG: Duration = Duration::from_secs(300);
@@ -218,11 +219,11 @@ fn insert(pg: &PgCluster, from: u32, n: u32) {
 
 /// The restore_command `walden restore` wrote, checked to use only paths
 /// the postgres container sees, then mapped for this machine.
-fn check_restore_command(pod: &Pod, pgdata: &Path) {
+fn check_restore_command(pod: &Pod, container: &str, pgdata: &Path) {
     let conf_path = pgdata.join("postgresql.auto.conf");
     let conf = std::fs::read_to_string(&conf_path).expect("postgresql.auto.conf");
     let restore = pod.init_container(RESTORE_CONTAINER);
-    let pg = pod.container(POSTGRES_CONTAINER);
+    let pg = pod.container(container);
     let line = conf
         .lines()
         .find(|l| l.trim_start().starts_with("restore_command"))
@@ -353,7 +354,7 @@ fn run_instance(work: &Path, sts: &StatefulSet, secrets: Secrets) -> (Pod, PgClu
         .find(|(k, _)| k == "PGDATA")
         .map(|(_, v)| std::path::PathBuf::from(v))
         .expect("PGDATA");
-    check_restore_command(&pod, &pgdata);
+    check_restore_command(&pod, POSTGRES_CONTAINER, &pgdata);
     let log = pod.start(SIDECAR_CONTAINER);
     wait_daemon(&pod, &log);
     let mut pg = postgres(&pod, false);
@@ -567,7 +568,7 @@ fn fork_pod_recreated_on_its_volume_keeps_its_writes() {
         stdout(&redo),
         String::from_utf8_lossy(&redo.stderr)
     );
-    check_restore_command(&pod2, &first_pg2.data);
+    check_restore_command(&pod2, POSTGRES_CONTAINER, &first_pg2.data);
     // The redone directory holds the backup's postgresql.conf again: the
     // container's settings (port, ...) are applied as on a fresh start.
     let mut pg2 = postgres(&pod2, false);
@@ -653,4 +654,235 @@ fn follower_pod_replays_streams_follows_and_is_promoted() {
     });
     f_pg.sql("INSERT INTO t VALUES (-1, 'promoted')");
     assert_eq!(f_pg.sql("SELECT v FROM t WHERE id = -1"), "promoted");
+}
+
+/// A restore proof pod of `cb` run to its end as the kubelet would run it:
+/// install, restore, then `walden restore-test` in the postgres image.
+struct ProofRun {
+    pod: Pod,
+    restore: std::process::Output,
+    proof: Option<std::process::Output>,
+}
+
+fn run_proof(
+    work: &Path,
+    name: &str,
+    cb: &ContinuousBackup,
+    checks: &[(&str, String)],
+    target_lsn: Option<&str>,
+) -> ProofRun {
+    let spec: walden_operator::api::RestoreTestSpec = serde_json::from_value(json!({
+        "schedule": "0 5 * * *",
+        "checks": checks.iter().map(|(n, sql)| json!({"name": n, "sql": sql})).collect::<Vec<_>>(),
+    }))
+    .expect("restoreTest");
+    let built = specs::restore_test_pod(&RestoreTestPlan {
+        cb_name: "pg",
+        namespace: NS,
+        owner: owner("ContinuousBackup", "pg"),
+        spec: &spec,
+        storage: &cb.spec.storage,
+        compression_level: 3,
+        postgres_image: "postgres:15",
+        walden_image: IMAGE,
+        run_as_user: 999,
+        target_lsn,
+    });
+    let pod = Pod::new(
+        work,
+        name,
+        built.spec.expect("pod spec"),
+        IMAGE,
+        secrets("pg", &[]),
+        &[],
+    );
+    pod.run_init(INSTALL_CONTAINER);
+    let restore = pod.run_to_end(RESTORE_CONTAINER);
+    if !restore.status.success() {
+        return ProofRun {
+            pod,
+            restore,
+            proof: None,
+        };
+    }
+    let c = pod.container(RESTORE_TEST_CONTAINER).clone();
+    let pgdata = pod
+        .env(&c)
+        .into_iter()
+        .find(|(k, _)| k == "PGDATA")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .expect("PGDATA");
+    check_restore_command(&pod, RESTORE_TEST_CONTAINER, &pgdata);
+    let proof = pod.run_to_end(RESTORE_TEST_CONTAINER);
+    ProofRun {
+        pod,
+        restore,
+        proof: Some(proof),
+    }
+}
+
+impl ProofRun {
+    /// The pod status the kubelet would report (exit codes and termination
+    /// messages), read by the operator's own `observe`.
+    fn observed(&self) -> Finished {
+        let term = |name: &str, out: &std::process::Output| {
+            json!({"name": name, "state": {"terminated": {
+                "exitCode": out.status.code().unwrap_or(-1),
+                "message": self.pod.termination_message(name).unwrap_or_default(),
+            }}})
+        };
+        let mut status = json!({"phase": "Failed",
+            "initContainerStatuses": [term(RESTORE_CONTAINER, &self.restore)]});
+        if let Some(p) = &self.proof {
+            status["containerStatuses"] = json!([term(RESTORE_TEST_CONTAINER, p)]);
+            if p.status.success() {
+                status["phase"] = json!("Succeeded");
+            }
+        }
+        let pod: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(json!({"metadata": {"name": "pg-restore-test"}, "status": status}))
+                .expect("pod status");
+        let now = chrono::Utc::now();
+        match observe(&pod, now, 3600, now) {
+            Observed::Finished(f) => f,
+            Observed::Running => panic!("a pod whose containers ended is not running"),
+        }
+    }
+
+    fn output(&self) -> String {
+        let mut s = format!(
+            "restore: {}\n{}",
+            self.restore.status,
+            String::from_utf8_lossy(&self.restore.stderr)
+        );
+        if let Some(p) = &self.proof {
+            s.push_str(&format!(
+                "restore-test: {}\nstdout: {}\nstderr: {}",
+                p.status,
+                String::from_utf8_lossy(&p.stdout),
+                String::from_utf8_lossy(&p.stderr)
+            ));
+        }
+        s
+    }
+}
+
+/// The file of the archive object named `name` (its last path part), under
+/// the S3 server's directory.
+fn archive_object(dir: &Path, name: &str) -> std::path::PathBuf {
+    fn walk(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = walk(&p, name) {
+                    return Some(f);
+                }
+            } else if p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == name)
+            {
+                return Some(p);
+            }
+        }
+        None
+    }
+    walk(dir, name).unwrap_or_else(|| panic!("no object {name} under {}", dir.display()))
+}
+
+/// Issue 15 §1: the restore proof pod, its containers run as the kubelet
+/// runs them and its status read by the operator's own code. A healthy
+/// archive is proven (pg_amcheck clean, a check on the ledger's row count
+/// true), at the end and at a WAL position inside the window; a check that
+/// does not hold, a hole in the archive and a corrupt backup part each
+/// fail the proof with their reason.
+#[test]
+fn restore_proof_pod_proves_the_archive_and_fails_on_holes_and_corruption() {
+    let work = Workdir::new("pod-proof");
+    let src = source(work.path());
+    // After the backup (5000 rows): a segment of 5000 more, then another.
+    insert(&src.pg, 5000, 5000);
+    let mid_lsn = src.pg.sql("SELECT pg_current_wal_lsn()");
+    let middle = src.pg.switch_wal();
+    insert(&src.pg, 10000, 5000);
+    let last = src.pg.switch_wal();
+    src.pg.wait_archived(&last, LONG);
+    assert_eq!(src.pg.sql("SELECT count(*) FROM t"), "15000");
+    let rows = |n: u32| vec![("rows", format!("select count(*) = {n} from t"))];
+
+    let healthy = run_proof(work.path(), "proof-end", &src.cb, &rows(15000), None);
+    let f = healthy.observed();
+    assert_eq!(
+        f.result,
+        walden_operator::api::RestoreTestResult::Succeeded,
+        "{f:?}\n{}",
+        healthy.output()
+    );
+    let report = f.report.clone().expect("report");
+    assert_eq!(
+        report.amcheck.as_ref().map(|a| a.passed),
+        Some(true),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.checks.iter().map(|c| (c.name.as_str(), c.passed)).collect::<Vec<_>>(),
+        vec![("rows", true)]
+    );
+    assert!(report.reached_lsn.is_some() && report.reached_time.is_some(), "{report:?}");
+    assert!(f.backup.is_some() && report.backup == f.backup, "{f:?}");
+    // The report on stdout is the termination message.
+    let stdout = String::from_utf8_lossy(&healthy.proof.as_ref().expect("ran").stdout).into_owned();
+    assert_eq!(
+        Some(stdout.trim()),
+        healthy.pod.termination_message(RESTORE_TEST_CONTAINER).as_deref().map(str::trim)
+    );
+
+    // A WAL position inside the window (what Random picks): exactly the
+    // rows committed before it.
+    let at = run_proof(work.path(), "proof-lsn", &src.cb, &rows(10000), Some(&mid_lsn));
+    let f = at.observed();
+    assert_eq!(f.reason, "Passed", "{f:?}\n{}", at.output());
+
+    let wrong = run_proof(work.path(), "proof-check", &src.cb, &rows(15001), None);
+    let f = wrong.observed();
+    assert_eq!(
+        (f.result, f.reason.as_str()),
+        (walden_operator::api::RestoreTestResult::Failed, "CheckFailed"),
+        "{f:?}\n{}",
+        wrong.output()
+    );
+    assert!(f.message.contains("\"rows\""), "{}", f.message);
+
+    // A hole: the segment between the backup and the archive's end.
+    let s3_dir = work.path().join("s3");
+    let seg = archive_object(&s3_dir, &format!("{middle}.zst"));
+    let aside = seg.with_extension("aside");
+    std::fs::rename(&seg, &aside).expect("move the segment aside");
+    let hole = run_proof(work.path(), "proof-hole", &src.cb, &rows(15000), None);
+    std::fs::rename(&aside, &seg).expect("put the segment back");
+    let f = hole.observed();
+    assert_eq!(f.reason, "RecoveryFailed", "{f:?}\n{}", hole.output());
+    assert!(
+        f.message.contains(&middle) && f.message.contains("hole"),
+        "the proof names the hole: {}",
+        f.message
+    );
+
+    // A corrupt part: the restore refuses it, and the proof says so.
+    let part = archive_object(&s3_dir, "part-00001.tar.zst");
+    let good = std::fs::read(&part).expect("part");
+    let mut bad = good.clone();
+    let i = bad.len() / 2;
+    bad[i] ^= 0xff;
+    std::fs::write(&part, &bad).expect("corrupt the part");
+    let corrupt = run_proof(work.path(), "proof-corrupt", &src.cb, &rows(15000), None);
+    std::fs::write(&part, &good).expect("repair the part");
+    let f = corrupt.observed();
+    assert_eq!(
+        (f.result, f.reason.as_str()),
+        (walden_operator::api::RestoreTestResult::Failed, "RestoreFailed"),
+        "{f:?}\n{}",
+        corrupt.output()
+    );
+    assert!(f.message.contains("part-00001"), "{}", f.message);
 }

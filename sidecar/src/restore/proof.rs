@@ -271,7 +271,7 @@ async fn wait_recovered(
     report: &mut Report,
 ) -> Option<Client> {
     let cfg = opts.config();
-    let mut last_error = String::from("no connection attempt yet");
+    let mut last_error: String;
     loop {
         match server.try_wait() {
             Ok(Some(status)) => {
