@@ -595,6 +595,40 @@ class Suite:
         return (f"{kills} kill(s): archive_command failed while the sidecar was down, PostgreSQL kept the "
                 f"segments, archived through {last} once it was back")
 
+    def restore_proof(self):
+        """spec.restoreTest on the node (issue 15 §1): a proof pod restores the
+        archive's end, pg_amcheck and a ledger check pass, status records the
+        proof, Recoverable=True, and the proof pod is removed."""
+        n = len(self.expected)
+        wait_archived("pg-0", archived_through("pg-0"))
+        kubectl("patch", "cb", "pg", "--type", "merge", "-p", json.dumps({"spec": {"restoreTest": {
+            "schedule": "* * * * *", "deadlineSeconds": 600,
+            "checks": [{"name": "ledger", "sql": f"select count(*) >= {n} from ledger"}]}}}))
+        try:
+            cb = poll("a restore proof recorded", lambda: (c := get("cb", "pg"))
+                      and (c.get("status") or {}).get("lastRestoreTest") and c, timeout=max(TIMEOUT, 420))
+            last = cb["status"]["lastRestoreTest"]
+            if last.get("result") != "Succeeded":
+                raise StepFailed(f"proof {last.get('result')} {last.get('reason')}: {last.get('message')}")
+            checks = {c["name"]: c["passed"] for c in last.get("checks", [])}
+            if checks != {"pg_amcheck": True, "ledger": True}:
+                raise StepFailed(f"checks {checks}")
+            if not (last.get("reached") or {}).get("lsn") or not last.get("backupUsed"):
+                raise StepFailed(f"no reached LSN or backup in {last}")
+            cond = condition(cb, "Recoverable")
+            if cond.get("status") != "True":
+                raise StepFailed(f"Recoverable {cond}")
+            if "Succeeded" not in kubectl("get", "cb", "pg"):
+                raise StepFailed("no Restore Test column")
+        finally:
+            kubectl("patch", "cb", "pg", "--type", "json", "-p",
+                    '[{"op": "remove", "path": "/spec/restoreTest"}]', check=False)
+        poll("no proof pod left once restoreTest is removed", lambda: not kubectl(
+            "get", "pods", "-l", "app.kubernetes.io/component=restore-test", "-o", "name").strip())
+        return (f"{last['target']}: backup {last['backupUsed']}, reached {last['reached']['lsn']}, "
+                f"restore {last.get('restoreSeconds')}s, replay {last.get('replaySeconds', 0):.1f}s, "
+                f"pg_amcheck and ledger >= {n} rows passed; Recoverable=True")
+
     def bad_fork(self):
         future = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
         apply(json.dumps({
@@ -741,6 +775,7 @@ class Suite:
             ("Fork at a recorded time: exact rows, writable", self.fork_at_time),
             ("Fork at an LSN: exact rows", self.fork_at_lsn),
             ("Fork at the latest point: every row", self.fork_latest),
+            ("restore proof: pg_amcheck and a ledger check on a restored archive, Recoverable", self.restore_proof),
             ("Follower: restores, streams from the primary, lag in status", self.follower),
             ("Follower promoted: writable", self.promote),
             ("fault: primary pod deleted mid-load, no committed row lost", self.primary_pod_deleted),

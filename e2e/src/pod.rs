@@ -377,8 +377,7 @@ impl Pod {
             .chain(self.spec.containers.iter())
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("pod {}: no container {name}", self.name));
-        retry_busy(|| self.command(c).output())
-            .unwrap_or_else(|e| panic!("container {name}: {e}"))
+        retry_busy(|| self.command(c).output()).unwrap_or_else(|e| panic!("container {name}: {e}"))
     }
 
     /// Starts a long-running container; its stderr goes to `<root>/<name>.log`.

@@ -25,7 +25,7 @@ use walden_e2e::sys::{wait_for, ACCESS_KEY, BUCKET, SECRET_KEY};
 use walden_e2e::{PgCluster, S3Server, Workdir};
 use walden_operator::api::{ContinuousBackup, Follower, Fork};
 use walden_operator::daemon_client::DAEMON_PORT;
-use walden_operator::restore_test::{observe, Finished, Observed};
+use walden_operator::restore_test::{observe, Finished};
 use walden_operator::specs::{
     self, InstanceKind, InstancePlan, OperatorConfig, RestoreTestPlan, INSTALL_CONTAINER,
     POSTGRES_CONTAINER, RESTORE_CONTAINER, RESTORE_TEST_CONTAINER, SIDECAR_CONTAINER,
@@ -739,14 +739,12 @@ impl ProofRun {
                 status["phase"] = json!("Succeeded");
             }
         }
-        let pod: k8s_openapi::api::core::v1::Pod =
-            serde_json::from_value(json!({"metadata": {"name": "pg-restore-test"}, "status": status}))
-                .expect("pod status");
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(
+            json!({"metadata": {"name": "pg-restore-test"}, "status": status}),
+        )
+        .expect("pod status");
         let now = chrono::Utc::now();
-        match observe(&pod, now, 3600, now) {
-            Observed::Finished(f) => f,
-            Observed::Running => panic!("a pod whose containers ended is not running"),
-        }
+        observe(&pod, now, 3600, now).expect("a pod whose containers ended is not running")
     }
 
     fn output(&self) -> String {
@@ -825,21 +823,38 @@ fn restore_proof_pod_proves_the_archive_and_fails_on_holes_and_corruption() {
         "{report:?}"
     );
     assert_eq!(
-        report.checks.iter().map(|c| (c.name.as_str(), c.passed)).collect::<Vec<_>>(),
+        report
+            .checks
+            .iter()
+            .map(|c| (c.name.as_str(), c.passed))
+            .collect::<Vec<_>>(),
         vec![("rows", true)]
     );
-    assert!(report.reached_lsn.is_some() && report.reached_time.is_some(), "{report:?}");
+    assert!(
+        report.reached_lsn.is_some() && report.reached_time.is_some(),
+        "{report:?}"
+    );
     assert!(f.backup.is_some() && report.backup == f.backup, "{f:?}");
     // The report on stdout is the termination message.
     let stdout = String::from_utf8_lossy(&healthy.proof.as_ref().expect("ran").stdout).into_owned();
     assert_eq!(
         Some(stdout.trim()),
-        healthy.pod.termination_message(RESTORE_TEST_CONTAINER).as_deref().map(str::trim)
+        healthy
+            .pod
+            .termination_message(RESTORE_TEST_CONTAINER)
+            .as_deref()
+            .map(str::trim)
     );
 
     // A WAL position inside the window (what Random picks): exactly the
     // rows committed before it.
-    let at = run_proof(work.path(), "proof-lsn", &src.cb, &rows(10000), Some(&mid_lsn));
+    let at = run_proof(
+        work.path(),
+        "proof-lsn",
+        &src.cb,
+        &rows(10000),
+        Some(&mid_lsn),
+    );
     let f = at.observed();
     assert_eq!(f.reason, "Passed", "{f:?}\n{}", at.output());
 
@@ -847,7 +862,10 @@ fn restore_proof_pod_proves_the_archive_and_fails_on_holes_and_corruption() {
     let f = wrong.observed();
     assert_eq!(
         (f.result, f.reason.as_str()),
-        (walden_operator::api::RestoreTestResult::Failed, "CheckFailed"),
+        (
+            walden_operator::api::RestoreTestResult::Failed,
+            "CheckFailed"
+        ),
         "{f:?}\n{}",
         wrong.output()
     );
@@ -880,7 +898,10 @@ fn restore_proof_pod_proves_the_archive_and_fails_on_holes_and_corruption() {
     let f = corrupt.observed();
     assert_eq!(
         (f.result, f.reason.as_str()),
-        (walden_operator::api::RestoreTestResult::Failed, "RestoreFailed"),
+        (
+            walden_operator::api::RestoreTestResult::Failed,
+            "RestoreFailed"
+        ),
         "{f:?}\n{}",
         corrupt.output()
     );

@@ -173,13 +173,6 @@ impl Finished {
     }
 }
 
-/// What a proof pod shows now.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Observed {
-    Running,
-    Finished(Finished),
-}
-
 fn terminated<'a>(
     statuses: Option<&'a Vec<k8s_openapi::api::core::v1::ContainerStatus>>,
     name: &str,
@@ -200,13 +193,14 @@ fn seconds(t: &ContainerStateTerminated) -> Option<f64> {
 
 /// Reads a proof pod (pure): the proof's report once its container ended,
 /// the restore's error if that failed first, the kubelet's deadline, or the
-/// operator's own deadline for a pod that never got going.
+/// operator's own deadline for a pod that never got going. `None`: it is
+/// still running.
 pub fn observe(
     pod: &Pod,
     started_at: DateTime<Utc>,
     deadline_seconds: i64,
     now: DateTime<Utc>,
-) -> Observed {
+) -> Option<Finished> {
     let status = pod.status.clone().unwrap_or_default();
     let restore = terminated(status.init_container_statuses.as_ref(), RESTORE_CONTAINER);
     let restore_seconds = restore.and_then(seconds);
@@ -218,7 +212,7 @@ pub fn observe(
     let with_restore = |mut f: Finished| {
         f.restore_seconds = restore_seconds;
         f.backup = backup.clone();
-        Observed::Finished(f)
+        Some(f)
     };
     if let Some(t) = terminated(status.container_statuses.as_ref(), RESTORE_TEST_CONTAINER) {
         let message = t.message.clone().unwrap_or_default();
@@ -293,7 +287,7 @@ pub fn observe(
             }
         )));
     }
-    Observed::Running
+    None
 }
 
 /// The Recoverable condition (pure): True only while the last proof
@@ -370,29 +364,108 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
+    type TargetCase<'a> = (
+        RestoreTestTarget,
+        Option<&'a str>,
+        Option<&'a str>,
+        u64,
+        Option<&'a str>,
+    );
+    type ObserveCase<'a> = (
+        &'a str,
+        serde_json::Value,
+        DateTime<Utc>,
+        Option<(RestoreTestResult, &'a str, &'a str)>,
+    );
+    type RecoverableCase<'a> = (
+        Option<&'a RestoreTestStatus>,
+        i64,
+        Status,
+        &'a str,
+        Option<DateTime<Utc>>,
+    );
+
     #[test]
     fn targets_table() {
-        let cases: &[(RestoreTestTarget, Option<&str>, Option<&str>, u64, Option<&str>)] = &[
-            (RestoreTestTarget::Latest, Some("0/2000028"), Some("000000010000000000000009"), 7, None),
+        let cases: &[TargetCase] = &[
+            (
+                RestoreTestTarget::Latest,
+                Some("0/2000028"),
+                Some("000000010000000000000009"),
+                7,
+                None,
+            ),
             // Random: between the window's start and segment 9's start (0/9000000).
-            (RestoreTestTarget::Random, Some("0/2000028"), Some("000000010000000000000009"), 0, Some("0/2000028")),
-            (RestoreTestTarget::Random, Some("0/2000028"), Some("000000010000000000000009"), 0x6FFFFD8, Some("0/9000000")),
+            (
+                RestoreTestTarget::Random,
+                Some("0/2000028"),
+                Some("000000010000000000000009"),
+                0,
+                Some("0/2000028"),
+            ),
+            (
+                RestoreTestTarget::Random,
+                Some("0/2000028"),
+                Some("000000010000000000000009"),
+                0x6FFFFD8,
+                Some("0/9000000"),
+            ),
             // The range wraps, never past the end.
-            (RestoreTestTarget::Random, Some("0/2000028"), Some("000000010000000000000009"), 0x6FFFFD9, Some("0/2000028")),
+            (
+                RestoreTestTarget::Random,
+                Some("0/2000028"),
+                Some("000000010000000000000009"),
+                0x6FFFFD9,
+                Some("0/2000028"),
+            ),
             // Across a 4 GiB boundary.
-            (RestoreTestTarget::Random, Some("0/FF000028"), Some("000000020000000100000003"), 0xFFFFD8, Some("1/0")),
+            (
+                RestoreTestTarget::Random,
+                Some("0/FF000028"),
+                Some("000000020000000100000003"),
+                0xFFFFD8,
+                Some("1/0"),
+            ),
             // A window inside one segment: the end of the archive.
-            (RestoreTestTarget::Random, Some("0/9000028"), Some("000000010000000000000009"), 5, None),
+            (
+                RestoreTestTarget::Random,
+                Some("0/9000028"),
+                Some("000000010000000000000009"),
+                5,
+                None,
+            ),
             // Nothing known yet: the end of the archive.
-            (RestoreTestTarget::Random, None, Some("000000010000000000000009"), 5, None),
+            (
+                RestoreTestTarget::Random,
+                None,
+                Some("000000010000000000000009"),
+                5,
+                None,
+            ),
             (RestoreTestTarget::Random, Some("0/2000028"), None, 5, None),
-            (RestoreTestTarget::Random, Some("junk"), Some("000000010000000000000009"), 5, None),
+            (
+                RestoreTestTarget::Random,
+                Some("junk"),
+                Some("000000010000000000000009"),
+                5,
+                None,
+            ),
             // A segment number above 255: segments smaller than 16 MiB, 1 MiB assumed.
-            (RestoreTestTarget::Random, Some("0/100"), Some("000000010000000000000400"), 0x3FFFFF00, Some("0/40000000")),
+            (
+                RestoreTestTarget::Random,
+                Some("0/100"),
+                Some("000000010000000000000400"),
+                0x3FFFFF00,
+                Some("0/40000000"),
+            ),
         ];
         for (policy, first, last, r, want) in cases {
             let got = choose_target(*policy, *first, *last, *r);
-            assert_eq!(got.as_deref(), *want, "{policy:?} {first:?} {last:?} {r:#x}");
+            assert_eq!(
+                got.as_deref(),
+                *want,
+                "{policy:?} {first:?} {last:?} {r:#x}"
+            );
         }
         // Every position chosen lies inside the window.
         for r in [1u64, 99, 123_456_789, u64::MAX / 3] {
@@ -422,41 +495,107 @@ mod tests {
         let restored = json!({"name": "walden-restore", "state": {"terminated": {
             "exitCode": 0, "message": "restored backup B1 to the end of the archive",
             "startedAt": "2026-12-03T10:00:05Z", "finishedAt": "2026-12-03T10:00:35Z"}}});
-        let cases: Vec<(&str, serde_json::Value, DateTime<Utc>, Option<(RestoreTestResult, &str, &str)>)> = vec![
+        let cases: Vec<ObserveCase> = vec![
             ("pending, early", json!({"phase": "Pending"}), now, None),
-            ("restoring", json!({"phase": "Pending", "initContainerStatuses": [
-                {"name": "walden-restore", "state": {"running": {}}}]}), now, None),
-            ("proof passed", json!({"phase": "Succeeded", "initContainerStatuses": [restored],
+            (
+                "restoring",
+                json!({"phase": "Pending", "initContainerStatuses": [
+                {"name": "walden-restore", "state": {"running": {}}}]}),
+                now,
+                None,
+            ),
+            (
+                "proof passed",
+                json!({"phase": "Succeeded", "initContainerStatuses": [restored],
                 "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 0, "message": REPORT}}}]}),
-                now, Some((RestoreTestResult::Succeeded, "Passed", "recovered to 0/9000060"))),
-            ("proof found a hole", json!({"phase": "Failed", "initContainerStatuses": [restored],
+                now,
+                Some((
+                    RestoreTestResult::Succeeded,
+                    "Passed",
+                    "recovered to 0/9000060",
+                )),
+            ),
+            (
+                "proof found a hole",
+                json!({"phase": "Failed", "initContainerStatuses": [restored],
                 "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 1,
                 "message": "{\"passed\":false,\"reason\":\"RecoveryFailed\",\"message\":\"wal-fetch: 000000010000000000000005 is a hole\",\"replaySeconds\":1}"}}}]}),
-                now, Some((RestoreTestResult::Failed, "RecoveryFailed", "is a hole"))),
-            ("report after log lines", json!({"phase": "Failed",
+                now,
+                Some((RestoreTestResult::Failed, "RecoveryFailed", "is a hole")),
+            ),
+            (
+                "report after log lines",
+                json!({"phase": "Failed",
                 "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 1,
                 "message": "some log line\n{\"passed\":false,\"reason\":\"TimedOut\",\"message\":\"recovery did not end\",\"replaySeconds\":1}"}}}]}),
-                now, Some((RestoreTestResult::TimedOut, "TimedOut", "recovery did not end"))),
-            ("no report", json!({"phase": "Failed",
+                now,
+                Some((
+                    RestoreTestResult::TimedOut,
+                    "TimedOut",
+                    "recovery did not end",
+                )),
+            ),
+            (
+                "no report",
+                json!({"phase": "Failed",
                 "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 137, "message": "Killed"}}}]}),
-                now, Some((RestoreTestResult::Failed, "ProofError", "exited with 137 without a report: Killed"))),
-            ("restore failed", json!({"phase": "Failed", "initContainerStatuses": [
+                now,
+                Some((
+                    RestoreTestResult::Failed,
+                    "ProofError",
+                    "exited with 137 without a report: Killed",
+                )),
+            ),
+            (
+                "restore failed",
+                json!({"phase": "Failed", "initContainerStatuses": [
                 {"name": "walden-restore", "state": {"terminated": {"exitCode": 1, "message": "restore: part-00001.tar.zst: checksum mismatch"}}}]}),
-                now, Some((RestoreTestResult::Failed, "RestoreFailed", "checksum mismatch"))),
-            ("kubelet deadline", json!({"phase": "Failed", "reason": "DeadlineExceeded", "message": "Pod was active on the node longer than the specified deadline"}),
-                now, Some((RestoreTestResult::TimedOut, "TimedOut", "longer than the specified deadline"))),
-            ("evicted", json!({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: ephemeral-storage."}),
-                now, Some((RestoreTestResult::Failed, "PodFailed", "ephemeral-storage"))),
-            ("never scheduled, past the deadline", json!({"phase": "Pending", "initContainerStatuses": [
+                now,
+                Some((
+                    RestoreTestResult::Failed,
+                    "RestoreFailed",
+                    "checksum mismatch",
+                )),
+            ),
+            (
+                "kubelet deadline",
+                json!({"phase": "Failed", "reason": "DeadlineExceeded", "message": "Pod was active on the node longer than the specified deadline"}),
+                now,
+                Some((
+                    RestoreTestResult::TimedOut,
+                    "TimedOut",
+                    "longer than the specified deadline",
+                )),
+            ),
+            (
+                "evicted",
+                json!({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: ephemeral-storage."}),
+                now,
+                Some((RestoreTestResult::Failed, "PodFailed", "ephemeral-storage")),
+            ),
+            (
+                "never scheduled, past the deadline",
+                json!({"phase": "Pending", "initContainerStatuses": [
                 {"name": "walden-install", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}),
-                t("2026-12-03T11:01:01Z"), Some((RestoreTestResult::TimedOut, "TimedOut", "walden-install ImagePullBackOff"))),
-            ("just inside the grace", json!({"phase": "Running"}), t("2026-12-03T11:00:59Z"), None),
+                t("2026-12-03T11:01:01Z"),
+                Some((
+                    RestoreTestResult::TimedOut,
+                    "TimedOut",
+                    "walden-install ImagePullBackOff",
+                )),
+            ),
+            (
+                "just inside the grace",
+                json!({"phase": "Running"}),
+                t("2026-12-03T11:00:59Z"),
+                None,
+            ),
         ];
         for (name, status, at, want) in cases {
             let got = observe(&pod(status), start, 3600, at);
             match (got, want) {
-                (Observed::Running, None) => {}
-                (Observed::Finished(f), Some((result, reason, text))) => {
+                (None, None) => {}
+                (Some(f), Some((result, reason, text))) => {
                     assert_eq!(f.result, result, "{name}");
                     assert_eq!(f.reason, reason, "{name}");
                     assert!(f.message.contains(text), "{name}: {}", f.message);
@@ -471,19 +610,40 @@ mod tests {
         let restored = json!({"name": "walden-restore", "state": {"terminated": {
             "exitCode": 0, "message": "restored backup B1 to the end of the archive",
             "startedAt": "2026-12-03T10:00:05Z", "finishedAt": "2026-12-03T10:00:35Z"}}});
-        let p = pod(json!({"phase": "Succeeded", "initContainerStatuses": [restored],
-            "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 0, "message": REPORT}}}]}));
-        let Observed::Finished(f) = observe(&p, t("2026-12-03T10:00:00Z"), 3600, t("2026-12-03T10:01:00Z")) else {
+        let p = pod(
+            json!({"phase": "Succeeded", "initContainerStatuses": [restored],
+            "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 0, "message": REPORT}}}]}),
+        );
+        let Some(f) = observe(
+            &p,
+            t("2026-12-03T10:00:00Z"),
+            3600,
+            t("2026-12-03T10:01:00Z"),
+        ) else {
             panic!("not finished");
         };
-        let s = f.status(t("2026-12-03T10:00:00Z"), Some("0/5000000"), t("2026-12-03T10:01:00Z"));
+        let s = f.status(
+            t("2026-12-03T10:00:00Z"),
+            Some("0/5000000"),
+            t("2026-12-03T10:01:00Z"),
+        );
         assert_eq!(s.target, "lsn 0/5000000");
         assert_eq!(s.backup_used.as_deref(), Some("B1"));
         assert_eq!(s.restore_seconds, Some(30.0));
         assert_eq!(s.replay_seconds, Some(4.5));
-        assert_eq!(s.reached.as_ref().and_then(|r| r.lsn.as_deref()), Some("0/9000060"));
-        assert_eq!(s.reached.as_ref().and_then(|r| r.time), Some(t("2026-12-03T10:00:00Z")));
-        let names: Vec<_> = s.checks.iter().map(|c| (c.name.as_str(), c.passed)).collect();
+        assert_eq!(
+            s.reached.as_ref().and_then(|r| r.lsn.as_deref()),
+            Some("0/9000060")
+        );
+        assert_eq!(
+            s.reached.as_ref().and_then(|r| r.time),
+            Some(t("2026-12-03T10:00:00Z"))
+        );
+        let names: Vec<_> = s
+            .checks
+            .iter()
+            .map(|c| (c.name.as_str(), c.passed))
+            .collect();
         assert_eq!(names, vec![("pg_amcheck", true), ("rows", true)]);
         assert_eq!(s.result, RestoreTestResult::Succeeded);
     }
@@ -507,18 +667,46 @@ mod tests {
         let ok = done(RestoreTestResult::Succeeded, "2026-12-03T10:00:00Z");
         let failed = done(RestoreTestResult::Failed, "2026-12-04T09:00:00Z");
         let timed_out = done(RestoreTestResult::TimedOut, "2026-12-04T09:00:00Z");
-        let cases: Vec<(Option<&RestoreTestStatus>, i64, Status, &str, Option<DateTime<Utc>>)> = vec![
+        let cases: Vec<RecoverableCase> = vec![
             (None, 3600, Status::Unknown, "NotYetProven", None),
-            (Some(&ok), 2 * 86400, Status::True, "RestoreTestSucceeded", Some(t("2026-12-05T10:00:00Z"))),
+            (
+                Some(&ok),
+                2 * 86400,
+                Status::True,
+                "RestoreTestSucceeded",
+                Some(t("2026-12-05T10:00:00Z")),
+            ),
             // Exactly max age old: no longer evidence.
             (Some(&ok), 86400, Status::False, "RestoreTestTooOld", None),
-            (Some(&ok), 86401, Status::True, "RestoreTestSucceeded", Some(t("2026-12-04T10:00:01Z"))),
-            (Some(&failed), 2 * 86400, Status::False, "RestoreTestFailed", None),
-            (Some(&timed_out), 2 * 86400, Status::False, "RestoreTestTimedOut", None),
+            (
+                Some(&ok),
+                86401,
+                Status::True,
+                "RestoreTestSucceeded",
+                Some(t("2026-12-04T10:00:01Z")),
+            ),
+            (
+                Some(&failed),
+                2 * 86400,
+                Status::False,
+                "RestoreTestFailed",
+                None,
+            ),
+            (
+                Some(&timed_out),
+                2 * 86400,
+                Status::False,
+                "RestoreTestTimedOut",
+                None,
+            ),
         ];
         for (last, max_age, status, reason, expires) in cases {
             let got = recoverable(last, max_age, now);
-            assert_eq!((got.0, got.1, got.3), (status, reason, expires), "{last:?} {max_age}");
+            assert_eq!(
+                (got.0, got.1, got.3),
+                (status, reason, expires),
+                "{last:?} {max_age}"
+            );
         }
     }
 }

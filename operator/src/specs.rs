@@ -13,10 +13,10 @@ use crate::daemon_client::DAEMON_PORT;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, PersistentVolumeClaim, Pod, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -992,7 +992,10 @@ pub fn restore_test_pod(plan: &RestoreTestPlan<'_>) -> Pod {
         env("WALDEN_RESTORE_TEST_SOCKET_DIR", RUN_DIR),
         env("WALDEN_RESTORE_TEST_USER", &plan.spec.user),
         env("WALDEN_RESTORE_TEST_DATABASE", &plan.spec.database),
-        env("WALDEN_RESTORE_TEST_CHECKS", Value::Array(checks).to_string()),
+        env(
+            "WALDEN_RESTORE_TEST_CHECKS",
+            Value::Array(checks).to_string(),
+        ),
         env("WALDEN_RESTORE_TEST_AMCHECK", plan.spec.amcheck.to_string()),
         env(
             "WALDEN_RESTORE_TEST_TIMEOUT",
@@ -1035,12 +1038,9 @@ pub fn restore_test_pod(plan: &RestoreTestPlan<'_>) -> Pod {
     }
     let mut volumes = vec![data, empty_dir(BIN_VOLUME), empty_dir(RUN_VOLUME)];
     volumes.extend(encryption_volume(plan.storage));
-    let annotations = plan.target_lsn.map(|lsn| {
-        BTreeMap::from([(
-            RESTORE_TEST_TARGET_ANNOTATION.to_string(),
-            lsn.to_string(),
-        )])
-    });
+    let annotations = plan
+        .target_lsn
+        .map(|lsn| BTreeMap::from([(RESTORE_TEST_TARGET_ANNOTATION.to_string(), lsn.to_string())]));
     Pod {
         metadata: ObjectMeta {
             name: Some(restore_test_pod_name(plan.cb_name)),

@@ -202,12 +202,14 @@ enum Command {
         termination_log: Option<PathBuf>,
     },
     /// Prove a restore: start PostgreSQL on what `walden restore` wrote, follow recovery to its end, run pg_amcheck and SQL checks
-    #[command(long_about = "Prove a restored data directory (the operator's scheduled restore proofs).\n\n\
+    #[command(
+        long_about = "Prove a restored data directory (the operator's scheduled restore proofs).\n\n\
         Starts PostgreSQL on DIR (written by walden restore) on a private unix socket only, with archiving \
         off, waits until recovery ends, records where it ended (LSN and time), runs pg_amcheck on every \
         database (heap and btree indexes) and each SQL check (its last row must be one true value), stops \
         the server, and prints one JSON report. Exit status: 0 the proof passed; 1 it failed (the report \
-        says why: a hole, a corrupt segment, a target not in the archive, a failed check).")]
+        says why: a hole, a corrupt segment, a target not in the archive, a failed check)."
+    )]
     RestoreTest {
         /// The restored data directory
         #[arg(long, env = "PGDATA", value_name = "DIR")]
@@ -222,7 +224,12 @@ enum Command {
         #[arg(long, env = "WALDEN_RESTORE_TEST_DATABASE", default_value = "postgres")]
         database: String,
         /// SQL checks, a JSON array of {"name": ..., "sql": ...}
-        #[arg(long, env = "WALDEN_RESTORE_TEST_CHECKS", default_value = "[]", value_name = "JSON")]
+        #[arg(
+            long,
+            env = "WALDEN_RESTORE_TEST_CHECKS",
+            default_value = "[]",
+            value_name = "JSON"
+        )]
         checks: String,
         /// Run pg_amcheck on every database
         #[arg(long, env = "WALDEN_RESTORE_TEST_AMCHECK", default_value_t = true, action = clap::ArgAction::Set)]
@@ -231,7 +238,12 @@ enum Command {
         #[arg(long, env = "WALDEN_PG_BIN", value_name = "DIR")]
         pg_bin: Option<PathBuf>,
         /// Seconds recovery may take
-        #[arg(long, env = "WALDEN_RESTORE_TEST_TIMEOUT", default_value_t = 3600, value_name = "SECONDS")]
+        #[arg(
+            long,
+            env = "WALDEN_RESTORE_TEST_TIMEOUT",
+            default_value_t = 3600,
+            value_name = "SECONDS"
+        )]
         timeout: u64,
         /// Also write the report here (Kubernetes' terminationMessagePath, read by the operator)
         #[arg(long, env = "WALDEN_TERMINATION_LOG", value_name = "PATH")]

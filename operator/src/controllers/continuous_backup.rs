@@ -2056,30 +2056,46 @@ mod tests {
     async fn a_restore_proof_runs_on_schedule_and_is_recorded() {
         let (api, daemon) = setup(proof_spec(), Some(primary_status()));
         started_proof(&api, &daemon).await;
-        let pod: Pod = serde_json::from_value(api.get(PROOF_PATH).expect("proof pod")).expect("pod");
+        let pod: Pod =
+            serde_json::from_value(api.get(PROOF_PATH).expect("proof pod")).expect("pod");
         let spec = pod.spec.clone().expect("spec");
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         assert_eq!(spec.active_deadline_seconds, Some(3600));
         let proof = &spec.containers[0];
-        assert_eq!(proof.image.as_deref(), Some("postgres:16"), "the protected container's image");
+        assert_eq!(
+            proof.image.as_deref(),
+            Some("postgres:16"),
+            "the protected container's image"
+        );
         let env: Vec<(String, String)> = proof
             .env
             .iter()
             .flatten()
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect();
-        assert!(env.contains(&("WALDEN_READ_ONLY".into(), "true".into())), "{env:?}");
-        assert!(env.iter().any(|(k, v)| k == "WALDEN_RESTORE_TEST_CHECKS" && v.contains("from orders")));
+        assert!(
+            env.contains(&("WALDEN_READ_ONLY".into(), "true".into())),
+            "{env:?}"
+        );
+        assert!(env
+            .iter()
+            .any(|(k, v)| k == "WALDEN_RESTORE_TEST_CHECKS" && v.contains("from orders")));
         let restore = &spec.init_containers.as_ref().expect("init")[1];
         let args = restore.command.clone().unwrap_or_default().join(" ");
         assert!(args.contains("--target-lsn"), "Random target: {args}");
         assert_eq!(
-            pod.metadata.owner_references.as_ref().map(|o| o[0].uid.clone()),
+            pod.metadata
+                .owner_references
+                .as_ref()
+                .map(|o| o[0].uid.clone()),
             Some("cb-uid".to_string())
         );
         let cb = stored_cb(&api);
         let status = cb.status.clone().expect("status");
-        let run = status.restore_test_in_progress.clone().expect("in progress");
+        let run = status
+            .restore_test_in_progress
+            .clone()
+            .expect("in progress");
         assert_eq!(run.started_at, time("2025-05-01T05:00:05Z"));
         let lsn = run.target_lsn.clone().expect("a random LSN");
         assert_eq!(
@@ -2088,23 +2104,33 @@ mod tests {
         );
         assert!(args.contains(&lsn), "{args}");
         assert_eq!(condition(&cb, "Recoverable").1, "NotYetProven");
-        assert!(api.event_reasons().contains(&"RestoreTestStarted".to_string()));
+        assert!(api
+            .event_reasons()
+            .contains(&"RestoreTestStarted".to_string()));
         assert_eq!(pod_posts(&api), 1);
 
         // Still restoring: nothing new is created, the proof is polled.
-        set_pod_status(&api, json!({"phase": "Pending", "initContainerStatuses": [
-            {"name": "walden-restore", "state": {"running": {}}}]}));
+        set_pod_status(
+            &api,
+            json!({"phase": "Pending", "initContainerStatuses": [
+            {"name": "walden-restore", "state": {"running": {}}}]}),
+        );
         let ctx = context(&api, daemon.clone(), time("2025-05-01T05:02:00Z"));
         let action = reconcile(stored_cb(&api), ctx).await.expect("reconcile");
         assert_eq!(action, Action::requeue(Duration::from_secs(30)));
         assert_eq!(pod_posts(&api), 1, "never two proofs at once");
 
-        set_pod_status(&api, json!({"phase": "Succeeded",
+        set_pod_status(
+            &api,
+            json!({"phase": "Succeeded",
             "initContainerStatuses": [{"name": "walden-restore", "state": {"terminated": {"exitCode": 0,
                 "message": "restored backup 20250501T030000Z to lsn", "startedAt": "2025-05-01T05:00:10Z", "finishedAt": "2025-05-01T05:01:10Z"}}}],
-            "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 0, "message": PROOF_REPORT}}}]}));
+            "containerStatuses": [{"name": "restore-test", "state": {"terminated": {"exitCode": 0, "message": PROOF_REPORT}}}]}),
+        );
         let ctx = context(&api, daemon.clone(), time("2025-05-01T05:03:00Z"));
-        reconcile(stored_cb(&api), ctx.clone()).await.expect("reconcile");
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
         let cb = stored_cb(&api);
         let status = cb.status.clone().expect("status");
         assert!(status.restore_test_in_progress.is_none());
@@ -2114,16 +2140,35 @@ mod tests {
         assert_eq!(last.backup_used.as_deref(), Some("20250501T030000Z"));
         assert_eq!(last.restore_seconds, Some(60.0));
         assert_eq!(last.replay_seconds, Some(3.5));
-        assert_eq!(last.reached.as_ref().and_then(|r| r.lsn.as_deref()), Some("0/7000060"));
+        assert_eq!(
+            last.reached.as_ref().and_then(|r| r.lsn.as_deref()),
+            Some("0/7000060")
+        );
         assert_eq!(last.checks.len(), 2);
-        assert_eq!(status.last_successful_restore_test, Some(time("2025-05-01T05:03:00Z")));
+        assert_eq!(
+            status.last_successful_restore_test,
+            Some(time("2025-05-01T05:03:00Z"))
+        );
         assert_eq!(condition(&cb, "Recoverable").0, "True");
         assert!(api.get(PROOF_PATH).is_none(), "the proof pod is removed");
-        assert!(api.event_reasons().contains(&"RestoreTestSucceeded".to_string()));
+        assert!(api
+            .event_reasons()
+            .contains(&"RestoreTestSucceeded".to_string()));
         let metrics = ctx.metrics.encode().expect("metrics");
-        assert!(metrics.contains(r#"walden_restore_test_result{namespace="db",name="pg-backup"} 1"#), "{metrics}");
-        assert!(metrics.contains(r#"walden_restore_test_duration_seconds{namespace="db",name="pg-backup"} 175"#), "{metrics}");
-        assert!(metrics.contains("walden_restore_test_last_success_timestamp_seconds"), "{metrics}");
+        assert!(
+            metrics.contains(r#"walden_restore_test_result{namespace="db",name="pg-backup"} 1"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(
+                r#"walden_restore_test_duration_seconds{namespace="db",name="pg-backup"} 175"#
+            ),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("walden_restore_test_last_success_timestamp_seconds"),
+            "{metrics}"
+        );
 
         // Older than maxAgeSeconds (48 h) with no newer proof: not evidence any more.
         let mut obj = api.get(CB_PATH).expect("cb");
@@ -2134,8 +2179,13 @@ mod tests {
         reconcile(stored_cb(&api), ctx).await.expect("reconcile");
         let cb = stored_cb(&api);
         let (st, reason, _) = condition(&cb, "Recoverable");
-        assert_eq!((st.as_str(), reason.as_str()), ("False", "RestoreTestTooOld"));
-        assert!(api.event_reasons().contains(&"RestoreTestTooOld".to_string()));
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("False", "RestoreTestTooOld")
+        );
+        assert!(api
+            .event_reasons()
+            .contains(&"RestoreTestTooOld".to_string()));
         assert_eq!(pod_posts(&api), 0, "suspended: no proof started");
     }
 
@@ -2143,19 +2193,32 @@ mod tests {
     async fn a_failed_restore_makes_the_archive_not_recoverable() {
         let (api, daemon) = setup(proof_spec(), Some(primary_status()));
         started_proof(&api, &daemon).await;
-        set_pod_status(&api, json!({"phase": "Failed", "initContainerStatuses": [
+        set_pod_status(
+            &api,
+            json!({"phase": "Failed", "initContainerStatuses": [
             {"name": "walden-restore", "state": {"terminated": {"exitCode": 1,
-             "message": "restore: part-00001.tar.zst of backup 20250501T030000Z: checksum mismatch"}}}]}));
+             "message": "restore: part-00001.tar.zst of backup 20250501T030000Z: checksum mismatch"}}}]}),
+        );
         let ctx = context(&api, daemon.clone(), time("2025-05-01T05:04:00Z"));
         reconcile(stored_cb(&api), ctx).await.expect("reconcile");
         let cb = stored_cb(&api);
-        let last = cb.status.clone().and_then(|s| s.last_restore_test).expect("recorded");
+        let last = cb
+            .status
+            .clone()
+            .and_then(|s| s.last_restore_test)
+            .expect("recorded");
         assert_eq!(last.result, crate::api::RestoreTestResult::Failed);
         assert_eq!(last.reason, "RestoreFailed");
         let (st, reason, msg) = condition(&cb, "Recoverable");
-        assert_eq!((st.as_str(), reason.as_str()), ("False", "RestoreTestFailed"));
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("False", "RestoreTestFailed")
+        );
         assert!(msg.contains("checksum mismatch"), "{msg}");
-        assert!(api.event_notes("RestoreTestFailed").iter().any(|n| n.contains("checksum mismatch")));
+        assert!(api
+            .event_notes("RestoreTestFailed")
+            .iter()
+            .any(|n| n.contains("checksum mismatch")));
         assert!(api.get(PROOF_PATH).is_none());
     }
 
@@ -2163,17 +2226,31 @@ mod tests {
     async fn a_proof_past_its_deadline_times_out_and_is_removed() {
         let (api, daemon) = setup(proof_spec(), Some(primary_status()));
         started_proof(&api, &daemon).await;
-        set_pod_status(&api, json!({"phase": "Pending", "initContainerStatuses": [
-            {"name": "walden-install", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}));
+        set_pod_status(
+            &api,
+            json!({"phase": "Pending", "initContainerStatuses": [
+            {"name": "walden-install", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}),
+        );
         let ctx = context(&api, daemon.clone(), time("2025-05-01T05:30:00Z"));
         reconcile(stored_cb(&api), ctx).await.expect("reconcile");
-        assert!(api.get(PROOF_PATH).is_some(), "inside the deadline it waits");
+        assert!(
+            api.get(PROOF_PATH).is_some(),
+            "inside the deadline it waits"
+        );
         let ctx = context(&api, daemon.clone(), time("2025-05-01T06:01:06Z"));
         reconcile(stored_cb(&api), ctx).await.expect("reconcile");
         let cb = stored_cb(&api);
-        let last = cb.status.clone().and_then(|s| s.last_restore_test).expect("recorded");
+        let last = cb
+            .status
+            .clone()
+            .and_then(|s| s.last_restore_test)
+            .expect("recorded");
         assert_eq!(last.result, crate::api::RestoreTestResult::TimedOut);
-        assert!(last.message.contains("ImagePullBackOff"), "{}", last.message);
+        assert!(
+            last.message.contains("ImagePullBackOff"),
+            "{}",
+            last.message
+        );
         assert_eq!(condition(&cb, "Recoverable").1, "RestoreTestTimedOut");
         assert!(api.get(PROOF_PATH).is_none());
     }
@@ -2184,10 +2261,16 @@ mod tests {
         started_proof(&api, &daemon).await;
         // Evicted and garbage-collected, or deleted by hand.
         let pods: Api<Pod> = Api::namespaced(api.client(), NS);
-        pods.delete("pg-backup-restore-test", &Default::default()).await.expect("delete");
+        pods.delete("pg-backup-restore-test", &Default::default())
+            .await
+            .expect("delete");
         let ctx = context(&api, daemon.clone(), time("2025-05-01T05:10:00Z"));
         reconcile(stored_cb(&api), ctx).await.expect("reconcile");
-        let last = stored_cb(&api).status.clone().and_then(|s| s.last_restore_test).expect("recorded");
+        let last = stored_cb(&api)
+            .status
+            .clone()
+            .and_then(|s| s.last_restore_test)
+            .expect("recorded");
         assert_eq!(last.reason, "PodLost");
     }
 
@@ -2201,7 +2284,31 @@ mod tests {
         let ctx = context(&api, daemon.clone(), time("2025-05-01T05:01:01Z"));
         reconcile(stored_cb(&api), ctx).await.expect("cleanup");
         assert!(api.get(PROOF_PATH).is_none(), "the proof pod is deleted");
-        assert!(api.event_reasons().contains(&"RestoreTestCancelled".to_string()));
+        assert!(api
+            .event_reasons()
+            .contains(&"RestoreTestCancelled".to_string()));
+    }
+
+    #[tokio::test]
+    async fn removing_restore_test_cancels_the_proof_in_flight() {
+        let (api, daemon) = setup(proof_spec(), Some(primary_status()));
+        started_proof(&api, &daemon).await;
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("restoreTest");
+        api.insert(obj);
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T05:02:00Z"));
+        reconcile(stored_cb(&api), ctx).await.expect("reconcile");
+        assert!(api.get(PROOF_PATH).is_none(), "the proof pod is deleted");
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        assert!(status.restore_test_in_progress.is_none());
+        assert!(status.conditions.iter().all(|c| c.type_ != "Recoverable"));
+        assert!(api
+            .event_reasons()
+            .contains(&"RestoreTestCancelled".to_string()));
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use crate::api::{
     RestoreTestRun, RestoreTestSpec,
 };
 use crate::metrics::{BackupLabels, ProofLabels};
-use crate::restore_test::{choose_target, observe, recoverable, Finished, Observed};
+use crate::restore_test::{choose_target, observe, recoverable, Finished};
 use crate::schedule::{decide, Schedule};
 use crate::specs::{self, FIELD_MANAGER};
 use chrono::{DateTime, Utc};
@@ -45,6 +45,16 @@ pub async fn step(
     let Some(spec) = &cb.spec.restore_test else {
         status.next_restore_test_time = None;
         status.conditions.retain(|c| c.type_ != CONDITION);
+        // spec.restoreTest removed while a proof ran: it is cancelled.
+        if status.restore_test_in_progress.take().is_some() {
+            if let Some(pod) = cancel(ctx, cb).await? {
+                events.push(PendingEvent::normal(
+                    "RestoreTestCancelled",
+                    "RestoreTest",
+                    format!("spec.restoreTest was removed: restore proof {pod} cancelled, its pod deleted"),
+                ));
+            }
+        }
         return Ok(None);
     };
     let name = cb.name_any();
@@ -59,8 +69,8 @@ pub async fn step(
     match (status.restore_test_in_progress.clone(), live) {
         (Some(run), Some(pod)) if is_ours(&pod, &name) => {
             match observe(&pod, run.started_at, spec.deadline_seconds, now) {
-                Observed::Running => wait = Some(POLL),
-                Observed::Finished(f) => {
+                None => wait = Some(POLL),
+                Some(f) => {
                     record(ctx, cb, status, &run, &f, now, events);
                     delete(&pods, &pod_name).await?;
                 }
@@ -69,7 +79,9 @@ pub async fn step(
         (Some(run), _) => {
             let f = Finished::failed(
                 "PodLost",
-                format!("the proof pod {pod_name} disappeared before it reported (deleted or evicted)"),
+                format!(
+                    "the proof pod {pod_name} disappeared before it reported (deleted or evicted)"
+                ),
             );
             record(ctx, cb, status, &run, &f, now, events);
         }
@@ -216,7 +228,11 @@ async fn start_if_due(
             "container {} of StatefulSet {} names no image; set spec.restoreTest.image",
             cb.spec.target.container, cb.spec.target.stateful_set
         );
-        events.push(PendingEvent::warning("RestoreTestNotStarted", "RestoreTest", msg));
+        events.push(PendingEvent::warning(
+            "RestoreTestNotStarted",
+            "RestoreTest",
+            msg,
+        ));
         return Ok(d.next);
     };
     let random = getrandom::u64().unwrap_or_else(|_| now.timestamp_micros() as u64);
@@ -263,7 +279,9 @@ async fn start_if_due(
     events.push(PendingEvent::normal(
         "RestoreTestStarted",
         "RestoreTest",
-        format!("restore proof {pod_name} started for the run scheduled at {slot}: restoring to {what}"),
+        format!(
+            "restore proof {pod_name} started for the run scheduled at {slot}: restoring to {what}"
+        ),
     ));
     Ok(d.next)
 }
@@ -310,7 +328,10 @@ fn record(
         events.push(PendingEvent::normal(
             "RestoreTestSucceeded",
             "RestoreTest",
-            format!("restore proof {} succeeded in {seconds:.0}s: {}", run.pod, entry.message),
+            format!(
+                "restore proof {} succeeded in {seconds:.0}s: {}",
+                run.pod, entry.message
+            ),
         ));
     } else {
         let reason = if entry.result == RestoreTestResult::TimedOut {
@@ -321,7 +342,10 @@ fn record(
         events.push(PendingEvent::warning(
             reason,
             "RestoreTest",
-            format!("restore proof {} failed ({}): {}", run.pod, entry.reason, entry.message),
+            format!(
+                "restore proof {} failed ({}): {}",
+                run.pod, entry.reason, entry.message
+            ),
         ));
     }
     info!(pod = %run.pod, result = ?entry.result, reason = %entry.reason, "restore proof finished");

@@ -464,7 +464,10 @@ async fn check(client: &Client, c: &Check) -> CheckResult {
     CheckResult {
         name: c.name.clone(),
         passed: verdict.is_ok(),
-        detail: verdict.err().map(|d| cut(&d, MAX_DETAIL)).unwrap_or_default(),
+        detail: verdict
+            .err()
+            .map(|d| cut(&d, MAX_DETAIL))
+            .unwrap_or_default(),
     }
 }
 
