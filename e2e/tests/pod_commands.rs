@@ -765,6 +765,28 @@ impl ProofRun {
     }
 }
 
+/// Every file under the S3 server's directory with its size.
+fn archive_files(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)
+            .expect("read the S3 directory")
+            .flatten()
+        {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push((p, len));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// The file of the archive object named `name` (its last path part), under
 /// the S3 server's directory.
 fn archive_object(dir: &Path, name: &str) -> std::path::PathBuf {
@@ -808,7 +830,16 @@ fn restore_proof_pod_proves_the_archive_and_fails_on_holes_and_corruption() {
     assert_eq!(src.pg.sql("SELECT count(*) FROM t"), "15000");
     let rows = |n: u32| vec![("rows", format!("select count(*) = {n} from t"))];
 
+    let s3_dir = work.path().join("s3");
+    let before = archive_files(&s3_dir);
     let healthy = run_proof(work.path(), "proof-end", &src.cb, &rows(15000), None);
+    // The proof promoted its server on a new timeline, yet wrote nothing
+    // to the archive it proved (read-only storage, archive_mode=off).
+    assert_eq!(
+        archive_files(&s3_dir),
+        before,
+        "the proof wrote to the archive"
+    );
     let f = healthy.observed();
     assert_eq!(
         f.result,
@@ -872,7 +903,6 @@ fn restore_proof_pod_proves_the_archive_and_fails_on_holes_and_corruption() {
     assert!(f.message.contains("\"rows\""), "{}", f.message);
 
     // A hole: the segment between the backup and the archive's end.
-    let s3_dir = work.path().join("s3");
     let seg = archive_object(&s3_dir, &format!("{middle}.zst"));
     let aside = seg.with_extension("aside");
     std::fs::rename(&seg, &aside).expect("move the segment aside");
