@@ -68,8 +68,8 @@ fn status_names_the_first_hole_and_ends_the_window_before_it() {
         daemon.log_text()
     );
     assert_eq!(healthy["recoveryWindow"]["lastArchivedWal"], last.as_str());
-    // (The catalog's backup id comes from backup-push's own start time, not the job's.)
-    assert!(healthy["lastBackup"]["id"].is_string(), "{healthy}");
+    // The job's id is the stored backup's (the daemon passes it to backup-push).
+    assert_eq!(healthy["lastBackup"]["id"], id.as_str());
 
     // Delete the third segment's object from the middle of the archive.
     let gone = SegmentName::parse(&segments[2]).expect("segment");

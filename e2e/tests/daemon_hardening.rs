@@ -123,6 +123,41 @@ fn children_run_with_the_daemons_resolved_settings() {
     let rows =
         restored.sql("SELECT batch || ':' || count(*) FROM ledger GROUP BY batch ORDER BY batch");
     assert_eq!(rows, "1:50\n2:50\n3:50");
+    // The id a backup is stored under is the one asked for (the daemon
+    // passes its job id: the API, status and Events name the stored backup,
+    // even when backup-push starts in the next second); a taken id is refused.
+    let named = archive
+        .walden(&["backup-push", "--no-archive-check"])
+        .envs(pg.libpq_env())
+        .env("WALDEN_BACKUP_ID", "before-migration")
+        .output()
+        .expect("backup-push");
+    assert!(
+        named.status.success(),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    assert!(
+        listed(&archive).contains(&"before-migration".to_string()),
+        "{:?}",
+        listed(&archive)
+    );
+    let again = archive
+        .walden(&[
+            "backup-push",
+            "--no-archive-check",
+            "--id",
+            "before-migration",
+        ])
+        .envs(pg.libpq_env())
+        .output()
+        .expect("backup-push");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("backup id before-migration is already taken"),
+        "{err}"
+    );
 }
 
 /// Item 15: bad storage URLs and absurd durations get a clear error, never a

@@ -133,6 +133,11 @@ enum Command {
         /// Print the new backup's manifest as JSON on stdout
         #[arg(long)]
         json: bool,
+        /// The backup's id [default: its start time, e.g. 20261203T030000Z]; the daemon
+        /// passes its job id, so the API, the operator's status and Events name the
+        /// backup in storage. An id already in the archive is refused.
+        #[arg(long, env = "WALDEN_BACKUP_ID", value_name = "ID")]
+        id: Option<String>,
     },
     /// List base backups and the recoverable window
     BackupList {
@@ -421,10 +426,15 @@ async fn run(cli: Cli) -> ExitCode {
             wal_wait,
             no_archive_check,
             json,
+            id,
         } => {
             let result = async {
+                if let Some(id) = &id {
+                    backup::check_id(id).map_err(anyhow::Error::msg)?;
+                }
                 let storage = settings.open_storage().await?;
                 let opts = BackupOptions {
+                    id,
                     pgdata,
                     conninfo: pg_conninfo,
                     part_size: part_size_mb.max(1) << 20,

@@ -55,6 +55,8 @@ impl BackupError {
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
+    /// The id to claim; by default the start time (with a suffix when taken).
+    pub id: Option<String>,
     /// The data directory on disk; by default the server's `data_directory`.
     pub pgdata: Option<PathBuf>,
     /// A libpq connection string; by default the `PG*` environment.
@@ -154,9 +156,48 @@ pub fn parse_label(label: &str) -> Option<(Lsn, String, u32)> {
     Some((lsn?, file?, timeline?))
 }
 
+/// Whether `id` can name a backup: a storage key part (letters, digits,
+/// `.`, `_`, `-`; 1 to 64 characters, not starting with `.` or `-`) that is
+/// not the `LATEST` keyword of `restore --backup`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok_start = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if id.len() > 64 || !ok_chars || !ok_start {
+        return Err(format!(
+            "backup id {:?} is not valid: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            id.chars().take(80).collect::<String>()
+        ));
+    }
+    if id.eq_ignore_ascii_case("latest") {
+        return Err(
+            "backup id LATEST is reserved (restore --backup LATEST means the newest)".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Claims a backup id: an empty folder whose first lease this process
 /// created (write-once, so two backups starting at once never share a folder).
-async fn claim_id(storage: &dyn Storage, start: DateTime<Utc>) -> Result<String, BackupError> {
+/// A `wanted` id is claimed as it is, or refused when taken.
+async fn claim_id(
+    storage: &dyn Storage,
+    start: DateTime<Utc>,
+    wanted: Option<&str>,
+) -> Result<String, BackupError> {
+    if let Some(id) = wanted {
+        check_id(id).map_err(BackupError::Invalid)?;
+        if storage.list(&BackupManifest::prefix(id)).await?.is_empty()
+            && lease::create(storage, id, 0).await? == Created::Created
+        {
+            return Ok(id.to_string());
+        }
+        return Err(BackupError::Conflict(format!(
+            "backup id {id} is already taken in {}",
+            storage.url()
+        )));
+    }
     let base = start.format("%Y%m%dT%H%M%SZ").to_string();
     for n in 1..100 {
         let id = if n == 1 {
@@ -224,7 +265,7 @@ pub async fn push(
 
     let modern = info.version_num >= 150000;
     let now = Utc::now();
-    let id = claim_id(storage.as_ref(), now).await?;
+    let id = claim_id(storage.as_ref(), now, opts.id.as_deref()).await?;
     let span = tracing::info_span!("backup_push", id = %id);
     let (stop_lease, lease_stopped) = watch::channel(false);
     let renewing = tokio::spawn(lease::renew_until(
@@ -484,6 +525,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backup_ids_table() {
+        for ok in [
+            "20261203T030000Z",
+            "20261203T030000Z-2",
+            "before-migration",
+            "v1.2_3",
+        ] {
+            assert_eq!(check_id(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "not valid"),
+            ("a/b", "not valid"),
+            ("../x", "not valid"),
+            ("-x", "not valid"),
+            (".x", "not valid"),
+            ("a b", "not valid"),
+            ("latest", "reserved"),
+            ("LATEST", "reserved"),
+        ] {
+            let e = check_id(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(check_id(&"x".repeat(65)).is_err());
+        assert!(check_id(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
     fn parses_backup_labels() {
         let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
                      CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\n\
@@ -510,12 +578,26 @@ mod tests {
             )
             .await
             .unwrap();
-        let (a, b) = tokio::join!(claim_id(&storage, t), claim_id(&storage, t));
+        let (a, b) = tokio::join!(claim_id(&storage, t, None), claim_id(&storage, t, None));
         let mut ids = vec![a.unwrap(), b.unwrap()];
         ids.sort();
         assert_eq!(ids, ["20260101T000000Z", "20260101T000000Z-2"]);
-        let c = claim_id(&storage, t).await.unwrap();
+        let c = claim_id(&storage, t, None).await.unwrap();
         assert_eq!(c, "20260101T000000Z-4");
+        // An id asked for is claimed as it is, once; a taken one is refused.
+        assert_eq!(
+            claim_id(&storage, t, Some("nightly")).await.unwrap(),
+            "nightly"
+        );
+        let taken = claim_id(&storage, t, Some("nightly")).await.unwrap_err();
+        assert!(
+            taken.to_string().contains("nightly is already taken"),
+            "{taken}"
+        );
+        let left = claim_id(&storage, t, Some("20260101T000000Z-3"))
+            .await
+            .unwrap_err();
+        assert!(left.to_string().contains("already taken"), "{left}");
         for id in [
             "20260101T000000Z",
             "20260101T000000Z-2",
