@@ -581,7 +581,19 @@ pub fn primary_inputs(cb: &ContinuousBackup, sts: &StatefulSet, image: &str) -> 
         )
     });
     let data = pg.and_then(|c| pgdata_mount(c, &target.pgdata));
-    json!({"spec": cb.spec, "image": image, "postgresArgs": args, "dataMount": data})
+    // Only the spec fields the injection is built from: asking for a backup,
+    // a schedule, suspending or a restore proof must not count as a change
+    // that applies an upgrade held back (and so restarts the database).
+    let spec = &cb.spec;
+    let shaping = json!({
+        "target": spec.target,
+        "storage": spec.storage,
+        "compression": spec.compression,
+        "archiveTimeout": spec.archive_timeout,
+        "retention": spec.retention,
+        "sidecar": spec.sidecar,
+    });
+    json!({"spec": shaping, "image": image, "postgresArgs": args, "dataMount": data})
 }
 
 /// Which walden image a protected primary's injection runs, and whether it

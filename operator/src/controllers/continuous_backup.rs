@@ -234,12 +234,12 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 report_sidecar(&mut status, &sidecar, generation, now, &mut events);
             }
             Ok(ApplyDecision::HoldBack) => {
-                info!(statefulset = %target, "operator changed its injection; held back until the spec changes");
+                info!(statefulset = %target, "operator changed its injection; held back until a field it is built from changes");
                 let held = specs::SidecarChoice {
                     current: false,
                     reason: "UpdateAvailable",
                     message: format!(
-                        "this operator would change the injection on StatefulSet {target} (an upgrade); held back so the database does not restart: it is applied with the next change of this ContinuousBackup's spec, or at once with spec.sidecar.updatePolicy: Automatic"
+                        "this operator would change the injection on StatefulSet {target} (an upgrade); held back so the database does not restart: it is applied with the next change of a field the injection is built from (target, storage, compression, archiveTimeout, retention, sidecar), or at once with spec.sidecar.updatePolicy: Automatic"
                     ),
                     ..sidecar.clone()
                 };
@@ -873,6 +873,7 @@ mod tests {
     use crate::controllers::testing::{
         context, context_with_image, pod, primary_status, time, FakeApi, FakeDaemon, IMAGE,
     };
+    use crate::controllers::APPLIED_ANNOTATION;
     use crate::daemon_client::{BackupJob, DaemonStatus};
     use serde_json::{json, Value};
 
@@ -1290,6 +1291,55 @@ mod tests {
             Some("ghcr.io/walden-dev/walden:next")
         );
         assert_eq!(condition(&stored_cb(&api), "SidecarCurrent").0, "True");
+    }
+
+    /// A held-back injection (the operator's body changed, the user's inputs
+    /// did not) stays held back when only fields that shape no pod change:
+    /// an on-demand backup or a restore proof must not restart the database.
+    #[tokio::test]
+    async fn asking_for_a_backup_or_a_proof_does_not_apply_a_held_back_injection() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let now = time("2025-05-01T10:05:00Z");
+        reconcile(stored_cb(&api), context(&api, daemon.clone(), now))
+            .await
+            .expect("first reconcile");
+        // As if an older operator had built another body from the same inputs.
+        let mut sts = api.get(STS_PATH).expect("sts");
+        let stamp = sts["metadata"]["annotations"][APPLIED_ANNOTATION]
+            .as_str()
+            .expect("stamp")
+            .to_string();
+        let (inputs, _) = stamp.split_once('.').expect("inputs.body");
+        sts["metadata"]["annotations"][APPLIED_ANNOTATION] = json!(format!("{inputs}.0ld0b0dy"));
+        api.insert(sts);
+        for (field, value) in [
+            ("backupRequest", json!("before-migration")),
+            ("restoreTest", json!({"schedule": "0 5 * * *"})),
+            ("schedule", json!("0 4 * * *")),
+            ("suspend", json!(true)),
+        ] {
+            let mut obj = api.get(CB_PATH).expect("cb");
+            obj["spec"][field] = value;
+            api.insert(obj);
+            api.clear_requests();
+            reconcile(stored_cb(&api), context(&api, daemon.clone(), now))
+                .await
+                .expect("reconcile");
+            assert!(
+                api.writes().iter().all(|r| r.path != STS_PATH),
+                "spec.{field} applied the held-back injection: {:?}",
+                api.writes()
+            );
+        }
+        // A field the injection is built from does apply it.
+        let mut obj = api.get(CB_PATH).expect("cb");
+        obj["spec"]["archiveTimeout"] = json!("30s");
+        api.insert(obj);
+        api.clear_requests();
+        reconcile(stored_cb(&api), context(&api, daemon.clone(), now))
+            .await
+            .expect("reconcile");
+        assert!(api.writes().iter().any(|r| r.path == STS_PATH));
     }
 
     #[tokio::test]
