@@ -141,6 +141,18 @@ fn empty_dir(name: &str) -> Volume {
     }
 }
 
+/// Pod security of fork, follower and proof pods: everything runs as the
+/// PostgreSQL user, who also owns the volumes.
+fn pod_security_context(uid: i64) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        ..Default::default()
+    }
+}
+
 /// Restricted-profile container security: non-root, no privilege
 /// escalation, no capabilities, RuntimeDefault seccomp.
 pub fn restricted_security_context(uid: i64, read_only_root: bool) -> SecurityContext {
@@ -917,13 +929,7 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
                     init_containers: Some(vec![install_container(plan.walden_image, uid), restore]),
                     containers: vec![postgres, sidecar],
                     volumes: Some(volumes),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(uid),
-                        run_as_group: Some(uid),
-                        fs_group: Some(uid),
-                        ..Default::default()
-                    }),
+                    security_context: Some(pod_security_context(uid)),
                     automount_service_account_token: Some(false),
                     ..Default::default()
                 }),
@@ -1068,13 +1074,7 @@ pub fn restore_test_pod(plan: &RestoreTestPlan<'_>) -> Pod {
             volumes: Some(volumes),
             restart_policy: Some("Never".to_string()),
             active_deadline_seconds: Some(plan.spec.deadline_seconds),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(uid),
-                run_as_group: Some(uid),
-                fs_group: Some(uid),
-                ..Default::default()
-            }),
+            security_context: Some(pod_security_context(uid)),
             automount_service_account_token: Some(false),
             ..Default::default()
         }),

@@ -4,8 +4,9 @@
 //! a backup: the operator has no storage credentials at all.
 
 use super::{
-    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, publish, report_error,
-    report_invalid, set_condition, ApplyDecision, Context, Desired, Error, PendingEvent, Status,
+    apply_if_changed, apply_status, created_at, ensure_token, kube_err, namespace_of, publish,
+    report_error, report_invalid, set_condition, ApplyDecision, Context, Desired, Error,
+    PendingEvent, Status,
 };
 use crate::api::{
     BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
@@ -744,12 +745,7 @@ async fn schedule_backup(
         status.next_backup_time = None;
         return None;
     }
-    let anchor = cb
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0))
-        .unwrap_or(now);
+    let anchor = created_at(cb).unwrap_or(now);
     let last_backup_start = primary
         .status
         .last_backup

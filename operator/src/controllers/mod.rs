@@ -565,6 +565,14 @@ async fn read_token(api: &Api<Secret>, name: &str) -> Result<Option<String>, Err
         .filter(|t| !t.is_empty()))
 }
 
+/// When an object was created (whole seconds, as the API server keeps it).
+pub fn created_at<K: Resource>(obj: &K) -> Option<DateTime<Utc>> {
+    obj.meta()
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0))
+}
+
 /// Controller owner reference to `owner`.
 pub fn owner_reference<K: Resource<DynamicType = ()>>(owner: &K) -> Result<OwnerReference, Error> {
     owner

@@ -4,7 +4,9 @@
 //! Recoverable condition says whether the last proof is recent evidence.
 //! The decisions are pure, in `crate::restore_test`.
 
-use super::{kube_err, owner_reference, set_condition, Context, Error, PendingEvent, Status};
+use super::{
+    created_at, kube_err, owner_reference, set_condition, Context, Error, PendingEvent, Status,
+};
 use crate::api::{
     ContinuousBackup, ContinuousBackupStatus, MissedBackupPolicy, RestoreTestResult,
     RestoreTestRun, RestoreTestSpec,
@@ -58,13 +60,11 @@ pub async fn step(
         return Ok(None);
     };
     let name = cb.name_any();
-    let ns = cb.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod_name = specs::restore_test_pod_name(&name);
-    let live = pods
-        .get_opt(&pod_name)
-        .await
-        .map_err(kube_err(format!("reading pod {pod_name}")))?;
+    let ProofPod {
+        pods,
+        name: pod_name,
+        live,
+    } = proof_pod(ctx, cb).await?;
     let mut wait: Option<Duration> = None;
     match (status.restore_test_in_progress.clone(), live) {
         (Some(run), Some(pod)) if is_ours(&pod, &name) => {
@@ -88,12 +88,7 @@ pub async fn step(
         (None, Some(pod)) if is_ours(&pod, &name) => {
             // Created by a reconcile whose status write was lost (the
             // operator stopped in between): follow it.
-            let started_at = pod
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0))
-                .unwrap_or(now);
+            let started_at = created_at(&pod).unwrap_or(now);
             status.restore_test_in_progress = Some(RestoreTestRun {
                 pod: pod_name.clone(),
                 started_at,
@@ -182,12 +177,7 @@ async fn start_if_due(
         status.next_restore_test_time = None;
         return Ok(None);
     }
-    let anchor = cb
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0))
-        .unwrap_or(now);
+    let anchor = created_at(cb).unwrap_or(now);
     let d = decide(
         &schedule,
         MissedBackupPolicy::RunOnce,
@@ -361,18 +351,34 @@ async fn delete(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
     }
 }
 
-/// Cancels a proof in flight (the ContinuousBackup is being deleted).
-pub async fn cancel(ctx: &Context, cb: &ContinuousBackup) -> Result<Option<String>, Error> {
-    let name = cb.name_any();
+/// The proof pod of a ContinuousBackup, as it is now.
+struct ProofPod {
+    pods: Api<Pod>,
+    name: String,
+    live: Option<Pod>,
+}
+
+async fn proof_pod(ctx: &Context, cb: &ContinuousBackup) -> Result<ProofPod, Error> {
     let ns = cb.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod_name = specs::restore_test_pod_name(&name);
+    let name = specs::restore_test_pod_name(&cb.name_any());
     let live = pods
-        .get_opt(&pod_name)
+        .get_opt(&name)
         .await
-        .map_err(kube_err(format!("reading pod {pod_name}")))?;
+        .map_err(kube_err(format!("reading pod {name}")))?;
+    Ok(ProofPod { pods, name, live })
+}
+
+/// Cancels a proof in flight (the ContinuousBackup is being deleted, or
+/// its spec.restoreTest removed).
+pub async fn cancel(ctx: &Context, cb: &ContinuousBackup) -> Result<Option<String>, Error> {
+    let ProofPod {
+        pods,
+        name: pod_name,
+        live,
+    } = proof_pod(ctx, cb).await?;
     match live {
-        Some(pod) if is_ours(&pod, &name) => {
+        Some(pod) if is_ours(&pod, &cb.name_any()) => {
             delete(&pods, &pod_name).await?;
             Ok(Some(pod_name))
         }
