@@ -107,6 +107,21 @@ impl Archive {
         self.walden(args).output().expect("run walden")
     }
 
+    /// Ids of the backups `walden backup-list --json` lists.
+    pub fn backup_ids(&self) -> Vec<String> {
+        let out = crate::ledger::ok(
+            self.walden_output(&["backup-list", "--json"]),
+            "backup-list",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("backup-list JSON");
+        v["backups"]
+            .as_array()
+            .expect("backups")
+            .iter()
+            .map(|b| b["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
     /// The archive opened in-process (direct to the S3 server, not through the proxy).
     pub async fn storage(&self) -> Arc<dyn Storage> {
         crate::sys::init_process_env();

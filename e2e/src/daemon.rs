@@ -208,6 +208,24 @@ impl Daemon {
         (status, v)
     }
 
+    /// Starts a base backup with `POST /v1/backups` and waits until it
+    /// succeeds (a failed one panics with the daemon's log); returns its id.
+    pub fn backup(&self) -> String {
+        let (code, started) = self.api("POST", "/v1/backups");
+        assert_eq!(code, 202, "{started}");
+        let id = started["id"].as_str().expect("id").to_string();
+        wait_for(
+            &format!("backup {id} to succeed"),
+            crate::ledger::LONG,
+            || {
+                let (_, job) = self.api("GET", &format!("/v1/backups/{id}"));
+                assert_ne!(job["state"], "failed", "{job}\n{}", self.log_text());
+                (job["state"] == "succeeded").then_some(())
+            },
+        );
+        id
+    }
+
     /// `/metrics`, parsed strictly.
     pub fn metrics(&self) -> Metrics {
         let (status, body) = self.http("GET", "/metrics", None);

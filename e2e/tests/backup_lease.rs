@@ -19,19 +19,6 @@ fn json(out: &std::process::Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn listed(archive: &Archive) -> Vec<String> {
-    let v = json(&ok(
-        archive.walden_output(&["backup-list", "--json"]),
-        "backup-list",
-    ));
-    v["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["id"].as_str().expect("id").to_string())
-        .collect()
-}
-
 /// Backup folders in the archive (with or without backup.json).
 fn folders(archive: &Archive) -> Vec<String> {
     let mut v: Vec<String> = block_on(archive.keys())
@@ -176,7 +163,11 @@ fn retention_never_deletes_a_running_backup_and_a_backup_never_lists_missing_par
         String::from_utf8_lossy(&c_out.stdout)
     );
     assert!(c_err.contains("part-00001.tar.zst"), "{c_err}");
-    assert!(!listed(&archive).contains(&c_id), "{:?}", listed(&archive));
+    assert!(
+        !archive.backup_ids().contains(&c_id),
+        "{:?}",
+        archive.backup_ids()
+    );
     assert!(
         !archive
             .object_path(&format!("backups/{c_id}/backup.json"))
@@ -224,7 +215,7 @@ fn backup_push_refuses_a_stale_copy_of_the_data_directory() {
         err.contains("is not the data directory of the server"),
         "{err}"
     );
-    assert!(listed(&archive).is_empty());
+    assert!(archive.backup_ids().is_empty());
     assert!(folders(&archive).is_empty(), "{:?}", folders(&archive));
 
     // The live directory still backs up, and restores with every row.
@@ -344,5 +335,5 @@ fn retention_carries_on_where_multipart_uploads_cannot_be_listed() {
         err.contains("cannot list leftovers of interrupted writes"),
         "{err}"
     );
-    assert_eq!(listed(&archive).len(), 1);
+    assert_eq!(archive.backup_ids().len(), 1);
 }

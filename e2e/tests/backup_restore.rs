@@ -43,23 +43,6 @@ fn backup_push(archive: &Archive, p: &Primary, extra: &[&str]) -> String {
         .to_string()
 }
 
-fn listed_ids(archive: &Archive, pg: &PgCluster) -> Vec<String> {
-    let out = ok(
-        archive
-            .walden_pg(pg, &["backup-list", "--json"])
-            .output()
-            .unwrap(),
-        "backup-list",
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("backup-list JSON");
-    list["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["id"].as_str().expect("id").to_string())
-        .collect()
-}
-
 #[test]
 fn point_in_time_restores_are_exact_to_the_transaction() {
     let work = Workdir::new("pitr");
@@ -81,7 +64,7 @@ fn point_in_time_restores_are_exact_to_the_transaction() {
         }
     }
     p.archive_everything();
-    let ids = listed_ids(&archive, &p.pg);
+    let ids = archive.backup_ids();
     assert_eq!(ids.len(), 2, "two backups listed: {ids:?}");
     let t = |i: usize| p.batches[i].commit_time.clone();
 
@@ -376,7 +359,7 @@ fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
     child.wait().unwrap();
 
     assert_eq!(
-        listed_ids(&archive, &p.pg),
+        archive.backup_ids(),
         vec![first.clone()],
         "a killed backup was listed"
     );
@@ -389,7 +372,7 @@ fn killed_backup_is_never_listed_and_does_not_disturb_archiving() {
         "archiving failed after the killed backup"
     );
     let second = backup_push(&archive, &p, &[]);
-    assert_eq!(listed_ids(&archive, &p.pg), vec![first, second]);
+    assert_eq!(archive.backup_ids(), vec![first, second]);
 }
 
 /// Peak memory of backup-push and restore, on a database with many small

@@ -44,14 +44,7 @@ fn status_names_the_first_hole_and_ends_the_window_before_it() {
     // No base backup yet: nothing to be continuous from.
     assert!(status(&daemon)["continuity"].is_null());
 
-    let (code, started) = daemon.api("POST", "/v1/backups");
-    assert_eq!(code, 202, "{started}");
-    let id = started["id"].as_str().expect("id").to_string();
-    wait_for(&format!("backup {id} to succeed"), LONG, || {
-        let (_, job) = daemon.api("GET", &format!("/v1/backups/{id}"));
-        assert_ne!(job["state"], "failed", "{job}\n{}", daemon.log_text());
-        (job["state"] == "succeeded").then_some(())
-    });
+    let id = daemon.backup();
 
     let segments: Vec<String> = (1..=5).map(|n| write_segment(&pg, n)).collect();
     let last = segments.last().expect("segments").clone();

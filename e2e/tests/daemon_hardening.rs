@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use walden_e2e::daemon::{Options, TOKEN};
-use walden_e2e::ledger::{ok, restore_and_start, LONG};
+use walden_e2e::ledger::{restore_and_start, LONG};
 use walden_e2e::sys::{aws_env, wait_for};
 use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
 
@@ -47,32 +47,6 @@ fn segment_key(name: &str) -> String {
         .object_key()
 }
 
-fn backup_through_the_api(daemon: &Daemon) -> String {
-    let (code, started) = daemon.api("POST", "/v1/backups");
-    assert_eq!(code, 202, "{started}");
-    let id = started["id"].as_str().expect("id").to_string();
-    wait_for(&format!("backup {id} to succeed"), LONG, || {
-        let (_, job) = daemon.api("GET", &format!("/v1/backups/{id}"));
-        assert_ne!(job["state"], "failed", "{job}\n{}", daemon.log_text());
-        (job["state"] == "succeeded").then_some(())
-    });
-    id
-}
-
-fn listed(archive: &Archive) -> Vec<String> {
-    let out = ok(
-        archive.walden_output(&["backup-list", "--json"]),
-        "backup-list",
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["id"].as_str().expect("id").to_string())
-        .collect()
-}
-
 /// Item 10: a daemon configured by flags alone runs backup-push, backup-list
 /// and retain with those settings.
 #[test]
@@ -102,13 +76,13 @@ fn children_run_with_the_daemons_resolved_settings() {
     pg.with_env(daemon.client_env()).start();
     pg.sql("CREATE TABLE ledger (id serial PRIMARY KEY, batch int NOT NULL)");
     pg.sql("INSERT INTO ledger (batch) SELECT 1 FROM generate_series(1, 50)");
-    let first = backup_through_the_api(&daemon);
+    let first = daemon.backup();
     pg.sql("INSERT INTO ledger (batch) SELECT 2 FROM generate_series(1, 50)");
     pg.switch_wal();
-    let second = backup_through_the_api(&daemon);
+    let second = daemon.backup();
     // retain --full 1 ran with the daemon's storage: only the second is left.
     wait_for("retention to retire the first backup", LONG, || {
-        (listed(&archive) == [second.as_str()]).then_some(())
+        (archive.backup_ids() == [second.as_str()]).then_some(())
     });
     assert_ne!(first, second);
     // backup-list ran with it too: the status knows the last backup.
@@ -138,9 +112,11 @@ fn children_run_with_the_daemons_resolved_settings() {
         String::from_utf8_lossy(&named.stderr)
     );
     assert!(
-        listed(&archive).contains(&"before-migration".to_string()),
+        archive
+            .backup_ids()
+            .contains(&"before-migration".to_string()),
         "{:?}",
-        listed(&archive)
+        archive.backup_ids()
     );
     let again = archive
         .walden(&[

@@ -11,30 +11,6 @@ use walden_e2e::{Archive, Daemon, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(180);
 
-fn backup_through_the_api(daemon: &Daemon) -> String {
-    let (code, started) = daemon.api("POST", "/v1/backups");
-    assert_eq!(code, 202, "{started}");
-    let id = started["id"].as_str().expect("id").to_string();
-    wait_for(&format!("backup {id} to succeed"), LONG, || {
-        let (_, job) = daemon.api("GET", &format!("/v1/backups/{id}"));
-        assert_ne!(job["state"], "failed", "{job}\n{}", daemon.log_text());
-        (job["state"] == "succeeded").then_some(())
-    });
-    id
-}
-
-fn listed(archive: &Archive) -> Vec<String> {
-    let out = archive.walden_output(&["backup-list", "--json"]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["id"].as_str().expect("id").to_string())
-        .collect()
-}
-
 #[test]
 fn daemon_applies_retention_after_each_successful_backup() {
     let work = Workdir::new("daemon-retain");
@@ -48,18 +24,18 @@ fn daemon_applies_retention_after_each_successful_backup() {
     pg.with_env(daemon.client_env()).start();
     pg.pgbench(&["-i", "-s", "1", "-q"]);
 
-    let first = backup_through_the_api(&daemon);
-    assert_eq!(listed(&archive), [first.as_str()]);
+    let first = daemon.backup();
+    assert_eq!(archive.backup_ids(), [first.as_str()]);
     for _ in 0..3 {
         pg.sql(
             "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())",
         );
         pg.switch_wal();
     }
-    let second = backup_through_the_api(&daemon);
+    let second = daemon.backup();
     assert_ne!(first, second);
     wait_for("the first backup to be retired", LONG, || {
-        (listed(&archive) == [second.as_str()]).then_some(())
+        (archive.backup_ids() == [second.as_str()]).then_some(())
     });
     let keys = block_on(archive.keys());
     assert!(

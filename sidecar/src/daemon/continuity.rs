@@ -629,15 +629,13 @@ mod tests {
         }
     }
 
-    /// Against real files: a hole is found, a later refresh lists only the
-    /// folders from the mark on, and a filled hole is no longer reported.
-    #[tokio::test]
-    async fn refresh_reports_a_hole_and_its_repair() {
+    /// An empty file:// repository of the database `system_identifier`.
+    async fn file_repository(system_identifier: &str) -> (tempfile::TempDir, Arc<dyn Storage>) {
         let dir = tempfile::tempdir().unwrap();
         let storage: Arc<dyn Storage> =
             Arc::new(crate::storage::FileStorage::new(dir.path().to_path_buf()));
         let id = serde_json::json!({
-            "format": 1, "system_identifier": "7", "pg_version": 15,
+            "format": 1, "system_identifier": system_identifier, "pg_version": 15,
             "wal_segment_size": SIZE, "created_at": "2026-01-01T00:00:00Z", "created_by": "test"
         });
         storage
@@ -647,6 +645,14 @@ mod tests {
             )
             .await
             .unwrap();
+        (dir, storage)
+    }
+
+    /// Against real files: a hole is found, a later refresh lists only the
+    /// folders from the mark on, and a filled hole is no longer reported.
+    #[tokio::test]
+    async fn refresh_reports_a_hole_and_its_repair() {
+        let (_dir, storage) = file_repository("7").await;
         let put = |n: u64| {
             let s = storage.clone();
             async move {
@@ -690,20 +696,7 @@ mod tests {
     /// without that file, recovery cannot follow and the hole names it.
     #[tokio::test]
     async fn follows_the_new_timeline_and_names_a_missing_history_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage: Arc<dyn Storage> =
-            Arc::new(crate::storage::FileStorage::new(dir.path().to_path_buf()));
-        let id = serde_json::json!({
-            "format": 1, "system_identifier": "8", "pg_version": 15,
-            "wal_segment_size": SIZE, "created_at": "2026-01-01T00:00:00Z", "created_by": "test"
-        });
-        storage
-            .create(
-                "walden.json",
-                Box::pin(std::io::Cursor::new(serde_json::to_vec(&id).unwrap())),
-            )
-            .await
-            .unwrap();
+        let (_dir, storage) = file_repository("8").await;
         for s in [seg(1, 2), seg(1, 3), seg(1, 4), seg(2, 5), seg(2, 6)] {
             storage
                 .create(
