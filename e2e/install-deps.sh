@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Walden's tests need, idempotently: PostgreSQL 15 (Debian's
 # postgresql-15), strace, and the S3-compatible test server s3s-fs (built from
-# crates.io once, cached under /var/tmp/walden-ci/tools). WALDEN_DEPS=postgres
-# installs PostgreSQL only (enough for the local demo).
+# crates.io once, cached under /var/tmp/walden-ci/tools), and the PostgreSQL 14,
+# 16, 17 and 18 servers of the version matrix (install-pg-versions.sh).
+# WALDEN_DEPS=postgres installs PostgreSQL 15 only (enough for the local demo).
 set -euo pipefail
 
 TOOLS=${WALDEN_TOOLS:-/var/tmp/walden-ci/tools}
@@ -26,4 +27,5 @@ if [ ! -x "$TOOLS/bin/s3s-fs" ]; then
   echo "install-deps: building s3s-fs 0.14.1 into $TOOLS"
   cargo install s3s-fs --version 0.14.1 --features binary --locked --root "$TOOLS"
 fi
+bash "$(dirname "$0")/install-pg-versions.sh"
 echo "install-deps: PostgreSQL $(/usr/lib/postgresql/15/bin/postgres --version | awk '{print $3}'), $("$TOOLS/bin/s3s-fs" --version)"

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::pg::Install;
 use crate::{walden_bin, Archive, PgCluster, Workdir};
 
 pub const LONG: Duration = Duration::from_secs(240);
@@ -38,7 +39,12 @@ pub struct Primary {
 
 impl Primary {
     pub fn start(work: &Workdir, archive: &Archive, name: &str) -> Self {
-        let mut pg = PgCluster::init(work.path(), name);
+        Self::start_with(work, archive, name, &Install::default_15())
+    }
+
+    /// A primary of `install` (a major version of the matrix).
+    pub fn start_with(work: &Workdir, archive: &Archive, name: &str, install: &Install) -> Self {
+        let mut pg = PgCluster::init_with(work.path(), name, install);
         pg.set(&[
             ("archive_mode", "on".into()),
             (
@@ -131,7 +137,7 @@ pub fn restore_into(
             .expect("run restore"),
         &format!("restore {args:?}"),
     );
-    let mut pg = PgCluster::adopt(work.path(), dest);
+    let mut pg = PgCluster::adopt_with(work.path(), dest, &source.install);
     if !keep_archiving {
         pg.set(&[("archive_mode", "off".into())]);
     }
@@ -158,7 +164,7 @@ pub fn restore_fork(
         from.walden_pg(source, &full).output().expect("run restore"),
         &format!("restore {args:?}"),
     );
-    let mut pg = PgCluster::adopt(work.path(), dest);
+    let mut pg = PgCluster::adopt_with(work.path(), dest, &source.install);
     pg.with_env(protect_into.env()).start();
     pg.wait_promoted(LONG);
     (pg, String::from_utf8_lossy(&out.stderr).into_owned())

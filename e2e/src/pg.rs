@@ -1,4 +1,6 @@
-//! A real PostgreSQL 15 cluster, run as the `postgres` OS user on 127.0.0.1.
+//! A real PostgreSQL cluster, run as the `postgres` OS user on 127.0.0.1:
+//! PostgreSQL 15 (Debian's package) unless a test asks for another major
+//! version of the matrix (`e2e/install-pg-versions.sh` installs 14, 16, 17, 18).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,32 +9,113 @@ use std::time::Duration;
 
 use crate::sys::{as_pg, chown_pg, free_port, pg_bin, run, wait_for, walden_bin};
 
+/// One PostgreSQL installation: the server binaries a cluster runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    pub major: u32,
+    pub bin: PathBuf,
+}
+
+/// The major versions Walden supports, each proven by the version matrix.
+pub const MATRIX: [u32; 5] = [14, 15, 16, 17, 18];
+
+impl Install {
+    /// PostgreSQL 15, the version every scenario runs on.
+    pub fn default_15() -> Self {
+        let bin = pg_bin("postgres");
+        Self {
+            major: 15,
+            bin: bin.parent().expect("bin dir").to_path_buf(),
+        }
+    }
+
+    /// The server binaries of `major`: 15 is Debian's, the others come from
+    /// `$WALDEN_PG_VERSIONS/<major>` (default `/var/tmp/walden-ci/pg`).
+    pub fn version(major: u32) -> Self {
+        if major == 15 {
+            return Self::default_15();
+        }
+        let root =
+            std::env::var("WALDEN_PG_VERSIONS").unwrap_or_else(|_| "/var/tmp/walden-ci/pg".into());
+        let bin = Path::new(&root).join(major.to_string()).join("bin");
+        assert!(
+            bin.join("postgres").exists(),
+            "PostgreSQL {major} is not installed in {}: run bash e2e/install-pg-versions.sh \
+             (bash .ci/run does)",
+            bin.display()
+        );
+        let install = Self { major, bin };
+        let version = install.server_version();
+        assert!(
+            version.starts_with(&format!("{major}.")),
+            "{} is PostgreSQL {version}, not {major}",
+            install.bin.display()
+        );
+        install
+    }
+
+    /// A server program (`initdb`, `pg_ctl`, `postgres`, `pg_upgrade`).
+    pub fn server(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    /// A client program: this installation's own when it ships one, else
+    /// PostgreSQL 15's (psql and pgbench of 15 drive newer servers; 15's
+    /// pg_basebackup does not, so tests that clone with it need 15 or 18).
+    pub fn client(&self, name: &str) -> PathBuf {
+        let own = self.bin.join(name);
+        if own.exists() {
+            own
+        } else {
+            pg_bin(name)
+        }
+    }
+
+    /// `postgres --version`'s number, e.g. `17.10`.
+    pub fn server_version(&self) -> String {
+        let out = run(Command::new(self.server("postgres")).arg("--version"));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
 pub struct PgCluster {
     pub data: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    pub install: Install,
     env: Vec<(String, String)>,
     running: bool,
 }
 
 impl PgCluster {
-    /// `initdb` a new cluster in `<work>/<name>` (trust auth, loopback only).
+    /// `initdb` a new PostgreSQL 15 cluster in `<work>/<name>` (trust auth, loopback only).
     pub fn init(work: &Path, name: &str) -> Self {
+        Self::init_with(work, name, &Install::default_15())
+    }
+
+    /// `initdb` a new cluster of `install` in `<work>/<name>`.
+    pub fn init_with(work: &Path, name: &str, install: &Install) -> Self {
         let data = work.join(name);
         std::fs::create_dir_all(&data).expect("mkdir data");
         chown_pg(&data);
-        run(as_pg(pg_bin("initdb")).args(["-D"]).arg(&data).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-        ]));
-        Self::adopt(work, data)
+        run(as_pg(install.server("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "--no-sync"]));
+        Self::adopt_with(work, data, install)
     }
 
-    /// Wraps an existing data directory (a base backup or a restore) with its own port.
+    /// Wraps an existing PostgreSQL 15 data directory (a base backup or a restore) with its own port.
     pub fn adopt(work: &Path, data: PathBuf) -> Self {
+        Self::adopt_with(work, data, &Install::default_15())
+    }
+
+    /// Wraps an existing data directory of `install` with its own port.
+    pub fn adopt_with(work: &Path, data: PathBuf, install: &Install) -> Self {
         chown_pg(&data);
         std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .expect("chmod data");
@@ -44,6 +127,7 @@ impl PgCluster {
             log: work.join(format!("{name}.log")),
             data,
             port: free_port(),
+            install: install.clone(),
             env: Vec::new(),
             running: false,
         };
@@ -98,7 +182,7 @@ impl PgCluster {
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Command {
-        let mut cmd = as_pg(pg_bin("pg_ctl"));
+        let mut cmd = as_pg(self.install.server("pg_ctl"));
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .envs(self.env.clone());
@@ -168,7 +252,7 @@ impl PgCluster {
     }
 
     pub fn try_sql(&self, sql: &str) -> Result<String, String> {
-        let out = Command::new(pg_bin("psql"))
+        let out = Command::new(self.install.client("psql"))
             .args([
                 "-XAtq",
                 "-v",
@@ -191,7 +275,7 @@ impl PgCluster {
     }
 
     pub fn pgbench(&self, args: &[&str]) {
-        run(Command::new(pg_bin("pgbench"))
+        run(Command::new(self.install.client("pgbench"))
             .args([
                 "-h",
                 "127.0.0.1",
@@ -257,7 +341,7 @@ impl PgCluster {
         let dest = work.join(name);
         std::fs::create_dir_all(&dest).expect("mkdir backup");
         chown_pg(&dest);
-        run(as_pg(pg_bin("pg_basebackup"))
+        run(as_pg(self.install.client("pg_basebackup"))
             .args([
                 "-h",
                 "127.0.0.1",

@@ -161,7 +161,8 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     );
 }
 
-/// A temporary directory the PostgreSQL user can enter; removed on drop.
+/// A temporary directory the PostgreSQL user can enter; removed on drop
+/// (kept, for a post-mortem, when `WALDEN_E2E_KEEP` is set).
 pub struct Workdir {
     dir: tempfile::TempDir,
 }
@@ -171,6 +172,7 @@ impl Workdir {
         init_process_env();
         let dir = tempfile::Builder::new()
             .prefix(&format!("walden-e2e-{name}-"))
+            .disable_cleanup(std::env::var_os("WALDEN_E2E_KEEP").is_some())
             .tempdir()
             .expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))

@@ -24,6 +24,28 @@ pub enum PgError {
     },
     #[error("PostgreSQL returned something unexpected for {what}: {detail}")]
     Unexpected { what: &'static str, detail: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The PostgreSQL major versions this walden supports: each one runs the
+/// version matrix in CI (`e2e/tests/pg_versions.rs`).
+pub const SUPPORTED_MAJORS: std::ops::RangeInclusive<u32> = 14..=18;
+
+/// Refuses a server version (`server_version_num`, e.g. 170004) outside
+/// [`SUPPORTED_MAJORS`], naming it and the supported range.
+pub fn check_supported(version_num: u32) -> Result<(), String> {
+    let major = version_num / 10000;
+    if SUPPORTED_MAJORS.contains(&major) {
+        return Ok(());
+    }
+    Err(format!(
+        "PostgreSQL {major} (server_version_num {version_num}) is not supported by walden {}: \
+         it supports PostgreSQL {} to {}",
+        env!("CARGO_PKG_VERSION"),
+        SUPPORTED_MAJORS.start(),
+        SUPPORTED_MAJORS.end()
+    ))
 }
 
 /// Builds a connection config from a connection string, or else from the
@@ -141,13 +163,15 @@ pub async fn server_info(client: &Client) -> Result<ServerInfo, PgError> {
         what: "server identity",
         detail,
     };
+    let version_num = version
+        .parse()
+        .map_err(|_| unexpected(format!("server_version_num {version:?}")))?;
+    check_supported(version_num).map_err(PgError::Unsupported)?;
     Ok(ServerInfo {
         system_identifier: sysid
             .parse()
             .map_err(|_| unexpected(format!("system identifier {sysid:?}")))?,
-        version_num: version
-            .parse()
-            .map_err(|_| unexpected(format!("server_version_num {version:?}")))?,
+        version_num,
         segment_size: parse_size(&seg)
             .ok_or_else(|| unexpected(format!("wal_segment_size {seg:?}")))?,
         data_directory: row.get(3),
@@ -182,6 +206,29 @@ mod tests {
         assert_eq!(parse_size("16777216"), Some(16 << 20));
         assert_eq!(parse_size("64kB"), Some(64 << 10));
         assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn supported_versions_table() {
+        for (version_num, supported) in [
+            (130015, false),
+            (140000, true),
+            (140023, true),
+            (150018, true),
+            (160014, true),
+            (170010, true),
+            (180006, true),
+            (190000, false),
+            (90624, false),
+        ] {
+            let got = check_supported(version_num);
+            assert_eq!(got.is_ok(), supported, "{version_num}: {got:?}");
+            if let Err(e) = got {
+                let major = version_num / 10000;
+                assert!(e.contains(&format!("PostgreSQL {major} ")), "{e}");
+                assert!(e.contains("supports PostgreSQL 14 to 18"), "{e}");
+            }
+        }
     }
 
     #[test]

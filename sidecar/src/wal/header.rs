@@ -54,11 +54,19 @@ impl PageHeader {
             segment_size: u32_at(32),
             block_size: u32_at(36),
         };
-        if h.pg_version().is_none() {
-            return Err(format!(
-                "its page magic 0x{:04X} is not that of a PostgreSQL 12-18 WAL segment",
-                h.magic
-            ));
+        match h.pg_version() {
+            None => {
+                return Err(format!(
+                    "its page magic 0x{:04X} is not that of a PostgreSQL 12-18 WAL segment",
+                    h.magic
+                ))
+            }
+            Some(major) => crate::pg::check_supported(major * 10000).map_err(|e| {
+                format!(
+                    "it is PostgreSQL {major} WAL (page magic 0x{:04X}): {e}",
+                    h.magic
+                )
+            })?,
         }
         if h.info & XLP_LONG_HEADER == 0 {
             return Err("its first page has no long header (not the start of a segment)".into());
@@ -125,6 +133,32 @@ mod tests {
         assert_eq!(h.page_addr, 0x0100_0000);
         assert_eq!(h.segment_size, 16 << 20);
         assert_eq!(h.pg_version(), Some(15));
+    }
+
+    #[test]
+    fn wal_of_every_supported_version_parses_and_older_wal_is_refused_by_name() {
+        for (magic, expected) in [
+            (0xD101u16, Err("PostgreSQL 12 WAL")),
+            (0xD106, Err("PostgreSQL 13 WAL")),
+            (0xD10D, Ok(14)),
+            (0xD110, Ok(15)),
+            (0xD113, Ok(16)),
+            (0xD116, Ok(17)),
+            (0xD118, Ok(18)),
+        ] {
+            let mut buf = sample_header(1, 0);
+            buf[0..2].copy_from_slice(&magic.to_le_bytes());
+            match (PageHeader::parse(&buf), expected) {
+                (Ok(h), Ok(v)) => assert_eq!(h.pg_version(), Some(v)),
+                (Err(e), Err(needle)) => {
+                    assert!(
+                        e.contains(needle) && e.contains("supports PostgreSQL 14 to 18"),
+                        "{e}"
+                    )
+                }
+                (got, want) => panic!("magic 0x{magic:04X}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]
