@@ -1,4 +1,4 @@
-//! Harness for Walden's end-to-end tests: real PostgreSQL 15 servers run as
+//! Harness for Walden's end-to-end tests: real PostgreSQL servers (14 to 18) run as
 //! an unprivileged user, a real S3-compatible server (s3s-fs) on 127.0.0.1,
 //! a fault-injecting proxy in front of it, and the `walden` binary.
 //!

@@ -99,13 +99,19 @@ impl PgCluster {
 
     /// `initdb` a new cluster of `install` in `<work>/<name>`.
     pub fn init_with(work: &Path, name: &str, install: &Install) -> Self {
+        Self::init_with_flags(work, name, install, &[])
+    }
+
+    /// [`PgCluster::init_with`] with more `initdb` flags.
+    pub fn init_with_flags(work: &Path, name: &str, install: &Install, flags: &[&str]) -> Self {
         let data = work.join(name);
         std::fs::create_dir_all(&data).expect("mkdir data");
         chown_pg(&data);
         run(as_pg(install.server("initdb"))
             .args(["-D"])
             .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "--no-sync"]));
+            .args(["-U", "postgres", "-A", "trust", "--no-sync"])
+            .args(flags));
         Self::adopt_with(work, data, install)
     }
 

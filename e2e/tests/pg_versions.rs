@@ -473,3 +473,123 @@ fn the_matrix_covers_every_supported_version() {
     assert_eq!(ROWS, supported.as_slice());
     assert_eq!(walden_e2e::pg::MATRIX, ROWS);
 }
+
+/// After `pg_upgrade` from 15 to 18 the server has a new system identifier:
+/// walden refuses to archive it into the old prefix (naming both databases),
+/// the old archive stays untouched and restores exactly with 15, and the
+/// upgraded server, given a prefix of its own, archives, backs up and
+/// restores exactly with 18, holding the rows that pg_upgrade carried over.
+#[test]
+fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its_own() {
+    let old_install = Install::version(15);
+    let new_install = Install::version(18);
+    let work = Workdir::new("pg-upgrade");
+    let old_archive = Archive::new(StorageKind::S3, work.path(), "db");
+    let mut old = Primary::start_with(&work, &old_archive, "old", &old_install);
+    for b in 0..3 {
+        old.commit_batch(b, "before the upgrade");
+    }
+    old.backup(&old_archive, &[]);
+    old.commit_batch(3, "after the last 15 backup");
+    old.archive_everything();
+    let old_sysid = old
+        .pg
+        .sql("SELECT system_identifier FROM pg_control_system()");
+    old.pg.stop();
+    let old_keys = block_on(old_archive.keys());
+
+    // pg_upgrade into a fresh 18 cluster (checksums off, as in the 15 one).
+    let mut new =
+        PgCluster::init_with_flags(work.path(), "new", &new_install, &["--no-data-checksums"]);
+    let upgrade_dir = work.pg_dir("upgrade");
+    let out = walden_e2e::sys::as_pg(new_install.server("pg_upgrade"))
+        .current_dir(&upgrade_dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .arg("-b")
+        .arg(&old_install.bin)
+        .arg("-B")
+        .arg(&new_install.bin)
+        .arg("-d")
+        .arg(&old.pg.data)
+        .arg("-D")
+        .arg(&new.data)
+        .args([
+            "-U",
+            "postgres",
+            "-p",
+            &walden_e2e::sys::free_port().to_string(),
+        ])
+        .args(["-P", &walden_e2e::sys::free_port().to_string(), "-s"])
+        .arg(&upgrade_dir)
+        .output()
+        .expect("pg_upgrade");
+    ok(out, "pg_upgrade 15 -> 18");
+
+    // Pointed at the old prefix, the upgraded server is refused and nothing is written.
+    new.set(&[
+        ("track_commit_timestamp", "on".into()),
+        ("archive_mode", "on".into()),
+        (
+            "archive_command",
+            format!("'{} wal-push %p'", walden_bin().display()),
+        ),
+    ]);
+    new.with_env(old_archive.env()).start();
+    assert_version(&new, 18);
+    let new_sysid = new.sql("SELECT system_identifier FROM pg_control_system()");
+    assert_ne!(
+        new_sysid, old_sysid,
+        "pg_upgrade kept the system identifier"
+    );
+    assert_eq!(batches_in(&new), set(0..4), "pg_upgrade lost rows");
+    new.sql("CREATE TABLE after_upgrade AS SELECT 1 AS x");
+    new.switch_wal();
+    wait_for("the old prefix to refuse the upgraded server", LONG, || {
+        (new.archiver_counts().1 >= 1).then_some(())
+    });
+    let log = new.log_text();
+    assert!(
+        log.contains(&format!("system identifier {new_sysid}"))
+            && log.contains(&old_sysid.to_string())
+            && log.contains("give this one its own storage prefix"),
+        "the refusal does not name both databases:\n{log}"
+    );
+    new.stop();
+    assert_eq!(
+        block_on(old_archive.keys()),
+        old_keys,
+        "the old archive changed"
+    );
+    let restored_old = restore_and_start(&work, &old_archive, &old.pg, "old-restored", &[]);
+    assert_version(&restored_old, 15);
+    assert_eq!(
+        batches_in(&restored_old),
+        set(0..4),
+        "the old archive no longer restores exactly"
+    );
+    drop(restored_old);
+
+    // Its own prefix: archive, back up, write, restore exactly with 18.
+    let new_archive = Archive::new(StorageKind::S3, work.path(), "db-18");
+    new.with_env(new_archive.env()).start();
+    let mut upgraded = Primary {
+        pg: new,
+        batches: Vec::new(),
+    };
+    let manifest = upgraded.backup(&new_archive, &[]);
+    assert_eq!(
+        manifest["system_identifier"],
+        new_sysid.as_str(),
+        "{manifest}"
+    );
+    upgraded.commit_batch(4, "after the upgrade");
+    upgraded.archive_everything();
+    let restored_new = restore_and_start(&work, &new_archive, &upgraded.pg, "new-restored", &[]);
+    assert_version(&restored_new, 18);
+    assert_eq!(
+        batches_in(&restored_new),
+        set(0..5),
+        "the upgraded server's restore"
+    );
+}
