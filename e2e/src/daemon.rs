@@ -194,6 +194,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `GET /v1/status`, read with the contract's types: a field the daemon
+    /// no longer sends the way the operator reads it fails here.
+    pub fn status(&self) -> walden_contract::api::DaemonStatus {
+        let (code, body) = self.http("GET", "/v1/status", Some(TOKEN));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/status: {e}\n{body}"))
+    }
+
     /// One HTTP request to the API; `(status, body)`.
     pub fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
         http(self.port, method, path, token)

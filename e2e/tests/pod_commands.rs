@@ -19,12 +19,12 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::json;
+use walden_contract::pod::DAEMON_PORT;
 use walden_e2e::daemon::http;
 use walden_e2e::pod::{Pod, Secrets};
 use walden_e2e::sys::{wait_for, ACCESS_KEY, BUCKET, SECRET_KEY};
 use walden_e2e::{PgCluster, S3Server, Workdir};
 use walden_operator::api::{ContinuousBackup, Follower, Fork};
-use walden_operator::daemon_client::DAEMON_PORT;
 use walden_operator::restore_test::{observe, Finished};
 use walden_operator::specs::{
     self, InstanceKind, InstancePlan, OperatorConfig, RestoreTestPlan, INSTALL_CONTAINER,
@@ -176,13 +176,8 @@ fn postgres(pod: &Pod, init: bool) -> PgCluster {
 }
 
 fn api(pod: &Pod, method: &str, path: &str) -> (u16, serde_json::Value) {
-    let (code, body) = http(
-        pod.local_port(DAEMON_PORT as u16),
-        method,
-        path,
-        Some(TOKEN),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let (code, body) = http(pod.local_port(DAEMON_PORT), method, path, Some(TOKEN))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (code, serde_json::from_str(&body).unwrap_or(json!(body)))
 }
 
@@ -191,7 +186,7 @@ fn wait_daemon(pod: &Pod, log: &Path) {
         &format!("the walden sidecar of {} to answer", pod.name),
         Duration::from_secs(60),
         || {
-            let ok = http(pod.local_port(DAEMON_PORT as u16), "GET", "/healthz", None)
+            let ok = http(pod.local_port(DAEMON_PORT), "GET", "/healthz", None)
                 .ok()
                 .is_some_and(|(c, _)| c == 200);
             if !ok

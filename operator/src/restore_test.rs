@@ -9,42 +9,13 @@ use crate::api::{
 use crate::specs::{RESTORE_CONTAINER, RESTORE_TEST_CONTAINER};
 use chrono::{DateTime, Duration, Utc};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
-use serde::Deserialize;
 
 /// How long past its deadline a proof pod may still be reported by the
 /// kubelet (which enforces `activeDeadlineSeconds`) before the operator
 /// gives up on it itself.
 const DEADLINE_GRACE: i64 = 60;
 
-/// The JSON report `walden restore-test` writes as its termination message
-/// (the sidecar's `restore::proof::Report`).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Report {
-    pub passed: bool,
-    pub reason: String,
-    pub message: String,
-    #[serde(default)]
-    pub backup: Option<String>,
-    #[serde(default)]
-    pub reached_lsn: Option<String>,
-    #[serde(default)]
-    pub reached_time: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub replay_seconds: f64,
-    #[serde(default)]
-    pub amcheck: Option<ReportCheck>,
-    #[serde(default)]
-    pub checks: Vec<ReportCheck>,
-}
-
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-pub struct ReportCheck {
-    pub name: String,
-    pub passed: bool,
-    #[serde(default)]
-    pub detail: String,
-}
+pub use walden_contract::proof::{CheckResult as ReportCheck, Reason as ReportReason, Report};
 
 /// Parses a termination message: the report is its last JSON line (the
 /// kubelet falls back to the log tail when the file is empty).
@@ -220,12 +191,12 @@ pub fn observe(
             Some(r) => Finished {
                 result: if r.passed {
                     RestoreTestResult::Succeeded
-                } else if r.reason == "TimedOut" {
+                } else if r.reason == ReportReason::TimedOut {
                     RestoreTestResult::TimedOut
                 } else {
                     RestoreTestResult::Failed
                 },
-                reason: r.reason.clone(),
+                reason: r.reason.as_str().to_string(),
                 message: r.message.clone(),
                 report: Some(r),
                 restore_seconds: None,

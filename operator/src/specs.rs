@@ -9,7 +9,11 @@ use crate::api::{
     ContinuousBackup, InstanceSpec, RecoveryTarget, RestoreTestSpec, RetentionSpec, SidecarSpec,
     SidecarUpdatePolicy, StorageSpec, StreamingSpec,
 };
-use crate::daemon_client::DAEMON_PORT;
+use walden_contract::pod::env as wenv;
+pub use walden_contract::pod::{RUN_DIR, SOCKET, TERMINATION_LOG, TOKEN_DIR, TOKEN_KEY};
+
+/// The daemon's API port, as Kubernetes' port fields spell it.
+const DAEMON_PORT: i32 = walden_contract::pod::DAEMON_PORT as i32;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
@@ -29,11 +33,6 @@ use std::collections::BTreeMap;
 pub const FIELD_MANAGER: &str = "walden-operator";
 /// Where the `walden` binary is copied for the postgres container.
 pub const BIN_DIR: &str = "/walden/bin";
-/// Shared between postgres and the sidecar: the daemon's socket.
-pub const RUN_DIR: &str = "/walden/run";
-pub const SOCKET: &str = "/walden/run/walden.sock";
-pub const TOKEN_DIR: &str = "/walden/token";
-pub const TOKEN_KEY: &str = "token";
 /// The binary inside the walden image.
 pub const IMAGE_BINARY: &str = "/usr/local/bin/walden";
 pub const INSTALL_CONTAINER: &str = "walden-install";
@@ -69,7 +68,7 @@ pub const RESTORE_TEST_COMPONENT: &str = "restore-test";
 /// reported with what it was asked.
 pub const RESTORE_TEST_TARGET_ANNOTATION: &str = "walden.dev/restore-test-target-lsn";
 /// Env var the follower's restore reads the conninfo from (kept out of the pod spec).
-pub const CONNINFO_ENV: &str = "WALDEN_PRIMARY_CONNINFO";
+pub const CONNINFO_ENV: &str = wenv::PRIMARY_CONNINFO;
 
 /// Settings of the walden image that are operator-wide.
 #[derive(Clone, Debug)]
@@ -193,11 +192,11 @@ pub fn storage_url(storage: &StorageSpec) -> String {
 /// Storage settings shared by the daemon and `walden restore`.
 pub fn storage_env(storage: &StorageSpec, compression_level: i32, read_only: bool) -> Vec<EnvVar> {
     let s3 = &storage.s3;
-    let mut out = vec![env("WALDEN_STORAGE", storage_url(storage))];
+    let mut out = vec![env(wenv::STORAGE, storage_url(storage))];
     if let Some(endpoint) = &s3.endpoint {
-        out.push(env("WALDEN_S3_ENDPOINT", endpoint.clone()));
+        out.push(env(wenv::S3_ENDPOINT, endpoint.clone()));
     }
-    out.push(env("WALDEN_S3_PATH_STYLE", s3.path_style.to_string()));
+    out.push(env(wenv::S3_PATH_STYLE, s3.path_style.to_string()));
     out.push(env("AWS_REGION", s3.region.clone()));
     if let Some(creds) = &s3.credentials {
         out.push(env_from_secret(
@@ -211,17 +210,14 @@ pub fn storage_env(storage: &StorageSpec, compression_level: i32, read_only: boo
             &creds.secret_access_key_key,
         ));
     }
-    out.push(env(
-        "WALDEN_COMPRESSION_LEVEL",
-        compression_level.to_string(),
-    ));
+    out.push(env(wenv::COMPRESSION_LEVEL, compression_level.to_string()));
     if read_only {
         // Invariant 6: the engine refuses every storage write.
-        out.push(env("WALDEN_READ_ONLY", "true"));
+        out.push(env(wenv::READ_ONLY, "true"));
     }
     if let Some(e) = &storage.encryption {
         out.push(env(
-            "WALDEN_ENCRYPTION_KEY_FILE",
+            wenv::ENCRYPTION_KEY_FILE,
             format!("{ENCRYPTION_DIR}/{}", e.key),
         ));
     }
@@ -268,9 +264,9 @@ pub struct DaemonConfig<'a> {
 pub fn daemon_env(cfg: &DaemonConfig<'_>) -> Vec<EnvVar> {
     let mut out = storage_env(cfg.storage, cfg.compression_level, cfg.read_only);
     out.extend([
-        env("WALDEN_SOCKET", SOCKET),
-        env("WALDEN_LISTEN", format!("0.0.0.0:{DAEMON_PORT}")),
-        env("WALDEN_TOKEN_FILE", format!("{TOKEN_DIR}/{TOKEN_KEY}")),
+        env(wenv::SOCKET, SOCKET),
+        env(wenv::LISTEN, format!("0.0.0.0:{DAEMON_PORT}")),
+        env(wenv::TOKEN_FILE, format!("{TOKEN_DIR}/{TOKEN_KEY}")),
         env("PGDATA", cfg.pgdata),
         env("PGHOST", "127.0.0.1"),
         env("PGPORT", cfg.pg_port.to_string()),
@@ -280,10 +276,10 @@ pub fn daemon_env(cfg: &DaemonConfig<'_>) -> Vec<EnvVar> {
     ]);
     if let Some(r) = cfg.retention {
         if let Some(n) = r.full_backups {
-            out.push(env("WALDEN_RETENTION_FULL", n.to_string()));
+            out.push(env(wenv::RETENTION_FULL, n.to_string()));
         }
         if let Some(w) = &r.recovery_window {
-            out.push(env("WALDEN_RETENTION_WINDOW", w.clone()));
+            out.push(env(wenv::RETENTION_WINDOW, w.clone()));
         }
     }
     if let Some(secret) = cfg.credentials_secret {
@@ -520,7 +516,7 @@ pub fn primary_patch(
     let postgres = Container {
         name: target.container.clone(),
         args: Some(args),
-        env: Some(vec![env("WALDEN_SOCKET", SOCKET)]),
+        env: Some(vec![env(wenv::SOCKET, SOCKET)]),
         volume_mounts: Some(vec![
             mount(BIN_VOLUME, BIN_DIR, true),
             mount(RUN_VOLUME, RUN_DIR, false),
@@ -802,8 +798,8 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
     // The init container runs again whenever the pod is recreated on the
     // kept volume: it must recognise its own finished restore and step
     // aside (a half-finished one is redone, another target refused).
-    restore_env.push(env("WALDEN_RESTORE_IF_RESTORED", "skip"));
-    restore_env.push(env("WALDEN_TERMINATION_LOG", "/dev/termination-log"));
+    restore_env.push(env(wenv::RESTORE_IF_RESTORED, "skip"));
+    restore_env.push(env(wenv::TERMINATION_LOG, TERMINATION_LOG));
     if let Some(s) = plan.streaming {
         restore_env.push(env_from_secret(
             CONNINFO_ENV,
@@ -831,7 +827,7 @@ pub fn instance_statefulset(plan: &InstancePlan<'_>) -> StatefulSet {
         image: Some(plan.instance.image.clone()),
         env: Some(vec![
             env("PGDATA", INSTANCE_PGDATA),
-            env("WALDEN_SOCKET", SOCKET),
+            env(wenv::SOCKET, SOCKET),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("postgres".to_string()),
@@ -984,7 +980,7 @@ pub fn restore_test_pod(plan: &RestoreTestPlan<'_>) -> Pod {
         exclusive: None,
     });
     let mut restore_env = storage_env.clone();
-    restore_env.push(env("WALDEN_TERMINATION_LOG", "/dev/termination-log"));
+    restore_env.push(env(wenv::TERMINATION_LOG, TERMINATION_LOG));
     let restore = with_encryption_key(
         Container {
             name: RESTORE_CONTAINER.to_string(),
@@ -1007,19 +1003,16 @@ pub fn restore_test_pod(plan: &RestoreTestPlan<'_>) -> Pod {
         .collect();
     let mut proof_env = vec![
         env("PGDATA", INSTANCE_PGDATA),
-        env("WALDEN_RESTORE_TEST_SOCKET_DIR", RUN_DIR),
-        env("WALDEN_RESTORE_TEST_USER", &plan.spec.user),
-        env("WALDEN_RESTORE_TEST_DATABASE", &plan.spec.database),
+        env(wenv::RESTORE_TEST_SOCKET_DIR, RUN_DIR),
+        env(wenv::RESTORE_TEST_USER, &plan.spec.user),
+        env(wenv::RESTORE_TEST_DATABASE, &plan.spec.database),
+        env(wenv::RESTORE_TEST_CHECKS, Value::Array(checks).to_string()),
+        env(wenv::RESTORE_TEST_AMCHECK, plan.spec.amcheck.to_string()),
         env(
-            "WALDEN_RESTORE_TEST_CHECKS",
-            Value::Array(checks).to_string(),
-        ),
-        env("WALDEN_RESTORE_TEST_AMCHECK", plan.spec.amcheck.to_string()),
-        env(
-            "WALDEN_RESTORE_TEST_TIMEOUT",
+            wenv::RESTORE_TEST_TIMEOUT,
             plan.spec.deadline_seconds.to_string(),
         ),
-        env("WALDEN_TERMINATION_LOG", "/dev/termination-log"),
+        env(wenv::TERMINATION_LOG, TERMINATION_LOG),
     ];
     proof_env.extend(storage_env);
     let resources = plan.spec.resources.clone().unwrap_or(ResourceRequirements {

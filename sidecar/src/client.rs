@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use walden_contract::pod::env as wenv;
 
 use crate::daemon::protocol::{Request, Response, Status, MAX_LINE};
 
@@ -251,7 +252,7 @@ pub fn fetch(opts: &ClientOptions, name: &str, dest: &Path) -> Result<FetchOutco
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
     /// Delegate to the walden daemon listening on this unix socket (no direct storage access)
-    #[arg(long, env = "WALDEN_SOCKET", value_name = "PATH")]
+    #[arg(long, env = wenv::SOCKET, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
     /// Milliseconds to keep trying to reach the daemon's socket (it may be restarting)

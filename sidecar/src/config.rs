@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use walden_contract::pod::env as wenv;
 
 use clap::Args;
 
@@ -13,15 +14,15 @@ use crate::storage::{self, ReadOnly, S3Settings, Storage, StorageError};
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Where the archive lives: s3://bucket/prefix or file:///path
-    #[arg(long, env = "WALDEN_STORAGE", value_name = "URL", global = true)]
+    #[arg(long, env = wenv::STORAGE, value_name = "URL", global = true)]
     pub storage: Option<String>,
 
     /// S3 endpoint for S3-compatible servers, e.g. http://127.0.0.1:9000
-    #[arg(long, env = "WALDEN_S3_ENDPOINT", value_name = "URL", global = true)]
+    #[arg(long, env = wenv::S3_ENDPOINT, value_name = "URL", global = true)]
     pub s3_endpoint: Option<String>,
 
     /// Use path-style S3 addressing (most S3-compatible servers need it)
-    #[arg(long, env = "WALDEN_S3_PATH_STYLE", global = true, value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = wenv::S3_PATH_STYLE, global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub s3_path_style: bool,
 
     /// Size of the parts of a multipart S3 upload, in MiB (at least 5)
@@ -35,7 +36,7 @@ pub struct Settings {
     pub s3_part_size_mb: usize,
 
     /// zstd compression level (1 = fastest, 19 = smallest)
-    #[arg(long, env = "WALDEN_COMPRESSION_LEVEL", default_value_t = 1, value_name = "LEVEL",
+    #[arg(long, env = wenv::COMPRESSION_LEVEL, default_value_t = 1, value_name = "LEVEL",
           value_parser = clap::value_parser!(i32).range(1..=22), global = true)]
     pub compression_level: i32,
 
@@ -63,7 +64,7 @@ pub struct Settings {
     /// AGE-SECRET-KEY-1...); WAL segments and backup parts are then encrypted
     #[arg(
         long,
-        env = "WALDEN_ENCRYPTION_KEY_FILE",
+        env = wenv::ENCRYPTION_KEY_FILE,
         value_name = "FILE",
         global = true
     )]
@@ -81,7 +82,7 @@ pub struct Settings {
     pub hole_grace: u64,
 
     /// Refuse every write to storage (forks and followers reading a source archive)
-    #[arg(long, env = "WALDEN_READ_ONLY", global = true, value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = wenv::READ_ONLY, global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub read_only: bool,
 }
 

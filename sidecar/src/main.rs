@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use walden_contract::pod::env as wenv;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -196,14 +197,14 @@ enum Command {
         /// source and target (a half-finished one is redone; anything else is refused)
         #[arg(
             long,
-            env = "WALDEN_RESTORE_IF_RESTORED",
+            env = wenv::RESTORE_IF_RESTORED,
             value_enum,
             default_value = "fail"
         )]
         if_restored: IfRestored,
         /// Also write the outcome here: the reason of a failure, or "restored backup ID"
         /// (Kubernetes' terminationMessagePath, read by the operator)
-        #[arg(long, env = "WALDEN_TERMINATION_LOG", value_name = "PATH")]
+        #[arg(long, env = wenv::TERMINATION_LOG, value_name = "PATH")]
         termination_log: Option<PathBuf>,
     },
     /// Prove a restore: start PostgreSQL on what `walden restore` wrote, follow recovery to its end, run pg_amcheck and SQL checks
@@ -220,24 +221,24 @@ enum Command {
         #[arg(long, env = "PGDATA", value_name = "DIR")]
         pgdata: PathBuf,
         /// Private directory for the server's socket and the proof's files
-        #[arg(long, env = "WALDEN_RESTORE_TEST_SOCKET_DIR", value_name = "DIR")]
+        #[arg(long, env = wenv::RESTORE_TEST_SOCKET_DIR, value_name = "DIR")]
         socket_dir: PathBuf,
         /// Role the checks run as (the source's superuser)
-        #[arg(long, env = "WALDEN_RESTORE_TEST_USER", default_value = "postgres")]
+        #[arg(long, env = wenv::RESTORE_TEST_USER, default_value = "postgres")]
         user: String,
         /// Database the checks run in
-        #[arg(long, env = "WALDEN_RESTORE_TEST_DATABASE", default_value = "postgres")]
+        #[arg(long, env = wenv::RESTORE_TEST_DATABASE, default_value = "postgres")]
         database: String,
         /// SQL checks, a JSON array of {"name": ..., "sql": ...}
         #[arg(
             long,
-            env = "WALDEN_RESTORE_TEST_CHECKS",
+            env = wenv::RESTORE_TEST_CHECKS,
             default_value = "[]",
             value_name = "JSON"
         )]
         checks: String,
         /// Run pg_amcheck on every database
-        #[arg(long, env = "WALDEN_RESTORE_TEST_AMCHECK", default_value_t = true, action = clap::ArgAction::Set)]
+        #[arg(long, env = wenv::RESTORE_TEST_AMCHECK, default_value_t = true, action = clap::ArgAction::Set)]
         amcheck: bool,
         /// Directory of postgres and pg_amcheck [default: found on PATH]
         #[arg(long, env = "WALDEN_PG_BIN", value_name = "DIR")]
@@ -245,13 +246,13 @@ enum Command {
         /// Seconds recovery may take
         #[arg(
             long,
-            env = "WALDEN_RESTORE_TEST_TIMEOUT",
+            env = wenv::RESTORE_TEST_TIMEOUT,
             default_value_t = 3600,
             value_name = "SECONDS"
         )]
         timeout: u64,
         /// Also write the report here (Kubernetes' terminationMessagePath, read by the operator)
-        #[arg(long, env = "WALDEN_TERMINATION_LOG", value_name = "PATH")]
+        #[arg(long, env = wenv::TERMINATION_LOG, value_name = "PATH")]
         termination_log: Option<PathBuf>,
     },
     /// Delete backups beyond a retention policy and the WAL no retained backup needs
@@ -267,10 +268,10 @@ enum Command {
     )]
     Retain {
         /// Keep the newest N full backups
-        #[arg(long, env = "WALDEN_RETENTION_FULL", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, env = wenv::RETENTION_FULL, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         full: Option<u64>,
         /// Keep every point of the last DURATION restorable (e.g. 7d, 36h, 1d12h, 90m)
-        #[arg(long, env = "WALDEN_RETENTION_WINDOW", value_name = "DURATION", value_parser = walden::retention::parse_duration)]
+        #[arg(long, env = wenv::RETENTION_WINDOW, value_name = "DURATION", value_parser = walden::retention::parse_duration)]
         window: Option<chrono::Duration>,
         /// Backup folders without backup.json are deleted only once nothing in them was stored
         /// for this long (a running backup renews its lease every 30 s)
@@ -616,7 +617,7 @@ async fn run(cli: Cli) -> ExitCode {
                 timeout: Duration::from_secs(timeout),
             };
             let report = proof::run(&opts).await;
-            let line = report.to_line();
+            let line = proof::to_line(&report);
             if let Some(path) = &termination_log {
                 write_termination_log(path, &line);
             }

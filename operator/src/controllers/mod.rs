@@ -488,17 +488,7 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
     }
 }
 
-/// `s` cut to at most `max` bytes (on a character boundary), marked with `…`.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
+pub(crate) use walden_contract::truncate;
 
 /// A fresh random API token (hex, 256 bits).
 pub fn generate_token() -> Result<String, Error> {

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
+use walden_contract::api::{LastBackup, RecoveryWindow};
 
 use super::metrics::{Metrics, ResultLabel};
 
@@ -25,13 +26,8 @@ const ERROR_TAIL: usize = 2048;
 const LIST_REFRESH: Duration = Duration::from_secs(300);
 const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Running,
-    Succeeded,
-    Failed,
-}
+/// A backup job's state, as `GET /v1/backups/{id}` reports it.
+pub use walden_contract::api::BackupState as JobState;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -53,8 +49,8 @@ struct Jobs {
 /// What `backup-list --json` says, as the status needs it.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    pub last_backup: Option<Value>,
-    pub window: Option<Value>,
+    pub last_backup: Option<LastBackup>,
+    pub window: Option<RecoveryWindow>,
     /// Where the oldest backup starts (timeline, start LSN): where continuity is checked from.
     pub oldest_start: Option<super::continuity::Start>,
 }
@@ -356,31 +352,20 @@ async fn read_catalog(children: &Children) -> Result<Catalog, String> {
     parse_catalog(&out.stdout)
 }
 
+/// The part of `backup-list --json` the status needs.
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(default)]
+    backups: Vec<LastBackup>,
+    window: Option<RecoveryWindow>,
+}
+
 /// Picks the newest backup and the window out of `backup-list --json`.
 fn parse_catalog(json: &[u8]) -> Result<Catalog, String> {
     let v: Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-    let pick = |b: &Value| {
-        let mut o = serde_json::Map::new();
-        for k in ["id", "startTime", "stopTime", "startLsn", "stopLsn"] {
-            o.insert(k.into(), b.get(k).cloned().unwrap_or(Value::Null));
-        }
-        Value::Object(o)
-    };
-    let last_backup = v.get("backups").and_then(Value::as_array).and_then(|bs| {
-        bs.iter()
-            .max_by(|a, b| {
-                let key = |x: &Value| x.get("stopTime").and_then(Value::as_str).map(String::from);
-                key(a).cmp(&key(b))
-            })
-            .map(pick)
-    });
-    let window = v.get("window").filter(|w| !w.is_null()).map(|w| {
-        let mut o = serde_json::Map::new();
-        for k in ["firstPoint", "firstLsn", "lastArchivedWal"] {
-            o.insert(k.into(), w.get(k).cloned().unwrap_or(Value::Null));
-        }
-        Value::Object(o)
-    });
+    let listing: Listing = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    let last_backup = listing.backups.into_iter().max_by_key(|b| b.stop_time);
+    let window = listing.window;
     let oldest_start = v.get("backups").and_then(Value::as_array).and_then(|bs| {
         bs.iter()
             .filter_map(|b| {
@@ -410,7 +395,7 @@ mod tests {
             {"id":"20260102T000000Z","startTime":"2026-01-02T00:00:00Z","stopTime":"2026-01-02T00:01:00Z","startLsn":"0/5000028","stopLsn":"0/5000100","timeline":1,"logicalSize":1,"storedSize":1}],
             "window":{"firstPoint":"2026-01-01T00:01:00Z","firstLsn":"0/2000100","lastArchivedWal":"000000010000000000000009","lastArchivedTime":"2026-01-03T00:00:00Z"}}"#;
         let c = parse_catalog(json).unwrap();
-        let b = c.last_backup.unwrap();
+        let b = serde_json::to_value(c.last_backup.unwrap()).unwrap();
         assert_eq!(b["id"], "20260102T000000Z");
         assert_eq!(b["stopLsn"], "0/5000100");
         assert!(b.get("timeline").is_none());
@@ -419,7 +404,7 @@ mod tests {
             Some((1, crate::lsn::Lsn(0x200_0028))),
             "the oldest backup's start"
         );
-        let w = c.window.unwrap();
+        let w = serde_json::to_value(c.window.unwrap()).unwrap();
         assert_eq!(w["lastArchivedWal"], "000000010000000000000009");
         let empty = parse_catalog(br#"{"backups":[],"window":null}"#).unwrap();
         assert!(empty.last_backup.is_none() && empty.window.is_none());

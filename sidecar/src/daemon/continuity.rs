@@ -16,8 +16,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::lsn::Lsn;
 use crate::object::unseal;
 use crate::repo::{self, RepoError};
@@ -34,22 +32,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// Refresh at least this often even when nothing was archived.
 const REFRESH: Duration = Duration::from_secs(30);
 
-/// The first missing file and the last segment before it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Hole {
-    pub missing: String,
-    pub after: Option<String>,
-}
-
-/// `continuity` in `/v1/status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Report {
-    /// The last segment stored without a gap from the oldest backup's start.
-    pub checked_through: Option<String>,
-    pub first_hole: Option<Hole>,
-}
+/// `continuity` in `/v1/status`, and its first missing file.
+pub use walden_contract::api::{ArchiveHole as Hole, Continuity as Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContinuityError {

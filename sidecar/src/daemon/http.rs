@@ -11,14 +11,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::SecondsFormat;
+use chrono::{DateTime, SubsecRound, Utc};
 use prometheus_client::registry::Registry;
-use serde_json::{json, Value};
+use walden_contract::api::{
+    ApiError, Archiving, BackupAccepted, BackupConflict, BackupInProgress, BackupJob, BackupState,
+    Continuity, DaemonStatus, Promoted, RecoveredTo, RecoveryWindow, Replay, Role,
+};
 
 use super::archiver::Archiver;
 use super::auth::Tokens;
 use super::backup::{Backups, StartError};
-use super::continuity::{self, Continuity};
+use super::continuity::Continuity as ContinuityChecker;
 use super::metrics::Metrics;
 use super::postgres::{Observer, PgTarget, Promotion};
 
@@ -26,7 +29,7 @@ pub struct Api {
     pub archiver: Arc<Archiver>,
     pub backups: Arc<Backups>,
     /// The archive's continuity, kept current in the background.
-    pub continuity: Arc<Continuity>,
+    pub continuity: Arc<ContinuityChecker>,
     pub pg: PgTarget,
     /// The shared observer status reads PostgreSQL's state from.
     pub observer: Arc<Observer>,
@@ -55,7 +58,10 @@ pub fn router(api: Arc<Api>) -> Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    let body = ApiError {
+        error: message.into(),
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Constant-time comparison of the presented token with the file's content.
@@ -125,22 +131,16 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         .into_response()
 }
 
-fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> Value {
-    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
+/// Times in the API are whole seconds (RFC 3339, `Z`).
+fn time(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(0)
 }
 
 async fn status(State(api): State<Arc<Api>>) -> Response {
     let a = api.archiver.status();
-    let ready = api
-        .archiver
-        .ready_count(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
-        .await
-        .unwrap_or(0);
-    let oldest_ready = api
-        .archiver
-        .oldest_ready_since(api.pgdata.as_ref().map(|d| d.join("pg_wal")))
-        .await;
+    let pg_wal = api.pgdata.as_ref().map(|d| d.join("pg_wal"));
+    let ready = api.archiver.ready_count(pg_wal.clone()).await.unwrap_or(0);
+    let oldest_ready = api.archiver.oldest_ready_since(pg_wal).await;
     let (role, replay, recovered_to) = match api.observer.probe().await {
         Ok(p) => {
             api.metrics
@@ -149,17 +149,26 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
             let replay = p.replay.map(|r| {
                 api.metrics.replay_lag_seconds.set(r.lag_seconds);
                 api.metrics.replay_lag_bytes.set(r.lag_bytes as i64);
-                json!({"replayLsn": r.replay_lsn, "lagSeconds": r.lag_seconds, "lagBytes": r.lag_bytes,
-                       "streaming": r.streaming})
+                Replay {
+                    replay_lsn: r.replay_lsn,
+                    lag_seconds: r.lag_seconds,
+                    lag_bytes: r.lag_bytes,
+                    streaming: Some(r.streaming),
+                }
             });
-            let recovered_to = p
-                .recovered_to
-                .map(|r| json!({"lsn": r.lsn, "time": r.time}));
-            (
-                if p.in_recovery { "standby" } else { "primary" },
-                replay,
-                recovered_to,
-            )
+            let recovered_to = p.recovered_to.map(|r| RecoveredTo {
+                lsn: r.lsn,
+                time: r
+                    .time
+                    .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                    .map(|t| t.with_timezone(&Utc)),
+            });
+            let role = if p.in_recovery {
+                Role::Standby
+            } else {
+                Role::Primary
+            };
+            (role, replay, recovered_to)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot reach PostgreSQL for status");
@@ -168,44 +177,52 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
                 .pgdata
                 .as_ref()
                 .is_some_and(|d| d.join("standby.signal").exists());
-            (if standby { "standby" } else { "primary" }, None, None)
+            let role = if standby {
+                Role::Standby
+            } else {
+                Role::Primary
+            };
+            (role, None, None)
         }
     };
     let catalog = api.backups.catalog();
     let continuity = api.continuity.report();
-    let in_progress = api
-        .backups
-        .running()
-        .map(|j| json!({"id": j.id, "startTime": time(Some(j.start_time))}));
-    Json(json!({
-        "role": role,
-        "archiving": {
-            "lastArchivedWal": a.last_archived_wal,
-            "lastArchivedTime": time(a.last_archived_time),
-            "lastFailedWal": a.last_failed_wal,
-            "lastFailedTime": time(a.last_failed_time),
-            "lastError": a.last_error,
-            "archivedCount": a.archived_count,
-            "failedCount": a.failed_count,
-            "readyCount": ready,
-            "oldestReadyTime": time(oldest_ready),
+    let backup_in_progress = api.backups.running().map(|j| BackupInProgress {
+        id: j.id,
+        start_time: time(j.start_time),
+    });
+    Json(DaemonStatus {
+        role,
+        archiving: Archiving {
+            last_archived_wal: a.last_archived_wal,
+            last_archived_time: a.last_archived_time.map(time),
+            last_failed_wal: a.last_failed_wal,
+            last_failed_time: a.last_failed_time.map(time),
+            last_error: a.last_error,
+            archived_count: a.archived_count,
+            failed_count: a.failed_count,
+            ready_count: ready as u64,
+            oldest_ready_time: oldest_ready.map(time),
         },
-        "lastBackup": catalog.last_backup,
-        "backupInProgress": in_progress,
-        "recoveryWindow": window_to_hole(catalog.window, continuity.as_ref()),
-        "continuity": continuity,
-        "replay": replay,
-        "recoveredTo": recovered_to,
-    }))
+        last_backup: catalog.last_backup,
+        backup_in_progress,
+        recovery_window: window_to_hole(catalog.window, continuity.as_ref()),
+        continuity,
+        replay,
+        recovered_to,
+    })
     .into_response()
 }
 
 /// The window ends where the archive is known continuous: a window past a
 /// hole cannot be reached. Before the first check, the catalog's end stands.
-fn window_to_hole(window: Option<Value>, continuity: Option<&continuity::Report>) -> Option<Value> {
+fn window_to_hole(
+    window: Option<RecoveryWindow>,
+    continuity: Option<&Continuity>,
+) -> Option<RecoveryWindow> {
     let mut window = window?;
-    if let (Some(c), Some(w)) = (continuity, window.as_object_mut()) {
-        w.insert("lastArchivedWal".into(), json!(c.checked_through));
+    if let Some(c) = continuity {
+        window.last_archived_wal = c.checked_through.clone();
     }
     Some(window)
 }
@@ -214,12 +231,18 @@ async fn start_backup(State(api): State<Arc<Api>>) -> Response {
     match api.backups.start() {
         Ok(job) => (
             StatusCode::ACCEPTED,
-            Json(json!({"id": job.id, "state": "running"})),
+            Json(BackupAccepted {
+                id: job.id,
+                state: BackupState::Running,
+            }),
         )
             .into_response(),
         Err(StartError::Running(id)) => (
             StatusCode::CONFLICT,
-            Json(json!({"error": "a base backup is already running", "running": id})),
+            Json(BackupConflict {
+                error: "a base backup is already running".into(),
+                running: id,
+            }),
         )
             .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -228,13 +251,13 @@ async fn start_backup(State(api): State<Arc<Api>>) -> Response {
 
 async fn backup(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
     match api.backups.get(&id) {
-        Some(job) => Json(json!({
-            "id": job.id,
-            "state": job.state,
-            "error": job.error,
-            "startTime": time(Some(job.start_time)),
-            "stopTime": time(job.stop_time),
-        }))
+        Some(job) => Json(BackupJob {
+            id: job.id,
+            state: job.state,
+            error: job.error,
+            start_time: Some(time(job.start_time)),
+            stop_time: job.stop_time.map(time),
+        })
         .into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no backup job {id}")),
     }
@@ -246,7 +269,7 @@ async fn promote(State(api): State<Arc<Api>>) -> Response {
     match outcome {
         Ok(Promotion::Promoted) => {
             tracing::info!("promoted PostgreSQL");
-            Json(json!({"promoted": true})).into_response()
+            Json(Promoted { promoted: true }).into_response()
         }
         Ok(Promotion::NotStandby) => error(StatusCode::CONFLICT, "PostgreSQL is not a standby"),
         Ok(Promotion::TimedOut) => error(

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use walden_contract::pod::env as wenv;
 
 use anyhow::Context;
 use clap::Args;
@@ -33,15 +34,15 @@ use crate::wal::PushOptions;
 #[derive(Debug, Clone, Args)]
 pub struct DaemonArgs {
     /// Unix socket for wal-push / wal-fetch clients
-    #[arg(long, env = "WALDEN_SOCKET", default_value = "/walden/run/walden.sock")]
+    #[arg(long, env = wenv::SOCKET, default_value = walden_contract::pod::SOCKET)]
     pub socket: PathBuf,
 
     /// HTTP address of the API and metrics
-    #[arg(long, env = "WALDEN_LISTEN", default_value = "127.0.0.1:8008")]
+    #[arg(long, env = wenv::LISTEN, default_value_t = std::net::SocketAddr::from(([127, 0, 0, 1], walden_contract::pod::DAEMON_PORT)))]
     pub listen: SocketAddr,
 
     /// File holding the bearer token required under /v1 (without it, /v1 answers 401)
-    #[arg(long, env = "WALDEN_TOKEN_FILE", value_name = "PATH")]
+    #[arg(long, env = wenv::TOKEN_FILE, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
     /// Seconds the token a changed token file replaced is still accepted (a rotated Secret reaches callers and the mounted file at different times)
@@ -77,11 +78,11 @@ pub struct DaemonArgs {
     pub backup_command: Option<String>,
 
     /// After each successful API backup, keep the newest N full backups (walden retain --full)
-    #[arg(long, env = "WALDEN_RETENTION_FULL", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = wenv::RETENTION_FULL, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub retention_full: Option<u64>,
 
     /// After each successful API backup, keep this recovery window (walden retain --window)
-    #[arg(long, env = "WALDEN_RETENTION_WINDOW", value_name = "DURATION", value_parser = crate::retention::parse_duration)]
+    #[arg(long, env = wenv::RETENTION_WINDOW, value_name = "DURATION", value_parser = crate::retention::parse_duration)]
     pub retention_window: Option<chrono::Duration>,
 
     /// HTTP connections open at once (also kept below half the descriptor limit)

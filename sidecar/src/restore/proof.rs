@@ -15,17 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
 
 use super::marker::{self, Found};
 
-/// Longest text quoted from a log or a failed check, in bytes.
-const MAX_DETAIL: usize = 600;
-/// Kubernetes keeps at most this much of a termination message.
-pub const MAX_REPORT: usize = 4096;
+pub use walden_contract::proof::{CheckResult, Reason, Report, MAX_DETAIL, MAX_REPORT};
+use walden_contract::truncate as cut;
 
 /// One SQL check: it must return one row whose last column is true.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,103 +42,20 @@ pub fn parse_checks(json: &str) -> Result<Vec<Check>, String> {
     Ok(checks)
 }
 
-/// The outcome of one check (pg_amcheck is reported the same way).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CheckResult {
-    pub name: String,
-    pub passed: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub detail: String,
-}
-
-/// Why a proof failed, or `Passed`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Reason {
-    Passed,
-    /// PostgreSQL stopped during recovery (a hole, a corrupt segment, a
-    /// target that is not in the archive): the restore does not start.
-    RecoveryFailed,
-    /// Recovery did not end within the timeout.
-    TimedOut,
-    /// The recovered server could not be queried.
-    ConnectFailed,
-    AmcheckFailed,
-    CheckFailed,
-    /// The proof itself could not run (no postgres binary, bad arguments).
-    ProofError,
-}
-
-/// What a proof found.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Report {
-    pub passed: bool,
-    pub reason: Reason,
-    pub message: String,
-    /// The backup `walden restore` used (from its marker).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backup: Option<String>,
-    /// The target the restore was asked for, as its marker records it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-    /// Where recovery ended, as the server reports it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reached_lsn: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reached_time: Option<DateTime<Utc>>,
-    /// From the server's start to the end of recovery.
-    pub replay_seconds: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub amcheck: Option<CheckResult>,
-    #[serde(default)]
-    pub checks: Vec<CheckResult>,
-}
-
-impl Report {
-    fn new() -> Self {
-        Report {
-            passed: false,
-            reason: Reason::ProofError,
-            message: String::new(),
-            backup: None,
-            target: None,
-            reached_lsn: None,
-            reached_time: None,
-            replay_seconds: 0.0,
-            amcheck: None,
-            checks: Vec::new(),
+/// The report as one JSON line that fits a termination message: details
+/// are shortened until it does.
+pub fn to_line(report: &Report) -> String {
+    let mut r = report.clone();
+    let mut limit = MAX_DETAIL;
+    loop {
+        let line = serde_json::to_string(&r).unwrap_or_else(|e| {
+            format!("{{\"passed\":false,\"reason\":\"ProofError\",\"message\":\"report: {e}\",\"replaySeconds\":0}}")
+        });
+        if line.len() <= MAX_REPORT || limit == 0 {
+            return line;
         }
-    }
-
-    fn fail(&mut self, reason: Reason, message: impl Into<String>) {
-        self.passed = false;
-        self.reason = reason;
-        self.message = cut(&message.into(), MAX_DETAIL);
-    }
-
-    /// The report as one JSON line that fits a termination message: details
-    /// are shortened until it does.
-    pub fn to_line(&self) -> String {
-        let mut r = self.clone();
-        let mut limit = MAX_DETAIL;
-        loop {
-            let line = serde_json::to_string(&r).unwrap_or_else(|e| {
-                format!("{{\"passed\":false,\"reason\":\"ProofError\",\"message\":\"report: {e}\",\"replaySeconds\":0}}")
-            });
-            if line.len() <= MAX_REPORT || limit == 0 {
-                return line;
-            }
-            limit /= 2;
-            r.message = cut(&r.message, limit);
-            for c in r.checks.iter_mut().chain(r.amcheck.iter_mut()) {
-                c.detail = cut(&c.detail, limit / 2);
-                c.name = cut(&c.name, 64);
-            }
-            if limit < 16 {
-                r.checks.truncate(8);
-            }
-        }
+        limit /= 2;
+        r = report.shortened(limit);
     }
 }
 
@@ -515,17 +429,6 @@ async fn stop(server: &mut Child) {
     }
 }
 
-fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,7 +475,7 @@ mod tests {
                 detail: "d".repeat(2000),
             })
             .collect();
-        let line = r.to_line();
+        let line = to_line(&r);
         assert!(line.len() <= MAX_REPORT, "{}", line.len());
         let back: Report = serde_json::from_str(&line).unwrap();
         assert_eq!(back.reason, Reason::CheckFailed);
