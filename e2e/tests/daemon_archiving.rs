@@ -14,19 +14,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use walden::wal::SegmentName;
+use walden_e2e::ledger::block_on;
 use walden_e2e::sys::wait_for;
 use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(300);
 const SEGMENT_SIZE: u32 = 16 << 20;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
-}
 
 /// A primary whose archive_command goes through `daemon`.
 fn primary(work: &Workdir, daemon_env: &mut Vec<(String, String)>) -> PgCluster {

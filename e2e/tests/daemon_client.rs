@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use walden_e2e::ledger::block_on;
 use walden_e2e::sys::wait_for;
 use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
 
@@ -219,14 +220,6 @@ fn wait_traffic(daemon: &Daemon, metric: &str, bytes: f64) {
 fn key_of(seg: &Path) -> String {
     let name = seg.file_name().and_then(|n| n.to_str()).expect("name");
     format!("wal/{}/{name}.zst", &name[..16])
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
 }
 
 #[test]

@@ -13,18 +13,11 @@
 use std::time::Duration;
 
 use walden::storage::ObjectInfo;
+use walden_e2e::ledger::block_on;
 use walden_e2e::sys::{run, wait_for};
 use walden_e2e::{walden_bin, Archive, Daemon, FaultProxy, PgCluster, StorageKind, Workdir};
 
 const LONG: Duration = Duration::from_secs(300);
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
-}
 
 fn objects(archive: &Archive) -> Vec<ObjectInfo> {
     block_on(async { archive.storage().await.list("").await.expect("list") })

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use walden_e2e::ledger::block_on;
 use walden_e2e::sys::{as_pg, pg_bin, run, BUCKET};
 use walden_e2e::{Archive, StorageKind, Workdir};
 
@@ -55,14 +56,6 @@ fn assert_ok(o: &Output, what: &str) {
         o.status,
         stderr(o)
     );
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
 }
 
 fn wal_keys(archive: &Archive) -> Vec<String> {

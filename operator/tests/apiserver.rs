@@ -15,6 +15,7 @@
 //! Binaries come from `.ci/kube-apiserver.sh` (WALDEN_KUBE_APISERVER and
 //! WALDEN_ETCD, or the paths it records). Without them the test fails when
 //! CI=true and is skipped with a message otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the report
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};

@@ -1,4 +1,5 @@
 //! The operator binary's text logs, as `kubectl logs` shows them (a pipe).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the report
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -1,4 +1,5 @@
 //! The command line as a DBA meets it: help, exit codes for bad usage.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the report
 
 use std::process::Command;
 
