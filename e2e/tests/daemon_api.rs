@@ -213,7 +213,7 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
 
 /// Without an override, `POST /v1/backups` runs `walden backup-push` as a
 /// child with the daemon's environment; afterwards the status reports the
-/// backup and the recovery window from `walden backup-list --json`.
+/// backup and the recovery window, read from the archive's catalog.
 #[test]
 fn api_backup_runs_backup_push_and_status_reports_the_catalog() {
     let work = Workdir::new("daemon-api-backup");

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::lock;
 use super::metrics::{AnswerLabel, Metrics};
 use super::state::{ArchivedLog, Record, Stamp};
 use crate::storage::Storage;
@@ -113,10 +114,6 @@ pub fn confine(path: &Path, allowed: Option<&Path>) -> Result<PathBuf, String> {
         }
     }
     Ok(real)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn stamp(path: &Path) -> Result<Stamp, PushError> {

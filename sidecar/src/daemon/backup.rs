@@ -3,8 +3,9 @@
 //! [`Children`]), so that a backup's memory and any crash stay out of the
 //! daemon. One at a time.
 //!
-//! The last backup and the recovery window come from `walden backup-list
-//! --json`, refreshed at start, after each backup and every few minutes.
+//! The last backup and the recovery window are read from the archive in
+//! process (the catalog `backup-list` also reads), at start, after each
+//! backup and every few minutes.
 
 use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
@@ -12,11 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use walden_contract::api::{LastBackup, RecoveryWindow};
 
+use crate::catalog::{self, BackupManifest};
+use crate::storage::Storage;
+
+use super::lock;
 use super::metrics::{Metrics, ResultLabel};
 
 /// Finished jobs remembered for `GET /v1/backups/{id}`.
@@ -88,13 +93,11 @@ pub struct Backups {
     /// A shell command replacing `walden backup-push` (tests, custom tooling).
     command: Option<String>,
     children: Children,
+    /// The archive the catalog is read from.
+    storage: Arc<dyn Storage>,
     jobs: Mutex<Jobs>,
     catalog: Mutex<Catalog>,
     metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,10 +112,16 @@ pub enum StartError {
 }
 
 impl Backups {
-    pub fn new(command: Option<String>, children: Children, metrics: Metrics) -> Arc<Self> {
+    pub fn new(
+        command: Option<String>,
+        children: Children,
+        storage: Arc<dyn Storage>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             command,
             children,
+            storage,
             jobs: Mutex::new(Jobs::default()),
             catalog: Mutex::new(Catalog::default()),
             metrics,
@@ -280,13 +289,13 @@ impl Backups {
         }
     }
 
-    /// Re-reads the catalog with `walden backup-list --json`; on failure the
-    /// status reports no last backup and no window rather than stale ones.
+    /// Re-reads the catalog from the archive; on failure the status reports
+    /// no last backup and no window rather than stale ones.
     pub async fn refresh_catalog(&self) {
-        let catalog = match read_catalog(&self.children).await {
+        let catalog = match read_catalog(self.storage.as_ref()).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::debug!(error = %e, "backup-list --json failed; reporting no backups");
+                tracing::debug!(error = %e, "cannot read the catalog; reporting no backups");
                 Catalog::default()
             }
         };
@@ -334,54 +343,47 @@ impl Backups {
     }
 }
 
-async fn read_catalog(children: &Children) -> Result<Catalog, String> {
-    let mut cmd = children
-        .walden(&["backup-list", "--json"])
-        .map_err(|e| e.to_string())?;
-    let out = tokio::time::timeout(LIST_TIMEOUT, cmd.output())
+async fn read_catalog(storage: &dyn Storage) -> Result<Catalog, String> {
+    let read = async {
+        let scanned = catalog::scan_backups(storage)
+            .await
+            .map_err(|e| e.to_string())?;
+        let window = catalog::recovery_window(storage, &scanned.backups)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(summarize(&scanned.backups, window))
+    };
+    tokio::time::timeout(LIST_TIMEOUT, read)
         .await
-        .map_err(|_| "backup-list timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "backup-list exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    parse_catalog(&out.stdout)
+        .map_err(|_| format!("reading the catalog took over {LIST_TIMEOUT:?}"))?
 }
 
-/// The part of `backup-list --json` the status needs.
-#[derive(Deserialize)]
-struct Listing {
-    #[serde(default)]
-    backups: Vec<LastBackup>,
-    window: Option<RecoveryWindow>,
-}
-
-/// Picks the newest backup and the window out of `backup-list --json`.
-fn parse_catalog(json: &[u8]) -> Result<Catalog, String> {
-    let v: Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-    let listing: Listing = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    let last_backup = listing.backups.into_iter().max_by_key(|b| b.stop_time);
-    let window = listing.window;
-    let oldest_start = v.get("backups").and_then(Value::as_array).and_then(|bs| {
-        bs.iter()
-            .filter_map(|b| {
-                let stop = b.get("stopTime").and_then(Value::as_str)?;
-                let tli = u32::try_from(b.get("timeline").and_then(Value::as_u64)?).ok()?;
-                let lsn = b.get("startLsn").and_then(Value::as_str)?.parse().ok()?;
-                Some((stop.to_string(), (tli, lsn)))
-            })
-            .min_by(|a, b| a.0.cmp(&b.0))
-            .map(|(_, start)| start)
-    });
-    Ok(Catalog {
+/// What the status needs of the catalog: the newest backup, the window, and
+/// where the oldest backup starts.
+fn summarize(backups: &[BackupManifest], window: Option<catalog::RecoveryWindow>) -> Catalog {
+    let last_backup = backups
+        .iter()
+        .max_by_key(|b| b.stop_time)
+        .map(|b| LastBackup {
+            id: b.id.clone(),
+            start_time: b.start_time,
+            stop_time: b.stop_time,
+            start_lsn: b.start_lsn.to_string(),
+            stop_lsn: b.stop_lsn.to_string(),
+        });
+    let oldest_start = backups
+        .iter()
+        .min_by_key(|b| b.stop_time)
+        .map(|b| (b.timeline, b.start_lsn));
+    Catalog {
         last_backup,
-        window,
+        window: window.map(|w| RecoveryWindow {
+            first_point: w.first_point,
+            first_lsn: w.first_lsn.to_string(),
+            last_archived_wal: w.last_archived_wal,
+        }),
         oldest_start,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -390,11 +392,19 @@ mod tests {
 
     #[test]
     fn catalog_takes_the_newest_backup_and_the_window() {
-        let json = br#"{"backups":[
-            {"id":"20260101T000000Z","startTime":"2026-01-01T00:00:00Z","stopTime":"2026-01-01T00:01:00Z","startLsn":"0/2000028","stopLsn":"0/2000100","timeline":1,"logicalSize":1,"storedSize":1},
-            {"id":"20260102T000000Z","startTime":"2026-01-02T00:00:00Z","stopTime":"2026-01-02T00:01:00Z","startLsn":"0/5000028","stopLsn":"0/5000100","timeline":1,"logicalSize":1,"storedSize":1}],
-            "window":{"firstPoint":"2026-01-01T00:01:00Z","firstLsn":"0/2000100","lastArchivedWal":"000000010000000000000009","lastArchivedTime":"2026-01-03T00:00:00Z"}}"#;
-        let c = parse_catalog(json).unwrap();
+        let mut older =
+            crate::catalog::sample_manifest("20260101T000000Z", "2026-01-01T00:01:00Z", 0x200_0100);
+        older.start_lsn = crate::lsn::Lsn(0x200_0028);
+        let mut newer =
+            crate::catalog::sample_manifest("20260102T000000Z", "2026-01-02T00:01:00Z", 0x500_0100);
+        newer.start_lsn = crate::lsn::Lsn(0x500_0028);
+        let window = crate::catalog::RecoveryWindow {
+            first_point: older.stop_time,
+            first_lsn: older.stop_lsn,
+            last_archived_wal: Some("000000010000000000000009".into()),
+            last_archived_time: Some("2026-01-03T00:00:00Z".parse().unwrap()),
+        };
+        let c = summarize(&[newer, older], Some(window));
         let b = serde_json::to_value(c.last_backup.unwrap()).unwrap();
         assert_eq!(b["id"], "20260102T000000Z");
         assert_eq!(b["stopLsn"], "0/5000100");
@@ -406,7 +416,7 @@ mod tests {
         );
         let w = serde_json::to_value(c.window.unwrap()).unwrap();
         assert_eq!(w["lastArchivedWal"], "000000010000000000000009");
-        let empty = parse_catalog(br#"{"backups":[],"window":null}"#).unwrap();
+        let empty = summarize(&[], None);
         assert!(empty.last_backup.is_none() && empty.window.is_none());
         assert!(empty.oldest_start.is_none());
     }

@@ -26,6 +26,7 @@ use crate::wal::{SegmentName, WalFile};
 
 use super::archiver::Archiver;
 use super::backup::Backups;
+use super::lock;
 
 /// How often the loop looks whether something was archived.
 const POLL: Duration = Duration::from_secs(1);
@@ -176,10 +177,6 @@ pub struct Continuity {
     /// A full re-check from the oldest backup's start this often.
     recheck: Duration,
     state: Mutex<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Continuity {

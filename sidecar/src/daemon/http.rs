@@ -92,10 +92,7 @@ async fn authorize(
     };
     let now = Instant::now();
     let ok = {
-        let mut tokens = api
-            .tokens
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut tokens = super::lock(&api.tokens);
         tokens.observe(&expected, now);
         tokens.accepts(presented, now, api.token_grace)
     };

@@ -208,6 +208,7 @@ pub async fn run(settings: Settings, args: DaemonArgs) -> anyhow::Result<()> {
     let backups = backup::Backups::new(
         args.backup_command.clone(),
         args.children(&settings),
+        storage.clone(),
         metrics.clone(),
     );
     if args.token_file.is_none() {
@@ -330,4 +331,11 @@ async fn watch_postgres(pg: Arc<postgres::Observer>, metrics: metrics::Metrics) 
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
+}
+
+/// Locks a mutex even if a thread panicked while holding it: the daemon's
+/// shared state stays usable (each update is complete or not made), and a
+/// panic in one request must not take every later one down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -20,6 +20,7 @@ use std::time::Instant;
 use tokio::sync::{watch, OnceCell};
 use tracing::Instrument;
 
+use super::lock;
 use super::metrics::{Metrics, ResultLabel, SourceLabel};
 use crate::repo;
 use crate::storage::Storage;
@@ -64,10 +65,6 @@ pub struct Prefetcher {
     inner: Mutex<Inner>,
     seq: AtomicU64,
     metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Prefetcher {
