@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -11,6 +12,26 @@ use std::sync::atomic::AtomicU64;
 pub struct ReconcileLabels {
     pub controller: String,
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
+/// A failed reconcile: the controller and the error's reason (the one
+/// conditions and Events show).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: String,
+    pub reason: String,
+}
+
+type DurationFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
+
+/// Reconcile durations from 5 ms to about 20 s.
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
 }
 
 /// One ContinuousBackup.
@@ -32,6 +53,8 @@ pub struct ProofLabels {
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_duration: DurationFamily,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub backups_started: Counter,
     pub leader: Gauge,
     /// `walden_restore_test_*`: the restore proofs (the age of the last
@@ -77,6 +100,19 @@ impl Default for Metrics {
             "Reconciles by controller and result",
             reconciles.clone(),
         );
+        let reconcile_duration: DurationFamily =
+            Family::new_with_constructor(reconcile_histogram as fn() -> Histogram);
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long reconciles take, by controller",
+            reconcile_duration.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by controller and reason",
+            reconcile_errors.clone(),
+        );
         let backups_started = Counter::default();
         registry.register(
             "backups_started",
@@ -92,6 +128,8 @@ impl Default for Metrics {
         Metrics {
             registry: root,
             reconciles,
+            reconcile_duration,
+            reconcile_errors,
             backups_started,
             leader,
             restore_test_result,
@@ -103,13 +141,27 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn reconciled(&self, controller: &str, ok: bool) {
+    /// Records one reconcile: how long it took and, when it failed, why.
+    pub fn reconciled(&self, controller: &str, error: Option<&str>, took: std::time::Duration) {
         self.reconciles
             .get_or_create(&ReconcileLabels {
                 controller: controller.to_string(),
-                result: if ok { "ok" } else { "error" }.to_string(),
+                result: if error.is_none() { "ok" } else { "error" }.to_string(),
             })
             .inc();
+        self.reconcile_duration
+            .get_or_create(&ControllerLabels {
+                controller: controller.to_string(),
+            })
+            .observe(took.as_secs_f64());
+        if let Some(reason) = error {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    controller: controller.to_string(),
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
     }
 
     /// Prometheus text exposition.
@@ -127,10 +179,19 @@ mod tests {
     #[test]
     fn counts_show_in_the_exposition() {
         let m = Metrics::default();
-        m.reconciled("fork", true);
-        m.reconciled("fork", false);
-        m.reconciled("fork", false);
+        let ms = std::time::Duration::from_millis;
+        m.reconciled("fork", None, ms(3));
+        m.reconciled("fork", Some("KubernetesApiError"), ms(40));
+        m.reconciled("fork", Some("InvalidSpec"), ms(7000));
         let text = m.encode().expect("encode");
+        for series in [
+            r#"walden_operator_reconcile_duration_seconds_count{controller="fork"} 3"#,
+            r#"walden_operator_reconcile_duration_seconds_bucket{le="0.005",controller="fork"} 1"#,
+            r#"walden_operator_reconcile_errors_total{controller="fork",reason="KubernetesApiError"} 1"#,
+            r#"walden_operator_reconcile_errors_total{controller="fork",reason="InvalidSpec"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
         assert!(
             text.contains(
                 r#"walden_operator_reconciles_total{controller="fork",result="error"} 2"#

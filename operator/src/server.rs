@@ -56,7 +56,9 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             ready: Arc::new(AtomicBool::new(false)),
         };
-        state.metrics.reconciled("fork", true);
+        state
+            .metrics
+            .reconciled("fork", None, std::time::Duration::from_millis(1));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

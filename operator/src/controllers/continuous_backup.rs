@@ -58,6 +58,7 @@ fn error_policy(_cb: Arc<ContinuousBackup>, _err: &Error, _ctx: Arc<Context>) ->
 /// Reconciles one ContinuousBackup (finalizer first, then apply or cleanup).
 #[instrument(skip_all, fields(cb = %cb.name_any(), ns = cb.namespace().unwrap_or_default()))]
 pub async fn reconcile(cb: Arc<ContinuousBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let ns = namespace_of(cb.as_ref())?;
     let api: Api<ContinuousBackup> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(
@@ -76,7 +77,8 @@ pub async fn reconcile(cb: Arc<ContinuousBackup>, ctx: Arc<Context>) -> Result<A
     if let Err(err) = &result {
         report_error(&ctx, cb.as_ref(), cb.status.as_ref(), err).await;
     }
-    ctx.metrics.reconciled(CONTROLLER, result.is_ok());
+    let error = result.as_ref().err().map(Error::reason);
+    ctx.metrics.reconciled(CONTROLLER, error, started.elapsed());
     result
 }
 

@@ -45,11 +45,13 @@ pub async fn run(
 
 #[instrument(skip_all, fields(follower = %f.name_any(), ns = f.namespace().unwrap_or_default()))]
 pub async fn reconcile(f: Arc<Follower>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let result = apply(&f, &ctx).await;
     if let Err(err) = &result {
         report_error(&ctx, f.as_ref(), f.status.as_ref(), err).await;
     }
-    ctx.metrics.reconciled(CONTROLLER, result.is_ok());
+    let error = result.as_ref().err().map(Error::reason);
+    ctx.metrics.reconciled(CONTROLLER, error, started.elapsed());
     result
 }
 

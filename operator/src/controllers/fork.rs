@@ -254,11 +254,13 @@ pub fn observe_phase(
 
 #[instrument(skip_all, fields(fork = %fork.name_any(), ns = fork.namespace().unwrap_or_default()))]
 pub async fn reconcile(fork: Arc<Fork>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let result = apply(&fork, &ctx).await;
     if let Err(err) = &result {
         report_error(&ctx, fork.as_ref(), fork.status.as_ref(), err).await;
     }
-    ctx.metrics.reconciled(CONTROLLER, result.is_ok());
+    let error = result.as_ref().err().map(Error::reason);
+    ctx.metrics.reconciled(CONTROLLER, error, started.elapsed());
     result
 }
 
