@@ -5,8 +5,8 @@
 
 use super::{
     apply_if_changed, apply_status, created_at, ensure_token, kube_err, namespace_of, publish,
-    report_error, report_invalid, set_condition, ApplyDecision, Context, Desired, Error,
-    PendingEvent, Status,
+    report_error, report_invalid, set_condition, ApplyDecision, ConditionType, Context, Desired,
+    Error, PendingEvent, Status,
 };
 use crate::api::{
     BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
@@ -173,7 +173,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             let msg = format!("StatefulSet {target} not found in namespace {ns}");
             if set_condition(
                 &mut status.conditions,
-                "Ready",
+                ConditionType::Ready,
                 Status::False,
                 "TargetNotFound",
                 &msg,
@@ -202,7 +202,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             Err(e) => {
                 if set_condition(
                     &mut status.conditions,
-                    "Ready",
+                    ConditionType::Ready,
                     Status::False,
                     e.reason(),
                     e.to_string(),
@@ -255,7 +255,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 );
                 if set_condition(
                     &mut status.conditions,
-                    "Ready",
+                    ConditionType::Ready,
                     Status::False,
                     "FieldConflict",
                     &msg,
@@ -279,7 +279,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 let msg = format!("no pod of StatefulSet {target} answered as primary: {why}");
                 set_condition(
                     &mut status.conditions,
-                    "Archiving",
+                    ConditionType::Archiving,
                     Status::Unknown,
                     "PrimaryUnreachable",
                     &msg,
@@ -288,7 +288,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 );
                 if set_condition(
                     &mut status.conditions,
-                    "Ready",
+                    ConditionType::Ready,
                     Status::False,
                     "WaitingForPrimary",
                     &msg,
@@ -383,7 +383,7 @@ fn mirror_daemon_status(
         );
         if set_condition(
             &mut status.conditions,
-            "Archiving",
+            ConditionType::Archiving,
             Status::False,
             "ArchiveFailing",
             &msg,
@@ -398,7 +398,7 @@ fn mirror_daemon_status(
         }
         set_condition(
             &mut status.conditions,
-            "Ready",
+            ConditionType::Ready,
             Status::False,
             "ArchiveFailing",
             msg,
@@ -412,7 +412,7 @@ fn mirror_daemon_status(
         };
         set_condition(
             &mut status.conditions,
-            "Archiving",
+            ConditionType::Archiving,
             Status::True,
             "Archiving",
             &msg,
@@ -423,7 +423,7 @@ fn mirror_daemon_status(
             let why = "WAL archiving works, but no base backup exists yet: nothing can be forked or followed until the first one (started now) completes";
             if set_condition(
                 &mut status.conditions,
-                "Ready",
+                ConditionType::Ready,
                 Status::False,
                 "NoBaseBackup",
                 why,
@@ -434,7 +434,7 @@ fn mirror_daemon_status(
             }
         } else if set_condition(
             &mut status.conditions,
-            "Ready",
+            ConditionType::Ready,
             Status::True,
             "Protected",
             "WAL archiving and backups are running",
@@ -461,7 +461,7 @@ fn report_sidecar(
     };
     if set_condition(
         &mut status.conditions,
-        "SidecarCurrent",
+        ConditionType::SidecarCurrent,
         s,
         choice.reason,
         &choice.message,
@@ -514,7 +514,7 @@ fn report_archive_hole(
 ) {
     if set_condition(
         &mut status.conditions,
-        "Archiving",
+        ConditionType::Archiving,
         Status::False,
         "ArchiveHole",
         msg,
@@ -525,7 +525,7 @@ fn report_archive_hole(
     }
     set_condition(
         &mut status.conditions,
-        "Ready",
+        ConditionType::Ready,
         Status::False,
         "ArchiveHole",
         msg,
@@ -585,7 +585,7 @@ async fn extra_backup(
     let succeeded = status
         .conditions
         .iter()
-        .any(|c| c.type_ == "BackupSucceeded" && c.status == "True");
+        .any(|c| c.type_ == ConditionType::BackupSucceeded.as_str() && c.status == "True");
     let Some(why) = decide_extra_backup(
         cb.spec.backup_request.as_deref(),
         status.backup_request.as_deref(),
@@ -616,7 +616,7 @@ async fn extra_backup(
             let msg = format!("could not start a base backup {what}: {e}");
             set_condition(
                 &mut status.conditions,
-                "BackupSucceeded",
+                ConditionType::BackupSucceeded,
                 Status::False,
                 "BackupStartFailed",
                 &msg,
@@ -648,7 +648,7 @@ async fn track_backup(
                 let msg = format!("base backup {id} completed");
                 set_condition(
                     &mut status.conditions,
-                    "BackupSucceeded",
+                    ConditionType::BackupSucceeded,
                     Status::True,
                     "BackupCompleted",
                     &msg,
@@ -665,7 +665,7 @@ async fn track_backup(
                 );
                 set_condition(
                     &mut status.conditions,
-                    "BackupSucceeded",
+                    ConditionType::BackupSucceeded,
                     Status::False,
                     "BackupFailed",
                     &msg,
@@ -680,7 +680,7 @@ async fn track_backup(
             let msg = format!("daemon on {} no longer knows backup {id} (restarted?); the next scheduled run will take a new one", primary.pod);
             set_condition(
                 &mut status.conditions,
-                "BackupSucceeded",
+                ConditionType::BackupSucceeded,
                 Status::False,
                 "BackupLost",
                 &msg,
@@ -694,7 +694,7 @@ async fn track_backup(
             let msg = format!("could not read the state of backup {id} (will retry): {e}");
             if set_condition(
                 &mut status.conditions,
-                "BackupSucceeded",
+                ConditionType::BackupSucceeded,
                 Status::Unknown,
                 "BackupStateUnknown",
                 &msg,
@@ -727,7 +727,7 @@ async fn schedule_backup(
             status.next_backup_time = None;
             if set_condition(
                 &mut status.conditions,
-                "BackupSucceeded",
+                ConditionType::BackupSucceeded,
                 Status::False,
                 "InvalidSchedule",
                 e.to_string(),
@@ -797,7 +797,7 @@ async fn schedule_backup(
             let msg = format!("could not start the base backup scheduled for {slot}: {e}");
             set_condition(
                 &mut status.conditions,
-                "BackupSucceeded",
+                ConditionType::BackupSucceeded,
                 Status::False,
                 "BackupStartFailed",
                 &msg,

@@ -5,8 +5,8 @@
 use super::fork::apply_body;
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, Context, Desired,
-    Error, PendingEvent, Status,
+    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, ConditionType,
+    Context, Desired, Error, PendingEvent, Status,
 };
 use crate::api::{Follower, FollowerStatus, ReplicaStatus};
 use crate::daemon_client::{Endpoint, Promotion, Role};
@@ -59,7 +59,10 @@ fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "True")
+        })
 }
 
 async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
@@ -108,7 +111,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             Err(msg) => {
                 if set_condition(
                     &mut status.conditions,
-                    "Ready",
+                    ConditionType::Ready,
                     Status::False,
                     "SourceNotFound",
                     &msg,
@@ -246,7 +249,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
         };
         if set_condition(
             &mut status.conditions,
-            "Ready",
+            ConditionType::Ready,
             ready_status,
             reason,
             &msg,
@@ -274,7 +277,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
         };
         if set_condition(
             &mut status.conditions,
-            "DaemonsReachable",
+            ConditionType::DaemonsReachable,
             reach_status,
             reason,
             &msg,
@@ -401,7 +404,7 @@ fn report_streaming(
     let warn = s == Status::False;
     if set_condition(
         &mut status.conditions,
-        "Streaming",
+        ConditionType::Streaming,
         s,
         reason,
         &msg,
@@ -427,7 +430,7 @@ fn mark_promoted(
     status.promoted = true;
     if set_condition(
         &mut status.conditions,
-        "Promoted",
+        ConditionType::Promoted,
         Status::True,
         "Promoted",
         msg,
@@ -452,7 +455,7 @@ async fn promote(
     let mut refuse = |status: &mut FollowerStatus, reason: &str, msg: String, warn: bool| {
         if set_condition(
             &mut status.conditions,
-            "Promoted",
+            ConditionType::Promoted,
             Status::False,
             reason,
             &msg,

@@ -4,8 +4,8 @@
 
 use super::{
     apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, Context, Desired,
-    Error, PendingEvent, Status,
+    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, ConditionType,
+    Context, Desired, Error, PendingEvent, Status,
 };
 use crate::api::{Fork, ForkPhase, RecoveryTarget};
 use crate::daemon_client::{DaemonStatus, Endpoint, Role};
@@ -97,7 +97,7 @@ pub(crate) fn source_gone(
     let msg = format!("{msg}; not needed any more (recovery finished), so nothing changes");
     if set_condition(
         conditions,
-        "SourceAvailable",
+        ConditionType::SourceAvailable,
         Status::False,
         "SourceGone",
         &msg,
@@ -224,7 +224,7 @@ pub fn observe_phase(
         .conditions
         .iter()
         .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+        .any(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "True");
     match daemon {
         Some(d) if d.role == Role::Primary && pod_ready => (
             ForkPhase::Ready,
@@ -308,7 +308,7 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
                 status.phase = ForkPhase::Pending;
                 if set_condition(
                     &mut status.conditions,
-                    "Ready",
+                    ConditionType::Ready,
                     Status::False,
                     "SourceNotFound",
                     &msg,
@@ -334,7 +334,7 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
                 status.phase = ForkPhase::Failed;
                 if set_condition(
                     &mut status.conditions,
-                    "Ready",
+                    ConditionType::Ready,
                     Status::False,
                     p.reason,
                     &p.message,
@@ -454,7 +454,7 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
         };
         set_condition(
             &mut status.conditions,
-            "Ready",
+            ConditionType::Ready,
             ready,
             reason,
             &message,

@@ -269,7 +269,7 @@ pub(crate) fn report_invalid(
     let msg = crate::rules::describe(violations);
     if set_condition(
         conditions,
-        "Ready",
+        ConditionType::Ready,
         Status::False,
         crate::rules::REASON,
         &msg,
@@ -318,7 +318,7 @@ where
     let mut status = current.cloned().unwrap_or_default();
     set_condition(
         status.conditions_mut(),
-        "Ready",
+        ConditionType::Ready,
         Status::False,
         err.reason(),
         err.to_string(),
@@ -394,11 +394,50 @@ impl Status {
     }
 }
 
+/// The condition types the controllers write, spelled once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionType {
+    /// Every kind: the resource does what it declares.
+    Ready,
+    /// ContinuousBackup: WAL reaches the archive.
+    Archiving,
+    /// ContinuousBackup: the last base backup succeeded.
+    BackupSucceeded,
+    /// ContinuousBackup: a recent restore proof succeeded.
+    Recoverable,
+    /// ContinuousBackup: the protected pods run the sidecar this operator injects.
+    SidecarCurrent,
+    /// ContinuousBackup: the daemons of the protected pods answer.
+    DaemonsReachable,
+    /// Fork: the ContinuousBackup it was restored from still exists.
+    SourceAvailable,
+    /// Follower: it streams from its primary.
+    Streaming,
+    /// Follower: it was promoted.
+    Promoted,
+}
+
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Archiving => "Archiving",
+            ConditionType::BackupSucceeded => "BackupSucceeded",
+            ConditionType::Recoverable => "Recoverable",
+            ConditionType::SidecarCurrent => "SidecarCurrent",
+            ConditionType::DaemonsReachable => "DaemonsReachable",
+            ConditionType::SourceAvailable => "SourceAvailable",
+            ConditionType::Streaming => "Streaming",
+            ConditionType::Promoted => "Promoted",
+        }
+    }
+}
+
 /// Sets a condition, keeping its transition time when the status is unchanged.
 /// Returns whether the status changed (a transition worth an Event).
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
-    type_: &str,
+    type_: ConditionType,
     status: Status,
     reason: &str,
     message: impl Into<String>,
@@ -407,6 +446,7 @@ pub fn set_condition(
 ) -> bool {
     let message = message.into();
     let ts = Time(k8s_openapi::jiff::Timestamp::from_second(now.timestamp()).unwrap_or_default());
+    let type_ = type_.as_str();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             let transition = c.status != status.as_str();
@@ -804,7 +844,7 @@ mod tests {
         let mut conds = Vec::new();
         assert!(set_condition(
             &mut conds,
-            "Ready",
+            ConditionType::Ready,
             Status::False,
             "A",
             "m",
@@ -813,7 +853,7 @@ mod tests {
         ));
         assert!(!set_condition(
             &mut conds,
-            "Ready",
+            ConditionType::Ready,
             Status::False,
             "A",
             "m2",
@@ -824,7 +864,7 @@ mod tests {
         assert_eq!(conds[0].message, "m2");
         assert!(set_condition(
             &mut conds,
-            "Ready",
+            ConditionType::Ready,
             Status::False,
             "B",
             "m",
@@ -834,7 +874,7 @@ mod tests {
         assert_eq!(conds[0].last_transition_time.0.as_second(), t0.timestamp());
         assert!(set_condition(
             &mut conds,
-            "Ready",
+            ConditionType::Ready,
             Status::True,
             "B",
             "m",

@@ -5,7 +5,8 @@
 //! The decisions are pure, in `crate::restore_test`.
 
 use super::{
-    created_at, kube_err, owner_reference, set_condition, Context, Error, PendingEvent, Status,
+    created_at, kube_err, owner_reference, set_condition, ConditionType, Context, Error,
+    PendingEvent, Status,
 };
 use crate::api::{
     ContinuousBackup, ContinuousBackupStatus, MissedBackupPolicy, RestoreTestResult,
@@ -25,7 +26,7 @@ use tracing::info;
 
 /// How often a running proof is looked at.
 const POLL: Duration = Duration::from_secs(30);
-const CONDITION: &str = "Recoverable";
+const CONDITION: ConditionType = ConditionType::Recoverable;
 
 /// Whether `pod` is a proof pod this operator made for `cb_name` (a pod of
 /// that name made by anyone else is never touched).
@@ -46,7 +47,7 @@ pub async fn step(
 ) -> Result<Option<Duration>, Error> {
     let Some(spec) = &cb.spec.restore_test else {
         status.next_restore_test_time = None;
-        status.conditions.retain(|c| c.type_ != CONDITION);
+        status.conditions.retain(|c| c.type_ != CONDITION.as_str());
         // spec.restoreTest removed while a proof ran: it is cancelled.
         if status.restore_test_in_progress.take().is_some() {
             if let Some(pod) = cancel(ctx, cb).await? {
