@@ -2,11 +2,11 @@
 //! following it (optionally streaming), with per-replica replay lag in
 //! status and `spec.promote` for a manual failover (one replica only).
 
-use super::fork::apply_body;
+use super::instance;
 use super::{
-    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, ConditionType,
-    Context, Desired, Error, PendingEvent, Status,
+    apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish, report_error,
+    report_invalid, resolve_source, set_condition, ConditionType, Context, Error, PendingEvent,
+    Status,
 };
 use crate::api::{Follower, FollowerStatus, ReplicaStatus};
 use crate::daemon_client::{Endpoint, Promotion, Role};
@@ -99,13 +99,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
         {
             Ok(s) => s,
             Err(msg) if status.promoted => {
-                super::fork::source_gone(
-                    &mut status.conditions,
-                    &msg,
-                    generation,
-                    now,
-                    &mut events,
-                );
+                instance::source_gone(&mut status.conditions, &msg, generation, now, &mut events);
                 break 'outcome;
             }
             Err(msg) => {
@@ -138,37 +132,12 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             streaming: f.spec.streaming.as_ref(),
             walden_image: &ctx.config.walden_image,
         };
-        let svc_name = specs::instance_service_name(InstanceKind::Follower, &name);
-        let current_svc = svc_api
-            .get_opt(&svc_name)
-            .await
-            .map_err(kube_err(format!("reading Service {svc_name}")))?;
-        let mut changed = apply_if_changed(
-            &svc_api,
-            &svc_name,
-            current_svc.as_ref(),
-            &Desired::derived(apply_body(&specs::instance_service(&plan))?),
-            false,
-            false,
-        )
-        .await
-        .map_err(kube_err(format!("applying Service {svc_name}")))?
-            == ApplyDecision::Apply;
         let current_sts = sts_api
             .get_opt(&name)
             .await
             .map_err(kube_err(format!("reading StatefulSet {name}")))?;
-        changed |= apply_if_changed(
-            &sts_api,
-            &name,
-            current_sts.as_ref(),
-            &Desired::derived(apply_body(&specs::instance_statefulset(&plan))?),
-            false,
-            false,
-        )
-        .await
-        .map_err(kube_err(format!("applying StatefulSet {name}")))?
-            == ApplyDecision::Apply;
+        let (svc_name, changed) =
+            instance::apply(&svc_api, &sts_api, &plan, current_sts.as_ref()).await?;
         if changed {
             events.push(PendingEvent::normal(
                 "Applied",

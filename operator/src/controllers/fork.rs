@@ -2,10 +2,11 @@
 //! with phases Pending → Restoring → Recovering → Ready (or Failed). A target
 //! that cannot be reached is refused before anything is created.
 
+use super::instance::{self, source_gone};
 use super::{
-    apply_if_changed, apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish,
-    report_error, report_invalid, resolve_source, set_condition, ApplyDecision, ConditionType,
-    Context, Desired, Error, PendingEvent, Status,
+    apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish, report_error,
+    report_invalid, resolve_source, set_condition, ConditionType, Context, Error, PendingEvent,
+    Status,
 };
 use crate::api::{Fork, ForkPhase, RecoveryTarget};
 use crate::daemon_client::{DaemonStatus, Endpoint, Role};
@@ -83,29 +84,6 @@ pub fn check_target(
         }
     }
     Ok(())
-}
-
-/// `SourceAvailable=False` for an independent Fork or promoted Follower
-/// whose source is gone: worth knowing, not a failure.
-pub(crate) fn source_gone(
-    conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-    msg: &str,
-    generation: Option<i64>,
-    now: DateTime<Utc>,
-    events: &mut Vec<PendingEvent>,
-) {
-    let msg = format!("{msg}; not needed any more (recovery finished), so nothing changes");
-    if set_condition(
-        conditions,
-        ConditionType::SourceAvailable,
-        Status::False,
-        "SourceGone",
-        &msg,
-        generation,
-        now,
-    ) {
-        events.push(PendingEvent::normal("SourceGone", "Resolve", msg));
-    }
 }
 
 /// The line of a postgres log or termination message saying the target
@@ -366,29 +344,8 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             streaming: None,
             walden_image: &ctx.config.walden_image,
         };
-        let svc_name = specs::instance_service_name(InstanceKind::Fork, &name);
-        let svc = apply_body(&specs::instance_service(&plan))?;
-        let current_svc = svc_api
-            .get_opt(&svc_name)
-            .await
-            .map_err(kube_err(format!("reading Service {svc_name}")))?;
-        let svc = Desired::derived(svc);
-        let mut created = apply_if_changed(
-            &svc_api,
-            &svc_name,
-            current_svc.as_ref(),
-            &svc,
-            false,
-            false,
-        )
-        .await
-        .map_err(kube_err(format!("applying Service {svc_name}")))?
-            == ApplyDecision::Apply;
-        let sts = Desired::derived(apply_body(&specs::instance_statefulset(&plan))?);
-        created |= apply_if_changed(&sts_api, &name, existing.as_ref(), &sts, false, false)
-            .await
-            .map_err(kube_err(format!("applying StatefulSet {name}")))?
-            == ApplyDecision::Apply;
+        let (svc_name, created) =
+            instance::apply(&svc_api, &sts_api, &plan, existing.as_ref()).await?;
         if created {
             events.push(PendingEvent::normal(
                 "Applied",
@@ -478,22 +435,6 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
     apply_status(&api, fork, fork.status.as_ref(), &status).await?;
     publish(ctx, fork, &events).await;
     Ok(action)
-}
-
-/// An object as a server-side-apply body (which needs its apiVersion and kind).
-pub(crate) fn apply_body<K>(obj: &K) -> Result<serde_json::Value, Error>
-where
-    K: kube::Resource<DynamicType = ()> + serde::Serialize,
-{
-    let mut v = serde_json::to_value(obj).map_err(|source| Error::Serialize {
-        what: K::kind(&()).to_string(),
-        source,
-    })?;
-    if let Some(map) = v.as_object_mut() {
-        map.insert("apiVersion".into(), K::api_version(&()).into());
-        map.insert("kind".into(), K::kind(&()).into());
-    }
-    Ok(v)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 pub mod continuous_backup;
 pub mod follower;
 pub mod fork;
+mod instance;
 pub mod restore_test;
 
 use crate::api::{
