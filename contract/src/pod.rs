@@ -15,6 +15,11 @@ pub const TOKEN_KEY: &str = "token";
 /// Where the kubelet reads a container's termination message.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 
+/// The zstd level used when none is set, by the CLI and by the operator
+/// alike: level 1 keeps archiving ahead of WAL generation on one core (the
+/// level every test and benchmark runs at).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+
 /// Environment variable names.
 pub mod env {
     pub const STORAGE: &str = "WALDEN_STORAGE";

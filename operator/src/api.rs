@@ -379,7 +379,7 @@ pub struct CompressionSpec {
 }
 
 fn default_level() -> i32 {
-    3
+    walden_contract::pod::DEFAULT_COMPRESSION_LEVEL
 }
 
 /// Missed-run policy of the backup schedule.

@@ -525,7 +525,11 @@ pub fn primary_patch(
     };
     let daemon = DaemonConfig {
         storage: &cb.spec.storage,
-        compression_level: cb.spec.compression.as_ref().map(|c| c.level).unwrap_or(3),
+        compression_level: cb
+            .spec
+            .compression
+            .as_ref()
+            .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level),
         read_only: false,
         pgdata: &target.pgdata,
         pg_port: target.port,
@@ -1368,6 +1372,26 @@ mod tests {
                 "{name}: applying twice changes nothing"
             );
         }
+    }
+
+    /// Without `spec.compression` the sidecar gets the level the CLI uses
+    /// by default (they once differed: 3 here, 1 there).
+    #[test]
+    fn the_default_compression_level_is_the_clis() {
+        let mut cb = base_cb();
+        cb.spec.compression = None;
+        let target = sts(
+            json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]),
+            None,
+        );
+        let patch = primary_patch(&cb, &target, IMAGE).expect("patch");
+        let side = container(
+            &patch["spec"]["template"]["spec"]["containers"],
+            SIDECAR_CONTAINER,
+        );
+        assert_eq!(env_map(side)["WALDEN_COMPRESSION_LEVEL"], json!("1"));
+        let omitted: crate::api::CompressionSpec = serde_json::from_value(json!({})).expect("spec");
+        assert_eq!(omitted.level, 1, "the CRD's default");
     }
 
     #[test]

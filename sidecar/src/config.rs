@@ -36,7 +36,7 @@ pub struct Settings {
     pub s3_part_size_mb: usize,
 
     /// zstd compression level (1 = fastest, 19 = smallest)
-    #[arg(long, env = wenv::COMPRESSION_LEVEL, default_value_t = 1, value_name = "LEVEL",
+    #[arg(long, env = wenv::COMPRESSION_LEVEL, default_value_t = walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, value_name = "LEVEL",
           value_parser = clap::value_parser!(i32).range(1..=22), global = true)]
     pub compression_level: i32,
 

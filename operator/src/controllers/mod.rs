@@ -646,7 +646,11 @@ pub async fn resolve_source(
                     .map(str::to_string)
                     .unwrap_or_else(|| cb.spec.target.credentials_secret.clone()),
             ),
-            compression_level: cb.spec.compression.as_ref().map(|c| c.level).unwrap_or(3),
+            compression_level: cb
+                .spec
+                .compression
+                .as_ref()
+                .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level),
             first_recoverability_point: cb
                 .status
                 .as_ref()

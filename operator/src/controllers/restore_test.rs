@@ -239,7 +239,11 @@ async fn start_if_due(
         owner: owner_reference(cb)?,
         spec,
         storage: &cb.spec.storage,
-        compression_level: cb.spec.compression.as_ref().map(|c| c.level).unwrap_or(3),
+        compression_level: cb
+            .spec
+            .compression
+            .as_ref()
+            .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level),
         postgres_image: &image,
         walden_image: &ctx.config.walden_image,
         run_as_user: cb.spec.target.run_as_user,
