@@ -9,6 +9,7 @@
 //! Only serde and chrono: both sides and the tests can depend on it cheaply.
 
 pub mod api;
+pub mod duration;
 pub mod pod;
 pub mod proof;
 

@@ -401,9 +401,10 @@ pub struct RetentionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub full_backups: Option<i32>,
-    /// Keep every point in this window restorable, e.g. "7d", "36h".
+    /// Keep every point in this window restorable, e.g. "7d", "36h", "1d12h"
+    /// (units w, d, h, m, s in that order, as the CLI's --window takes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[1-9][0-9]*(h|d|w)$"))]
+    #[schemars(regex(pattern = walden_contract::duration::PATTERN), length(min = 1))]
     pub recovery_window: Option<String>,
 }
 
@@ -787,6 +788,44 @@ mod tests {
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
             .join("..")
             .join(rel)
+    }
+
+    /// The CRD admits exactly the windows the sidecar parses: the schema's
+    /// pattern (and minimum length) against walden's own parser, one table.
+    #[test]
+    fn recovery_window_pattern_and_parser_agree() {
+        let crd = serde_yaml::to_value(ContinuousBackup::crd()).expect("crd");
+        let field = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["retention"]["properties"]["recoveryWindow"];
+        let pattern =
+            regex::Regex::new(field["pattern"].as_str().expect("pattern")).expect("regex");
+        let min_len = field["minLength"].as_u64().expect("minLength") as usize;
+        for s in [
+            "7d",
+            "36h",
+            "1d12h",
+            "90m",
+            "45s",
+            "2w",
+            "1w2d3h4m5s",
+            "",
+            "7",
+            "d",
+            "0d",
+            "1d1d",
+            "12h1d",
+            "07d",
+            "7D",
+            "1.5d",
+            "-1d",
+        ] {
+            let admitted = s.len() >= min_len && pattern.is_match(s);
+            let parsed = walden_contract::duration::parse(s).is_ok();
+            assert_eq!(
+                admitted, parsed,
+                "{s:?}: the CRD admits {admitted}, walden parses {parsed}"
+            );
+        }
     }
 
     #[test]

@@ -66,36 +66,9 @@ impl fmt::Display for Policy {
     }
 }
 
-/// Parses a duration such as `7d`, `36h`, `1d12h`, `90m`, `45s`, `2w`.
-pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
-    let bad = || format!("{s:?} is not a duration; expected e.g. 7d, 36h, 1d12h, 90m, 45s, 2w");
-    let mut total = chrono::Duration::zero();
-    let mut digits = String::new();
-    let mut any = false;
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let n: i64 = digits.parse().map_err(|_| bad())?;
-        digits.clear();
-        let part = match c {
-            'w' => chrono::Duration::try_weeks(n),
-            'd' => chrono::Duration::try_days(n),
-            'h' => chrono::Duration::try_hours(n),
-            'm' => chrono::Duration::try_minutes(n),
-            's' => chrono::Duration::try_seconds(n),
-            _ => None,
-        }
-        .ok_or_else(bad)?;
-        total = total.checked_add(&part).ok_or_else(bad)?;
-        any = true;
-    }
-    if !digits.is_empty() || !any || total <= chrono::Duration::zero() {
-        return Err(bad());
-    }
-    Ok(total)
-}
+/// Parses a duration such as `7d`, `36h`, `1d12h`, `90m`, `45s`, `2w`: the
+/// grammar the CRDs accept too ([`walden_contract::duration`]).
+pub use walden_contract::duration::parse as parse_duration;
 
 pub fn format_duration(d: chrono::Duration) -> String {
     let s = d.num_seconds();
