@@ -5,6 +5,8 @@
 
 mod error;
 mod file;
+#[cfg(test)]
+pub mod memory;
 mod s3;
 
 use std::fmt;

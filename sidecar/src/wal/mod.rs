@@ -5,6 +5,8 @@ pub mod fetch;
 pub mod files;
 pub mod header;
 pub mod holes;
+#[cfg(test)]
+mod invariants;
 pub mod name;
 pub mod push;
 
