@@ -147,6 +147,22 @@ impl Archive {
             .collect()
     }
 
+    /// Segment names stored in the archive (WAL segments only, not history
+    /// or backup-history files), whatever their timeline folder.
+    pub fn stored_segments(&self) -> std::collections::BTreeSet<String> {
+        crate::ledger::block_on(self.keys())
+            .into_iter()
+            .filter_map(|k| {
+                let name = k
+                    .strip_prefix("wal/")?
+                    .split('/')
+                    .nth(1)?
+                    .strip_suffix(".zst")?;
+                (name.len() == 24).then(|| name.to_string())
+            })
+            .collect()
+    }
+
     /// The file holding an object's bytes on disk (both backends store plain files).
     pub fn object_path(&self, key: &str) -> PathBuf {
         self.dir.join(key)

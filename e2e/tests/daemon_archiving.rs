@@ -9,12 +9,10 @@
 //!   was reported archived before it was stored, nothing is lost, and every
 //!   segment's stored content equals PostgreSQL's.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use walden::wal::SegmentName;
-use walden_e2e::ledger::block_on;
 use walden_e2e::sys::wait_for;
 use walden_e2e::{walden_bin, Archive, Daemon, PgCluster, StorageKind, Workdir};
 
@@ -33,21 +31,6 @@ fn primary(work: &Workdir, daemon_env: &mut Vec<(String, String)>) -> PgCluster 
     pg
 }
 
-/// Timeline-1 segments stored in the archive, by name.
-fn stored_segments(archive: &Archive) -> BTreeSet<String> {
-    block_on(archive.keys())
-        .into_iter()
-        .filter_map(|k| {
-            let name = k
-                .strip_prefix("wal/")?
-                .split('/')
-                .nth(1)?
-                .strip_suffix(".zst")?;
-            (name.len() == 24).then(|| name.to_string())
-        })
-        .collect()
-}
-
 /// Every segment from the first stored through `last` is stored (no gap), and
 /// each one still in pg_wal comes back (verified, through the daemon) byte for byte.
 fn assert_archive_complete(
@@ -57,7 +40,7 @@ fn assert_archive_complete(
     work: &Path,
     last: &str,
 ) -> usize {
-    let stored = stored_segments(archive);
+    let stored = archive.stored_segments();
     let first = stored.iter().next().expect("no segment stored").clone();
     let mut seg = SegmentName::parse(&first).expect("segment name");
     let last_seg = SegmentName::parse(last).expect("segment name");
@@ -215,7 +198,7 @@ fn kill_9_during_parallel_uploads_loses_nothing_and_reports_nothing_early() {
     // daemon's log remembers.
     let done = pg.archive_status("done");
     let reported = pg.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-    let stored = stored_segments(&archive);
+    let stored = archive.stored_segments();
     for name in &done {
         assert!(
             stored.contains(name),

@@ -357,21 +357,6 @@ fn pgbench_digest(pg: &PgCluster) -> String {
     )
 }
 
-/// Timeline-1 segments stored in the archive, by name.
-fn stored_segments(archive: &Archive) -> BTreeSet<String> {
-    block_on(archive.keys())
-        .into_iter()
-        .filter_map(|k| {
-            let name = k
-                .strip_prefix("wal/")?
-                .split('/')
-                .nth(1)?
-                .strip_suffix(".zst")?;
-            (name.len() == 24).then(|| name.to_string())
-        })
-        .collect()
-}
-
 /// 5. The daemon under pgbench, killed mid-upload; the restore has every row.
 fn the_daemon_survives_kill_9_under_pgbench(major: u32) {
     let install = Install::version(major);
@@ -397,7 +382,7 @@ fn the_daemon_survives_kill_9_under_pgbench(major: u32) {
         (daemon.metrics().get("walden_wal_uploads_in_flight") >= 2.0).then_some(())
     });
     daemon.kill9();
-    let stored = stored_segments(&archive);
+    let stored = archive.stored_segments();
     for name in pg
         .archive_status("done")
         .into_iter()

@@ -1039,22 +1039,11 @@ mod tests {
         assert_eq!(wal_left(&objs, &p).len(), 6);
     }
 
+    /// The grammar's own table is in `walden_contract::duration`.
     #[test]
     fn durations_parse() {
-        let cases = [
-            ("7d", 7 * 86_400),
-            ("36h", 36 * 3_600),
-            ("1d12h", 36 * 3_600),
-            ("90m", 5_400),
-            ("45s", 45),
-            ("2w", 14 * 86_400),
-        ];
-        for (s, secs) in cases {
-            assert_eq!(parse_duration(s).unwrap().num_seconds(), secs, "{s}");
-        }
-        for bad in ["", "7", "d", "7x", "0d", "-1d", "1.5d"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
+        assert_eq!(parse_duration("1d12h").unwrap().num_seconds(), 36 * 3_600);
+        assert!(parse_duration("1.5d").is_err());
         assert_eq!(format_duration(chrono::Duration::hours(48)), "2d");
     }
 }
