@@ -73,6 +73,26 @@ pub struct Archiving {
     /// when nothing waits (and from older daemons).
     #[serde(default)]
     pub oldest_ready_time: Option<DateTime<Utc>>,
+    /// Set while the archive refuses the server because it belongs to another
+    /// database: after `pg_upgrade` (a new system identifier), or a prefix
+    /// shared by mistake. Cleared by the next stored segment. Absent from
+    /// older daemons.
+    #[serde(default)]
+    pub identity_mismatch: Option<IdentityMismatch>,
+}
+
+/// The server and the archive it was refused by: which database each is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityMismatch {
+    /// The server's database system identifier (decimal).
+    pub server_system_identifier: String,
+    /// The server's PostgreSQL major version, when its WAL says so.
+    pub server_pg_version: Option<u32>,
+    /// The system identifier `walden.json` records for the archive.
+    pub archive_system_identifier: String,
+    /// The archive's PostgreSQL major version, when recorded.
+    pub archive_pg_version: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

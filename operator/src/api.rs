@@ -132,6 +132,15 @@ pub struct RestoreTestSpec {
     pub storage_size: Option<String>,
 }
 
+impl ContinuousBackupSpec {
+    /// The zstd level the archive is written with.
+    pub fn compression_level(&self) -> i32 {
+        self.compression
+            .as_ref()
+            .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level)
+    }
+}
+
 fn default_postgres() -> String {
     "postgres".to_string()
 }
@@ -499,8 +508,41 @@ pub struct ContinuousBackupStatus {
     pub last_scheduled_restore_test: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_restore_test_time: Option<DateTime<Utc>>,
+    /// The archive the injection writes when it is not spec.storage's own
+    /// prefix: after pg_upgrade gave the server a new system identifier, the
+    /// operator started a new archive below that prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveRecord>,
+    /// Archives this database wrote before, oldest first: a Fork to a time
+    /// before one's `until` restores from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_archives: Vec<ArchiveRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One archive of a database: where it is and which server wrote it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveRecord {
+    pub bucket: String,
+    /// Key prefix inside the bucket (absent: the bucket root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The database system identifier the archive belongs to.
+    pub system_identifier: String,
+    /// PostgreSQL major version of the server that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg_version: Option<u32>,
+    /// When the operator started archiving here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// When the operator moved archiving away from it (a previous archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    /// The earliest time it could restore to, when archiving moved away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_recoverability_point: Option<DateTime<Utc>>,
 }
 
 /// A completed base backup.

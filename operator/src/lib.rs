@@ -2,6 +2,7 @@
 //! and `Follower` (design §1, §2, §7).
 
 pub mod api;
+pub mod archives;
 pub mod controllers;
 pub mod daemon_client;
 pub mod events;

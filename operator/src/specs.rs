@@ -523,13 +523,11 @@ pub fn primary_patch(
         ]),
         ..Default::default()
     };
+    // After pg_upgrade the operator may have moved archiving below spec's prefix.
+    let storage = crate::archives::current(&cb.spec.storage, cb.status.as_ref());
     let daemon = DaemonConfig {
-        storage: &cb.spec.storage,
-        compression_level: cb
-            .spec
-            .compression
-            .as_ref()
-            .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level),
+        storage: &storage,
+        compression_level: cb.spec.compression_level(),
         read_only: false,
         pgdata: &target.pgdata,
         pg_port: target.port,
@@ -544,7 +542,7 @@ pub fn primary_patch(
             data_ro,
             cb.spec.sidecar.as_ref().and_then(|s| s.resources.clone()),
         ),
-        &cb.spec.storage,
+        &storage,
     ));
     let install = without_sa_token(install_container(image, target.run_as_user));
     let token = token_secret_name(&cb.metadata.name.clone().unwrap_or_default());
@@ -553,7 +551,7 @@ pub fn primary_patch(
         empty_dir(RUN_VOLUME),
         token_volume(&token),
     ];
-    volumes.extend(encryption_volume(&cb.spec.storage));
+    volumes.extend(encryption_volume(&storage));
     volumes.push(empty_dir(NO_SA_TOKEN_VOLUME));
     Ok(json!({
         "apiVersion": "apps/v1",
@@ -599,7 +597,7 @@ pub fn primary_inputs(cb: &ContinuousBackup, sts: &StatefulSet, image: &str) -> 
     let spec = &cb.spec;
     let shaping = json!({
         "target": spec.target,
-        "storage": spec.storage,
+        "storage": crate::archives::current(&spec.storage, cb.status.as_ref()),
         "compression": spec.compression,
         "archiveTimeout": spec.archive_timeout,
         "retention": spec.retention,

@@ -63,6 +63,10 @@ pub enum RepoError {
         url: String,
         found: String,
         expected: String,
+        /// PostgreSQL major versions of the refused server and of the
+        /// archive, when known: a newer server is what pg_upgrade leaves.
+        found_pg_version: Option<u32>,
+        expected_pg_version: Option<u32>,
     },
     #[error("no Walden repository at {url}: {IDENTITY_KEY} does not exist (nothing was ever archived there, or the URL is wrong)")]
     Missing { url: String },
@@ -182,6 +186,7 @@ pub async fn ensure_identity(
     what: &str,
 ) -> Result<RepoIdentity, RepoError> {
     let found = fresh.system_identifier.clone();
+    let found_pg_version = fresh.pg_version;
     let identity = match load(storage).await? {
         Some(id) => id,
         None => {
@@ -209,6 +214,8 @@ pub async fn ensure_identity(
             url: storage.url(),
             found,
             expected: identity.system_identifier,
+            found_pg_version,
+            expected_pg_version: identity.pg_version,
         });
     }
     Ok(identity)

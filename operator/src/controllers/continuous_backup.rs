@@ -9,9 +9,10 @@ use super::{
     Error, PendingEvent, Status,
 };
 use crate::api::{
-    BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
+    ArchiveRecord, BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
     CONTINUOUS_BACKUP_FINALIZER,
 };
+use crate::archives::{self, OnMismatch};
 use crate::daemon_client::{ApiToken, BackupState, DaemonStatus, Endpoint, Role, StartBackup};
 use crate::schedule::{decide, Schedule};
 use crate::specs::{self, FIELD_MANAGER};
@@ -301,7 +302,42 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             }
         };
         status.primary_pod = Some(primary.pod.clone());
-        mirror_daemon_status(&mut status, &primary.status, generation, now, &mut events);
+        let refused = match primary
+            .status
+            .archiving
+            .identity_mismatch
+            .as_ref()
+            .map(|m| archives::on_mismatch(&cb.spec.storage, Some(&status), m, now))
+        {
+            Some(OnMismatch::Start { current, previous }) => {
+                start_new_archive(&cb, current, previous, &mut status, now, &mut events);
+                // The next pass applies the injection with the new archive.
+                break 'outcome Action::requeue(Duration::from_secs(1));
+            }
+            Some(OnMismatch::Moving) => {
+                let msg = format!("waiting for the pods of StatefulSet {target} to restart with the new archive after pg_upgrade");
+                set_condition(
+                    &mut status.conditions,
+                    ConditionType::Archiving,
+                    Status::False,
+                    NEW_ARCHIVE,
+                    msg,
+                    generation,
+                    now,
+                );
+                break 'outcome Action::requeue(RETRY);
+            }
+            Some(OnMismatch::Refuse(why)) => Some(why),
+            None => None,
+        };
+        mirror_daemon_status(
+            &mut status,
+            &primary.status,
+            refused.as_deref(),
+            generation,
+            now,
+            &mut events,
+        );
 
         let mut requeue = REFRESH;
         track_backup(ctx, &primary, &mut status, generation, now, &mut events).await;
@@ -326,10 +362,65 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
     Ok(action)
 }
 
-/// Copies the daemon's archive view into status and sets Archiving/Ready.
+/// The condition reason and Event of a move to a new archive after pg_upgrade.
+const NEW_ARCHIVE: &str = "NewArchive";
+
+/// Records the new archive pg_upgrade calls for (the injection follows it
+/// on the next pass) and forgets what status said about the old one.
+fn start_new_archive(
+    cb: &ContinuousBackup,
+    current: ArchiveRecord,
+    previous: ArchiveRecord,
+    status: &mut ContinuousBackupStatus,
+    now: DateTime<Utc>,
+    events: &mut Vec<PendingEvent>,
+) {
+    let generation = cb.metadata.generation;
+    let version = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
+    let msg = format!(
+        "pg_upgrade: the server is now database {} (PostgreSQL {}); archiving moves to {} (the pods of StatefulSet {} restart with it) and a first base backup is taken there; the archive of database {} (PostgreSQL {}) stays at {} for forks to times before {}",
+        current.system_identifier,
+        version(current.pg_version),
+        archives::url(&current),
+        cb.spec.target.stateful_set,
+        previous.system_identifier,
+        version(previous.pg_version),
+        archives::url(&previous),
+        now.to_rfc3339(),
+    );
+    info!(archive = %archives::url(&current), "pg_upgrade: new archive");
+    status.previous_archives.push(previous);
+    status.archive = Some(current);
+    status.last_backup = None;
+    status.first_recoverability_point = None;
+    status.first_recoverable_lsn = None;
+    status.last_recoverable_wal = None;
+    status.last_archived_wal = None;
+    status.last_archived_time = None;
+    for (condition, s) in [
+        (ConditionType::Archiving, Status::False),
+        (ConditionType::Ready, Status::False),
+        (ConditionType::BackupSucceeded, Status::Unknown),
+    ] {
+        set_condition(
+            &mut status.conditions,
+            condition,
+            s,
+            NEW_ARCHIVE,
+            &msg,
+            generation,
+            now,
+        );
+    }
+    events.push(PendingEvent::normal(NEW_ARCHIVE, "Archive", msg));
+}
+
+/// Copies the daemon's archive view into status and sets Archiving/Ready;
+/// `refused` says why the archive refuses a server of another database.
 fn mirror_daemon_status(
     status: &mut ContinuousBackupStatus,
     d: &DaemonStatus,
+    refused: Option<&str>,
     generation: Option<i64>,
     now: DateTime<Utc>,
     events: &mut Vec<PendingEvent>,
@@ -368,6 +459,22 @@ fn mirror_daemon_status(
     let has_backup = d.last_backup.is_some() || status.last_backup.is_some();
     if let Some(hole) = archive_hole(d) {
         report_archive_hole(status, &hole, generation, now, events);
+    } else if let Some(why) = refused {
+        const REASON: &str = "SystemIdentifierMismatch";
+        for condition in [ConditionType::Archiving, ConditionType::Ready] {
+            if set_condition(
+                &mut status.conditions,
+                condition,
+                Status::False,
+                REASON,
+                why,
+                generation,
+                now,
+            ) && condition == ConditionType::Archiving
+            {
+                events.push(PendingEvent::warning(REASON, "Archive", why));
+            }
+        }
     } else if failing {
         let msg = format!(
             "archiving {} failed: {}",
@@ -1159,6 +1266,185 @@ mod tests {
             .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
             .filter_map(|e| e["name"].as_str().map(str::to_string))
             .collect()
+    }
+
+    /// The `WALDEN_STORAGE` the injection gives the walden sidecar.
+    fn sidecar_storage(sts: &Value) -> Option<String> {
+        sts["spec"]["template"]["spec"]["containers"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "walden")?["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == "WALDEN_STORAGE")?["value"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn set_daemon_status(daemon: &FakeDaemon, status: DaemonStatus) {
+        daemon
+            .statuses
+            .lock()
+            .expect("lock")
+            .insert(POD_URL.into(), status);
+    }
+
+    /// The daemon's archive refuses its server as database 222 (PostgreSQL
+    /// `server`), the archive being 111's (PostgreSQL `archive`).
+    fn refused(server: u32, archive: u32) -> DaemonStatus {
+        let mut s = primary_status();
+        s.archiving.last_failed_wal = Some("000000010000000000000008".into());
+        s.archiving.last_failed_time = Some(time("2025-05-01T10:01:00Z"));
+        s.archiving.failed_count = 3;
+        s.archiving.last_error = Some("refusing 000000010000000000000008: it belongs to the database with system identifier 222 ... give this one its own storage prefix".into());
+        s.archiving.identity_mismatch = Some(walden_contract::api::IdentityMismatch {
+            server_system_identifier: "222".into(),
+            server_pg_version: Some(server),
+            archive_system_identifier: "111".into(),
+            archive_pg_version: Some(archive),
+        });
+        s
+    }
+
+    /// Issue 17: after pg_upgrade (a newer major version, a new system
+    /// identifier) the injection moves to a new archive below spec's prefix
+    /// by itself, the old one is recorded for forks, status forgets the old
+    /// archive's facts, and a first base backup is taken in the new one.
+    #[tokio::test]
+    async fn pg_upgrade_moves_the_injection_to_a_new_archive_with_a_first_backup() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        let before = time("2025-05-01T10:05:00Z");
+        reconcile(stored_cb(&api), context(&api, daemon.clone(), before))
+            .await
+            .expect("protected");
+        let sts = api.get(STS_PATH).expect("sts");
+        assert_eq!(sidecar_storage(&sts).as_deref(), Some("s3://backups/pg"));
+
+        set_daemon_status(&daemon, refused(18, 15));
+        let upgraded = time("2025-05-02T09:00:00Z");
+        let ctx = context(&api, daemon.clone(), upgraded);
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("refused");
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        let current = status.archive.clone().expect("a new archive");
+        assert_eq!(
+            (current.bucket.as_str(), current.prefix.as_deref()),
+            ("backups", Some("pg/pg18-222"))
+        );
+        assert_eq!(
+            (current.system_identifier.as_str(), current.pg_version),
+            ("222", Some(18))
+        );
+        let [previous] = status.previous_archives.as_slice() else {
+            panic!("one previous archive: {:?}", status.previous_archives);
+        };
+        assert_eq!(previous.prefix.as_deref(), Some("pg"));
+        assert_eq!(previous.system_identifier, "111");
+        assert_eq!(previous.until, Some(upgraded));
+        assert_eq!(
+            previous.first_recoverability_point,
+            Some(time("2025-05-01T03:02:00Z")),
+            "the old archive's window is kept with it"
+        );
+        assert_eq!(
+            status.last_backup, None,
+            "the old archive's backup is not the new one's"
+        );
+        assert_eq!(status.first_recoverability_point, None);
+        let (archiving, reason, message) = condition(&cb, "Archiving");
+        assert_eq!(
+            (archiving.as_str(), reason.as_str()),
+            ("False", "NewArchive")
+        );
+        assert!(message.contains("s3://backups/pg/pg18-222"), "{message}");
+        assert_eq!(condition(&cb, "BackupSucceeded").0, "Unknown");
+        assert_eq!(api.event_notes("NewArchive").len(), 1);
+        assert!(
+            !api.event_reasons().contains(&"ArchiveFailing".to_string()),
+            "an upgrade is not reported as a failure: {:?}",
+            api.event_reasons()
+        );
+
+        // The next pass moves the injection; the old pods still run and
+        // are still refused: nothing is recorded twice.
+        api.clear_requests();
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("moving");
+        let sts = api.get(STS_PATH).expect("sts");
+        assert_eq!(
+            sidecar_storage(&sts).as_deref(),
+            Some("s3://backups/pg/pg18-222")
+        );
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        assert_eq!(status.previous_archives.len(), 1);
+        assert!(api.event_notes("NewArchive").is_empty());
+        assert_eq!(
+            start_count(&daemon),
+            0,
+            "no backup into the refusing archive"
+        );
+
+        // The pods restarted: the new archive is empty and archiving works.
+        let mut fresh = primary_status();
+        fresh.last_backup = None;
+        fresh.recovery_window = None;
+        set_daemon_status(&daemon, fresh);
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250502T090100Z".into()));
+        reconcile(
+            stored_cb(&api),
+            context(&api, daemon.clone(), time("2025-05-02T09:01:00Z")),
+        )
+        .await
+        .expect("archiving again");
+        let cb = stored_cb(&api);
+        assert_eq!(condition(&cb, "Archiving").0, "True");
+        assert_eq!(start_count(&daemon), 1, "the new archive's first backup");
+        assert_eq!(
+            cb.status
+                .as_ref()
+                .and_then(|s| s.archive.as_ref())
+                .map(|a| a.system_identifier.as_str()),
+            Some("222")
+        );
+    }
+
+    /// Issue 17: a refusal that is not an upgrade (the same major version:
+    /// another database on the prefix, or a new initdb) moves nothing and
+    /// says why, with one Warning.
+    #[tokio::test]
+    async fn another_database_on_the_prefix_stays_refused() {
+        let (api, daemon) = setup(json!({}), Some(refused(16, 16)));
+        let ctx = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        for _ in 0..2 {
+            reconcile(stored_cb(&api), ctx.clone())
+                .await
+                .expect("reconcile");
+        }
+        let cb = stored_cb(&api);
+        let status = cb.status.clone().expect("status");
+        assert_eq!(status.archive, None);
+        assert!(status.previous_archives.is_empty());
+        assert_eq!(
+            sidecar_storage(&api.get(STS_PATH).expect("sts")).as_deref(),
+            Some("s3://backups/pg")
+        );
+        for type_ in ["Archiving", "Ready"] {
+            let (s, reason, message) = condition(&cb, type_);
+            assert_eq!(
+                (s.as_str(), reason.as_str()),
+                ("False", "SystemIdentifierMismatch")
+            );
+            assert!(
+                message.contains("database 222 (PostgreSQL 16)")
+                    && message.contains("database 111"),
+                "{message}"
+            );
+        }
+        assert_eq!(api.event_notes("SystemIdentifierMismatch").len(), 1);
     }
 
     /// Issue 12.6: removing spec.retention must send a body without the

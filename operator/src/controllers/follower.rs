@@ -94,6 +94,8 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
             &ns,
             &f.spec.source,
             f.spec.instance.credentials_secret.as_deref(),
+            // A follower follows the archive written now.
+            None,
         )
         .await?
         {

@@ -272,6 +272,7 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             &ns,
             &fork.spec.source,
             fork.spec.instance.credentials_secret.as_deref(),
+            crate::archives::target_time(fork.spec.target.as_ref()),
         )
         .await?
         {

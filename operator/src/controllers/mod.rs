@@ -627,6 +627,7 @@ pub async fn resolve_source(
     namespace: &str,
     source: &SourceSpec,
     credentials_override: Option<&str>,
+    target_time: Option<DateTime<Utc>>,
 ) -> Result<Result<ResolvedSource, String>, Error> {
     if let Some(name) = &source.continuous_backup {
         let api: Api<ContinuousBackup> = Api::namespaced(ctx.client.clone(), namespace);
@@ -639,29 +640,24 @@ pub async fn resolve_source(
                 "ContinuousBackup {name} not found in namespace {namespace}"
             )));
         };
+        // After pg_upgrade, earlier times live in an earlier archive.
+        let chosen = crate::archives::for_target(&cb.spec.storage, cb.status.as_ref(), target_time);
         return Ok(Ok(ResolvedSource {
-            storage: cb.spec.storage.clone(),
+            storage: chosen.storage,
             credentials_secret: Some(
                 credentials_override
                     .map(str::to_string)
                     .unwrap_or_else(|| cb.spec.target.credentials_secret.clone()),
             ),
-            compression_level: cb
-                .spec
-                .compression
-                .as_ref()
-                .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level),
-            first_recoverability_point: cb
-                .status
-                .as_ref()
-                .and_then(|s| s.first_recoverability_point),
+            compression_level: cb.spec.compression_level(),
+            first_recoverability_point: chosen.first_recoverability_point,
         }));
     }
     match &source.storage {
         Some(storage) => Ok(Ok(ResolvedSource {
             storage: storage.clone(),
             credentials_secret: credentials_override.map(str::to_string),
-            compression_level: 3,
+            compression_level: walden_contract::pod::DEFAULT_COMPRESSION_LEVEL,
             first_recoverability_point: None,
         })),
         None => Ok(Err(

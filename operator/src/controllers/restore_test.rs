@@ -238,12 +238,8 @@ async fn start_if_due(
         namespace: &ns,
         owner: owner_reference(cb)?,
         spec,
-        storage: &cb.spec.storage,
-        compression_level: cb
-            .spec
-            .compression
-            .as_ref()
-            .map_or(walden_contract::pod::DEFAULT_COMPRESSION_LEVEL, |c| c.level),
+        storage: &crate::archives::current(&cb.spec.storage, cb.status.as_ref()),
+        compression_level: cb.spec.compression_level(),
         postgres_image: &image,
         walden_image: &ctx.config.walden_image,
         run_as_user: cb.spec.target.run_as_user,

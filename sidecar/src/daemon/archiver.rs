@@ -23,8 +23,10 @@ use tracing::Instrument;
 use super::lock;
 use super::metrics::{AnswerLabel, Metrics};
 use super::state::{ArchivedLog, Record, Stamp};
+use crate::repo::RepoError;
 use crate::storage::Storage;
-use crate::wal::{self, PushOptions, WalFile};
+use crate::wal::{self, PushOptions, WalError, WalFile};
+use walden_contract::api::IdentityMismatch;
 
 /// A failed upload is not retried ahead of PostgreSQL's own request for this long.
 const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
@@ -41,6 +43,9 @@ pub struct ArchiveStatus {
     pub last_error: Option<String>,
     pub archived_count: u64,
     pub failed_count: u64,
+    /// The archive refuses this server as another database (see
+    /// [`IdentityMismatch`]); cleared by the next stored file.
+    pub identity_mismatch: Option<IdentityMismatch>,
 }
 
 #[derive(Default)]
@@ -314,9 +319,9 @@ impl Archiver {
     /// Uploads one file; `Ok` means durable in storage, with exactly the
     /// content the file had when the request was taken.
     async fn store(&self, path: &Path, before: Stamp) -> Outcome {
-        wal::push(self.storage.as_ref(), path, &self.opts)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+        let pushed = wal::push(self.storage.as_ref(), path, &self.opts).await;
+        self.note_identity(pushed.as_ref().err());
+        pushed.map_err(|e| format!("{e:#}"))?;
         let after = stamp(path).await.map_err(|e| e.to_string())?;
         if after != before {
             return Err(format!(
@@ -325,6 +330,29 @@ impl Archiver {
             ));
         }
         Ok(())
+    }
+
+    /// Keeps a refusal of this server as another database in typed form: the
+    /// operator reads it to start a new archive after pg_upgrade. A stored
+    /// file clears it; other errors say nothing about identity.
+    fn note_identity(&self, error: Option<&WalError>) {
+        let mismatch = match error {
+            Some(WalError::Repo(RepoError::SystemIdMismatch {
+                found,
+                expected,
+                found_pg_version,
+                expected_pg_version,
+                ..
+            })) => Some(IdentityMismatch {
+                server_system_identifier: found.clone(),
+                server_pg_version: *found_pg_version,
+                archive_system_identifier: expected.clone(),
+                archive_pg_version: *expected_pg_version,
+            }),
+            Some(_) => return,
+            None => None,
+        };
+        lock(&self.inner).status.identity_mismatch = mismatch;
     }
 
     /// Appends a stored file to the archive log (fsynced) so that later
