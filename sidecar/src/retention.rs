@@ -361,9 +361,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         deleted_wal_objects,
         deleted_bytes: bytes,
         delete,
-        // A write that started before the grace period is over: its process is gone.
+        // A write that started before the grace period is over: its process
+        // is gone. Only in this archive's own folders: below the prefix there
+        // may be another archive (the one started after pg_upgrade), whose
+        // writes are not this one's to remove.
         stale_temporaries: incomplete
             .iter()
+            .filter(|i| i.key.starts_with("wal/") || i.key.starts_with("backups/"))
             .filter(|i| i.started.is_some_and(|t| t < stale_before))
             .cloned()
             .collect(),
@@ -851,7 +855,7 @@ mod tests {
     }
 
     #[test]
-    fn only_leftovers_older_than_the_grace_period_are_removed() {
+    fn only_this_archives_leftovers_older_than_the_grace_period_are_removed() {
         let backups = three_daily();
         let objs = objects(&backups, &[(1, 1, 30)], "2026-01-03T12:00:00Z");
         let left = |key: &str, started: Option<&str>| Incomplete {
@@ -863,6 +867,8 @@ mod tests {
             left("wal/x/.walden-tmp-a", Some("2026-01-03T12:00:00Z")),
             left("wal/x/.walden-tmp-b", Some("2026-01-03T12:55:00Z")),
             left("backups/D/part-00001.tar.zst", None),
+            left("pg18-222/wal/x/.walden-tmp-c", Some("2026-01-03T12:00:00Z")),
+            left("pg18-222/backups/E/part-00001.tar.zst", Some("2026-01-03T12:00:00Z")),
         ];
         let p = plan(&PlanInput {
             backups: &backups,
