@@ -25,6 +25,8 @@ pub struct Archive {
     pub dir: PathBuf,
     pub s3: Option<S3Server>,
     pub proxy: Option<FaultProxy>,
+    /// The S3 server's own endpoint, for the test's direct reads (no proxy).
+    pub direct_endpoint: Option<String>,
     /// More settings every `walden` of this archive gets (e.g. the encryption key file).
     pub extra_env: Vec<(String, String)>,
 }
@@ -43,6 +45,7 @@ impl Archive {
                     dir,
                     s3: None,
                     proxy: None,
+                    direct_endpoint: None,
                     extra_env: Vec::new(),
                 }
             }
@@ -54,6 +57,7 @@ impl Archive {
                     kind,
                     url: format!("s3://{BUCKET}/{name}"),
                     dir,
+                    direct_endpoint: Some(server.endpoint()),
                     s3: Some(server),
                     proxy: Some(proxy),
                     extra_env: Vec::new(),
@@ -75,6 +79,26 @@ impl Archive {
         }
         env.extend(self.extra_env.iter().cloned());
         env
+    }
+
+    /// The archive at `prefix` in this one's bucket (an S3 archive), on the
+    /// same server and proxy: valid while `self` lives.
+    pub fn at_prefix(&self, prefix: &str) -> Archive {
+        let server = self.s3.as_ref().expect("an S3 archive");
+        let mut extra_env = self.extra_env.clone();
+        if let Some(p) = &self.proxy {
+            extra_env.push(("WALDEN_S3_ENDPOINT".into(), p.endpoint()));
+            extra_env.push(("WALDEN_S3_PATH_STYLE".into(), "true".into()));
+        }
+        Archive {
+            kind: StorageKind::S3,
+            url: format!("s3://{BUCKET}/{prefix}"),
+            dir: server.root.join(BUCKET).join(prefix),
+            s3: None,
+            proxy: None,
+            direct_endpoint: self.direct_endpoint.clone(),
+            extra_env,
+        }
     }
 
     pub fn proxy(&self) -> &FaultProxy {
@@ -126,7 +150,7 @@ impl Archive {
     pub async fn storage(&self) -> Arc<dyn Storage> {
         crate::sys::init_process_env();
         let s3 = S3Settings {
-            endpoint: self.s3.as_ref().map(|s| s.endpoint()),
+            endpoint: self.direct_endpoint.clone(),
             path_style: true,
             ..S3Settings::default()
         };

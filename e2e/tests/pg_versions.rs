@@ -18,13 +18,17 @@
 //! 15 also runs the whole suite; here it is one more row of the matrix.
 
 use std::collections::BTreeSet;
-use walden_contract::api::Role;
+use walden_contract::api::{IdentityMismatch, Role};
 use walden_e2e::ledger::{
     batches_in, block_on, ok, restore_and_start, restore_into, rfc3339, Primary, LONG,
 };
 use walden_e2e::pg::Install;
+use walden_e2e::sys::BUCKET;
 use walden_e2e::sys::{chown_pg, run, wait_for};
 use walden_e2e::{walden_bin, Archive, Daemon, FaultProxy, PgCluster, StorageKind, Workdir};
+use walden_operator::api::{ContinuousBackupStatus, StorageSpec};
+use walden_operator::archives::{self, OnMismatch};
+use walden_operator::specs;
 
 fn set(v: impl IntoIterator<Item = u32>) -> BTreeSet<u32> {
     v.into_iter().collect()
@@ -458,11 +462,13 @@ fn the_matrix_covers_every_supported_version() {
     assert_eq!(walden_e2e::pg::MATRIX, ROWS);
 }
 
-/// After `pg_upgrade` from 15 to 18 the server has a new system identifier:
-/// walden refuses to archive it into the old prefix (naming both databases),
-/// the old archive stays untouched and restores exactly with 15, and the
-/// upgraded server, given a prefix of its own, archives, backs up and
-/// restores exactly with 18, holding the rows that pg_upgrade carried over.
+/// After `pg_upgrade` from 15 to 18 (a new system identifier) the daemon on
+/// the old prefix refuses the upgraded server and reports both databases,
+/// typed. The operator's decision on that report is a new archive below the
+/// prefix; the same daemon restarted with it (as the pod is) archives the
+/// backlog there, backs up, and restores exactly with 18, with the rows
+/// pg_upgrade carried over. The old archive is untouched by all of it,
+/// verifies, and restores exactly with 15.
 #[test]
 fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its_own() {
     let old_install = Install::version(15);
@@ -510,16 +516,17 @@ fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its
         .expect("pg_upgrade");
     ok(out, "pg_upgrade 15 -> 18");
 
-    // Pointed at the old prefix, the upgraded server is refused and nothing is written.
-    new.set(&[
-        ("track_commit_timestamp", "on".into()),
-        ("archive_mode", "on".into()),
-        (
-            "archive_command",
-            format!("'{} wal-push %p'", walden_bin().display()),
-        ),
-    ]);
-    new.with_env(old_archive.env()).start();
+    // The upgraded server archives through a daemon on the old prefix.
+    new.archive_through_walden();
+    new.set(&[("track_commit_timestamp", "on".into())]);
+    let libpq = new.libpq_env();
+    let daemon_env = |archive: &Archive| {
+        let mut env = archive.env();
+        env.extend(libpq.iter().cloned());
+        env
+    };
+    let mut daemon = Daemon::start(work.path(), "upgraded", daemon_env(&old_archive));
+    new.with_env(daemon.client_env()).start();
     assert_version(&new, 18);
     let new_sysid = new.sql("SELECT system_identifier FROM pg_control_system()");
     assert_ne!(
@@ -529,44 +536,65 @@ fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its
     assert_eq!(batches_in(&new), set(0..4), "pg_upgrade lost rows");
     new.sql("CREATE TABLE after_upgrade AS SELECT 1 AS x");
     new.switch_wal();
-    wait_for("the old prefix to refuse the upgraded server", LONG, || {
-        (new.archiver_counts().1 >= 1).then_some(())
+    let refused = wait_for("the daemon to report the refusal", LONG, || {
+        daemon.status().archiving.identity_mismatch
     });
-    let log = new.log_text();
-    assert!(
-        log.contains(&format!("system identifier {new_sysid}"))
-            && log.contains(&old_sysid.to_string())
-            && log.contains("give this one its own storage prefix"),
-        "the refusal does not name both databases:\n{log}"
+    assert_eq!(
+        refused,
+        IdentityMismatch {
+            server_system_identifier: new_sysid.clone(),
+            server_pg_version: Some(18),
+            archive_system_identifier: old_sysid.clone(),
+            archive_pg_version: Some(15),
+        }
     );
-    new.stop();
+    let error = daemon.status().archiving.last_error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("system identifier {new_sysid}"))
+            && error.contains(&old_sysid)
+            && error.contains("give this one its own storage prefix"),
+        "the refusal does not name both databases: {error}"
+    );
     assert_eq!(
         block_on(old_archive.keys()),
         old_keys,
         "the old archive changed"
     );
-    let restored_old = restore_and_start(&work, &old_archive, &old.pg, "old-restored", &[]);
-    assert_version(&restored_old, 15);
-    assert_eq!(
-        batches_in(&restored_old),
-        set(0..4),
-        "the old archive no longer restores exactly"
-    );
-    drop(restored_old);
 
-    // Its own prefix: archive, back up, write, restore exactly with 18.
-    let new_archive = Archive::new(StorageKind::S3, work.path(), "db-18");
-    new.with_env(new_archive.env()).start();
+    // What the operator makes of the report: a new archive below the prefix.
+    let spec: StorageSpec = serde_json::from_value(serde_json::json!({
+        "s3": {"bucket": BUCKET, "prefix": "db", "workloadIdentity": true}
+    }))
+    .expect("storage spec");
+    let OnMismatch::Start { current, previous } =
+        archives::on_mismatch(&spec, None, &refused, chrono::Utc::now())
+    else {
+        panic!("an upgrade from 15 to 18 did not start a new archive");
+    };
+    assert_eq!(previous.prefix.as_deref(), Some("db"));
+    let status = ContinuousBackupStatus {
+        archive: Some(current),
+        ..Default::default()
+    };
+    let url = specs::storage_url(&archives::current(&spec, Some(&status)));
+    let sub = format!("db/pg18-{new_sysid}");
+    assert_eq!(url, format!("s3://{BUCKET}/{sub}"));
+    let new_archive = old_archive.at_prefix(&sub);
+
+    // The pod restarts with it: the backlog goes there, then a backup.
+    daemon.terminate(LONG);
+    drop(daemon);
+    let daemon = Daemon::start(work.path(), "upgraded", daemon_env(&new_archive));
     let mut upgraded = Primary {
         pg: new,
         batches: Vec::new(),
     };
-    let manifest = upgraded.backup(&new_archive, &[]);
-    assert_eq!(
-        manifest["system_identifier"],
-        new_sysid.as_str(),
-        "{manifest}"
-    );
+    wait_for("the refused segment to be stored in the new archive", LONG, || {
+        (daemon.status().archiving.archived_count >= 1).then_some(())
+    });
+    assert_eq!(daemon.status().archiving.identity_mismatch, None);
+    let id = daemon.backup();
+    assert_eq!(new_archive.backup_ids(), [id]);
     upgraded.commit_batch(4, "after the upgrade");
     upgraded.archive_everything();
     let restored_new = restore_and_start(&work, &new_archive, &upgraded.pg, "new-restored", &[]);
@@ -575,5 +603,24 @@ fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its
         batches_in(&restored_new),
         set(0..5),
         "the upgraded server's restore"
+    );
+    drop(restored_new);
+
+    // The old archive: its own keys as they were, whole, and exact with 15.
+    let own: Vec<String> = block_on(old_archive.keys())
+        .into_iter()
+        .filter(|k| !k.starts_with(&format!("pg18-{new_sysid}/")))
+        .collect();
+    assert_eq!(own, old_keys, "the old archive changed");
+    ok(
+        old_archive.walden_output(&["verify", "--wal"]),
+        "verify the old archive",
+    );
+    let restored_old = restore_and_start(&work, &old_archive, &old.pg, "old-restored", &[]);
+    assert_version(&restored_old, 15);
+    assert_eq!(
+        batches_in(&restored_old),
+        set(0..4),
+        "the old archive no longer restores exactly"
     );
 }

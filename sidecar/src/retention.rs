@@ -868,7 +868,10 @@ mod tests {
             left("wal/x/.walden-tmp-b", Some("2026-01-03T12:55:00Z")),
             left("backups/D/part-00001.tar.zst", None),
             left("pg18-222/wal/x/.walden-tmp-c", Some("2026-01-03T12:00:00Z")),
-            left("pg18-222/backups/E/part-00001.tar.zst", Some("2026-01-03T12:00:00Z")),
+            left(
+                "pg18-222/backups/E/part-00001.tar.zst",
+                Some("2026-01-03T12:00:00Z"),
+            ),
         ];
         let p = plan(&PlanInput {
             backups: &backups,
