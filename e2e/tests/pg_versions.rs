@@ -589,9 +589,11 @@ fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its
         pg: new,
         batches: Vec::new(),
     };
-    wait_for("the refused segment to be stored in the new archive", LONG, || {
-        (daemon.status().archiving.archived_count >= 1).then_some(())
-    });
+    wait_for(
+        "the refused segment to be stored in the new archive",
+        LONG,
+        || (daemon.status().archiving.archived_count >= 1).then_some(()),
+    );
     assert_eq!(daemon.status().archiving.identity_mismatch, None);
     let id = daemon.backup();
     assert_eq!(new_archive.backup_ids(), [id]);

@@ -122,6 +122,10 @@ pub fn target_time(target: Option<&RecoveryTarget>) -> Option<DateTime<Utc>> {
 
 /// What to do about a daemon whose archive refuses its server.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a decision made once per reconcile and consumed at once"
+)]
 pub enum OnMismatch {
     /// pg_upgrade: write `current` from now on, and record `previous`.
     Start {
@@ -237,7 +241,8 @@ mod tests {
     #[test]
     fn only_an_upgrade_starts_a_new_archive() {
         let now = t("2026-12-01T10:00:00Z");
-        let cases: [(Option<u32>, Option<u32>, Option<&str>, Option<&str>); 7] = [
+        type Case<'a> = (Option<u32>, Option<u32>, Option<&'a str>, Option<&'a str>);
+        let cases: [Case; 7] = [
             // server, archive, spec prefix, the new archive's prefix (None: refused)
             (Some(18), Some(15), Some("db"), Some("db/pg18-222")),
             (Some(18), Some(15), Some("/db/"), Some("db/pg18-222")),
