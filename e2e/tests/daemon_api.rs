@@ -117,7 +117,8 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             "archivedCount",
             "failedCount",
             "readyCount",
-            "oldestReadyTime"
+            "oldestReadyTime",
+            "identityMismatch"
         ])
     );
     assert_eq!(status["role"], "primary");
@@ -133,6 +134,7 @@ fn api_requires_the_token_runs_one_backup_at_a_time_and_reports_status() {
             >= 1
     );
     assert_eq!(status["archiving"]["failedCount"], 0);
+    assert!(status["archiving"]["identityMismatch"].is_null());
     assert!(status["archiving"]["lastError"].is_null());
     assert!(status["backupInProgress"].is_null());
     assert!(status["replay"].is_null());
