@@ -369,13 +369,13 @@ class Suite:
 
     # 3. forks
 
-    def fork(self, name, target):
+    def fork(self, name, target, source="pg"):
         body = {
             "apiVersion": "walden.dev/v1alpha1",
             "kind": "Fork",
             "metadata": {"name": name},
             "spec": {
-                "source": {"continuousBackup": "pg"},
+                "source": {"continuousBackup": source},
                 "instance": {"image": POSTGRES_IMAGE, "storageSize": "1Gi"},
                 **({"target": target} if target else {}),
             },
@@ -685,6 +685,86 @@ class Suite:
         finally:
             kubectl("patch", "cb", "pg", "--type", "merge", "-p", '{"spec":{"suspend":false}}')
 
+    def upgraded_server_new_archive(self):
+        """Issue 17: a protected server refused by its archive as another
+        database of an older major version is what pg_upgrade leaves (the new
+        cluster has a new system identifier). The old archive is left as it
+        is; the operator moves archiving to a new archive below the prefix by
+        itself: the pod rolls, WAL and a first base backup go there, and a
+        Fork from it holds every committed row. The old archive here is an
+        identity document of a PostgreSQL 14 database (this node has one
+        PostgreSQL image; the real pg_upgrade runs in pg_versions.rs)."""
+        old_dir = "/data/walden-e2e/e2e/upgraded"
+        identity = json.dumps({
+            "format": 1, "system_identifier": "7000000000000000001", "pg_version": 14,
+            "wal_segment_size": 16777216, "created_at": "2026-01-01T00:00:00Z",
+            "created_by": "the cluster before pg_upgrade",
+        })
+        kubectl("exec", "-i", "deploy/s3", "--", "sh", "-c",
+                f"mkdir -p {old_dir} && cat > {old_dir}/walden.json", stdin=identity)
+        docs = list(yaml.safe_load_all(open(os.path.join(REPO, "e2e/cluster/manifests/infra.yaml")).read()
+                                       .replace("${S3_IMAGE}", S3_IMAGE).replace("${POSTGRES_IMAGE}", POSTGRES_IMAGE)))
+        sts = next(d for d in docs if d and d["kind"] == "StatefulSet")
+        sts["metadata"]["name"] = sts["spec"]["serviceName"] = "pgu"
+        sts["spec"]["selector"]["matchLabels"] = sts["spec"]["template"]["metadata"]["labels"] = {"app": "pgu"}
+        apply(json.dumps(sts))
+        try:
+            poll("pgu-0 ready", lambda: pod_ready("pgu-0"))
+            psql("pgu-0", LEDGER)
+            rows = insert_batch("pgu-0", "upgraded", 1, 200)
+            sysid = psql("pgu-0", "SELECT system_identifier FROM pg_control_system()")
+            major = psql("pgu-0", "SHOW server_version_num")[:2]
+            cb = yaml.safe_load(open(os.path.join(REPO, "e2e/cluster/manifests/continuousbackup.yaml")).read())
+            cb["metadata"]["name"] = "pgu"
+            cb["spec"]["target"]["statefulSet"] = "pgu"
+            cb["spec"]["storage"]["s3"]["prefix"] = "e2e/upgraded"
+            del cb["spec"]["schedule"]
+            apply(json.dumps(cb))
+            new_prefix = f"e2e/upgraded/pg{major}-{sysid}"
+            url = f"s3://walden-e2e/{new_prefix}"
+
+            def moved():
+                status = get("cb", "pgu").get("status") or {}
+                archive = status.get("archive") or {}
+                return archive.get("prefix") == new_prefix and status
+            status = poll(f"status.archive at {new_prefix}", moved)
+            previous = status.get("previousArchives") or []
+            if [(a.get("prefix"), a.get("systemIdentifier"), a.get("pgVersion")) for a in previous] != [
+                    ("e2e/upgraded", "7000000000000000001", 14)]:
+                raise StepFailed(f"previousArchives: {previous}")
+            notes = [e.get("message", "") for e in get("events")["items"]
+                     if e["reason"] == "NewArchive" and e["involvedObject"].get("name") == "pgu"]
+            if not notes or url not in notes[0]:
+                raise StepFailed(f"no NewArchive Event naming {url}: {notes}")
+
+            def rolled():
+                pod = pod_ready("pgu-0")
+                side = pod and next((c for c in pod["spec"]["containers"] if c["name"] == "walden"), None)
+                env = {e["name"]: e.get("value") for e in (side or {}).get("env") or []}
+                return env.get("WALDEN_STORAGE") == url and pod
+            poll(f"pgu-0 rolled with WALDEN_STORAGE={url}", rolled)
+            rows |= insert_batch("pgu-0", "after-the-move", 1001, 200)
+            wait_archived("pgu-0", archived_through("pgu-0"))
+            backup = poll("the new archive's first backup, Ready", lambda: (c := get("cb", "pgu"))
+                          and condition(c, "Ready").get("status") == "True"
+                          and (c["status"].get("lastBackup") or {}).get("id"))
+            kept = kubectl("exec", "deploy/s3", "--", "sh", "-c", f"cat {old_dir}/walden.json; echo; ls {old_dir}")
+            if json.loads(kept.split("\n")[0]) != json.loads(identity) or sorted(kept.split()[1:]) != sorted(
+                    ["walden.json", f"pg{major}-{sysid}"]):
+                raise StepFailed(f"the old archive changed: {kept}")
+            if not ledger_ids("pgu-0") >= rows:
+                raise StepFailed("rows lost across the move")
+            wait_archived("pgu-0", archived_through("pgu-0"))
+            _, fork = self.fork("pgu-fork", None, source="pgu")
+            n = self.check_fork_rows(fork, rows)
+            return f"{url}: first backup {backup}; old archive untouched; a Fork to the end holds all {n} rows"
+        finally:
+            if not KEEP:
+                kubectl("delete", "fork", "pgu-fork", "--wait=false", check=False)
+                kubectl("delete", "cb", "pgu", "--wait=false", check=False)
+                poll("the ContinuousBackup pgu gone", lambda: get("cb", "pgu", check=False) is None)
+                kubectl("delete", "statefulset", "pgu", "--wait=false", check=False)
+
     # 6. lifecycle
 
     def fork_pod_recreated(self):
@@ -783,6 +863,7 @@ class Suite:
             ("fault: sidecar killed, segments kept and archived later", self.sidecar_killed),
             ("fault: Fork with a bad target Failed, nothing left running", self.bad_fork),
             ("fault: Fork past a hole in the archive Failed, naming it", self.fork_past_a_hole),
+            ("pg_upgrade: a newer server's archive moves by itself, Fork from it", self.upgraded_server_new_archive),
             ("lifecycle: Fork pod deleted, back Ready with its writes", self.fork_pod_recreated),
             ("lifecycle: promoted Follower pod deleted, back with its writes", self.follower_pod_recreated),
             ("lifecycle: operator upgrade, forks and followers keep data", self.operator_upgrade),

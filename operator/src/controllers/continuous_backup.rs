@@ -392,6 +392,8 @@ fn start_new_archive(
     status.previous_archives.push(previous);
     status.archive = Some(current);
     status.last_backup = None;
+    // A backup running into the old archive is refused there, and its pod restarts.
+    status.backup_in_progress = None;
     status.first_recoverability_point = None;
     status.first_recoverable_lsn = None;
     status.last_recoverable_wal = None;
