@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod crypt;
 pub mod daemon;
+pub mod durable;
 pub mod lsn;
 pub mod object;
 pub mod pg;

@@ -226,15 +226,11 @@ pub fn install(dir: &std::path::Path) -> ExitCode {
 /// Copies the running binary to `<dir>/walden` atomically, executable by all.
 fn copy_binary(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
     let me = std::env::current_exe().context("locating the running walden binary")?;
+    let mut source =
+        std::fs::File::open(&me).with_context(|| format!("opening {}", me.display()))?;
     let dest = dir.join("walden");
-    let tmp = dir.join(".walden.tmp");
-    std::fs::copy(&me, &tmp)
-        .with_context(|| format!("copying {} to {}", me.display(), tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("making {} executable", tmp.display()))?;
-    std::fs::rename(&tmp, &dest)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    walden::durable::replace_with(&dest, 0o755, |f| std::io::copy(&mut source, f).map(|_| ()))
+        .with_context(|| format!("copying {} to {}", me.display(), dest.display()))?;
     Ok(dest)
 }

@@ -101,10 +101,14 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> S
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), StateError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err("fsync", dir))
+impl From<crate::durable::WriteError> for StateError {
+    fn from(e: crate::durable::WriteError) -> Self {
+        StateError {
+            op: e.op,
+            path: e.path.display().to_string(),
+            source: e.source,
+        }
+    }
 }
 
 impl ArchivedLog {
@@ -151,7 +155,7 @@ impl ArchivedLog {
             .append(true)
             .open(&path)
             .map_err(err("open", &path))?;
-        fsync_dir(dir)?;
+        crate::durable::sync_dir(dir)?;
         let mut log = Self {
             dir: dir.to_path_buf(),
             file,
@@ -232,23 +236,18 @@ impl ArchivedLog {
         }
     }
 
-    /// Rewrites the log with only the kept entries (temp file, fsync, rename, fsync dir).
+    /// Rewrites the log with only the kept entries, atomically.
     fn compact(&mut self) -> Result<(), StateError> {
         let path = self.path();
-        let tmp = self.dir.join(format!("{LOG_NAME}.tmp"));
-        let mut out = File::create(&tmp).map_err(err("create", &tmp))?;
         let mut buf = Vec::new();
         for name in &self.order {
             if let Some(r) = self.entries.get(name) {
                 serde_json::to_writer(&mut buf, r)
-                    .map_err(|e| err("encode", &tmp)(std::io::Error::other(e)))?;
+                    .map_err(|e| err("encode", &path)(std::io::Error::other(e)))?;
                 buf.push(b'\n');
             }
         }
-        out.write_all(&buf).map_err(err("write", &tmp))?;
-        out.sync_all().map_err(err("fsync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(err("rename", &path))?;
-        fsync_dir(&self.dir)?;
+        crate::durable::replace(&path, &buf, 0o600)?;
         self.file = OpenOptions::new()
             .append(true)
             .open(&path)

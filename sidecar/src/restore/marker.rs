@@ -12,7 +12,6 @@
 //! began in an empty directory and PostgreSQL cannot start without
 //! `pg_control`. Base backups never copy the marker (`backup::walk`).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +21,6 @@ use super::RestoreError;
 
 /// File name of the marker, at the top of the data directory.
 pub const MARKER: &str = "walden.restore.json";
-const MARKER_TMP: &str = "walden.restore.json.tmp";
 /// The comment `restore` writes above its settings in postgresql.auto.conf.
 pub const CONF_COMMENT: &str = "# Added by walden restore:";
 
@@ -219,15 +217,15 @@ pub fn conf_comment_target(conf: &str) -> Option<String> {
         .map(|(_, t)| t.trim().to_string())
 }
 
-/// Writes the marker atomically (temporary file, then rename).
+/// Writes the marker atomically and durably: a crash leaves the previous
+/// marker or this one, which is what a resumed restore trusts.
 pub fn write(dest: &Path, marker: &Marker) -> Result<(), RestoreError> {
-    let tmp = dest.join(MARKER_TMP);
     let body = serde_json::to_vec_pretty(marker)
         .map_err(|e| RestoreError::Internal(format!("encoding the restore marker: {e}")))?;
-    std::fs::write(&tmp, body).map_err(local(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(local(&tmp))?;
-    let path = dest.join(MARKER);
-    std::fs::rename(&tmp, &path).map_err(local(&path))
+    crate::durable::replace(&dest.join(MARKER), &body, 0o600).map_err(|e| RestoreError::Local {
+        path: e.path.display().to_string(),
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
@@ -411,7 +409,7 @@ mod tests {
                 pg_control: false
             }
         );
-        assert!(!dir.path().join(MARKER_TMP).exists());
+        assert!(!crate::durable::temp_path(&dir.path().join(MARKER)).exists());
         std::fs::write(dir.path().join(MARKER), "{").expect("garble");
         assert!(matches!(
             inspect(dir.path()).expect("inspect"),
