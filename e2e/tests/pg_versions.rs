@@ -534,9 +534,8 @@ fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its
         "pg_upgrade kept the system identifier"
     );
     assert_eq!(batches_in(&new), set(0..4), "pg_upgrade lost rows");
-    new.sql("CREATE TABLE after_upgrade AS SELECT 1 AS x");
-    new.switch_wal();
-    let refused = wait_for("the daemon to report the refusal", LONG, || {
+    // Known before anything is pushed: the daemon compares PGDATA with walden.json.
+    let refused = wait_for("the daemon to report the mismatch", LONG, || {
         daemon.status().archiving.identity_mismatch
     });
     assert_eq!(
@@ -548,7 +547,11 @@ fn after_pg_upgrade_the_old_archive_stays_restorable_and_the_new_server_gets_its
             archive_pg_version: Some(15),
         }
     );
-    let error = daemon.status().archiving.last_error.unwrap_or_default();
+    new.sql("CREATE TABLE after_upgrade AS SELECT 1 AS x");
+    new.switch_wal();
+    let error = wait_for("a push to be refused", LONG, || {
+        daemon.status().archiving.last_error
+    });
     assert!(
         error.contains(&format!("system identifier {new_sysid}"))
             && error.contains(&old_sysid)

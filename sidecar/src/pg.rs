@@ -8,6 +8,28 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, Config, NoTls};
 
+/// The system identifier at the start of `global/pg_control` (the same
+/// offset in every supported version).
+pub fn control_system_identifier(pgdata: &Path) -> std::io::Result<u64> {
+    let bytes = std::fs::read(pgdata.join("global/pg_control"))?;
+    let head: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| std::io::Error::other("pg_control is too short"))?;
+    Ok(u64::from_le_bytes(head))
+}
+
+/// The major version a data directory's `PG_VERSION` file names.
+pub fn data_dir_version(pgdata: &Path) -> std::io::Result<u32> {
+    let text = std::fs::read_to_string(pgdata.join("PG_VERSION"))?;
+    text.trim().parse().map_err(|_| {
+        std::io::Error::other(format!(
+            "PG_VERSION holds {:?}, not a major version",
+            text.trim()
+        ))
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("invalid PostgreSQL connection settings: {0}")]
@@ -198,6 +220,26 @@ pub fn parse_size(s: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_a_data_directorys_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("global")).unwrap();
+        let mut control = 7_300_000_000_000_000_001u64.to_le_bytes().to_vec();
+        control.extend([0u8; 100]);
+        std::fs::write(dir.path().join("global/pg_control"), &control).unwrap();
+        std::fs::write(dir.path().join("PG_VERSION"), "18\n").unwrap();
+        assert_eq!(
+            control_system_identifier(dir.path()).unwrap(),
+            7_300_000_000_000_000_001
+        );
+        assert_eq!(data_dir_version(dir.path()).unwrap(), 18);
+        std::fs::write(dir.path().join("PG_VERSION"), "eighteen").unwrap();
+        let err = data_dir_version(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("eighteen"), "{err}");
+        std::fs::write(dir.path().join("global/pg_control"), [1u8; 4]).unwrap();
+        assert!(control_system_identifier(dir.path()).is_err());
+    }
 
     #[test]
     fn parses_postgres_sizes() {

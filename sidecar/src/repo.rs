@@ -126,6 +126,22 @@ fn remember(url: &str, id: &RepoIdentity) {
     }
 }
 
+/// The refusal a server of database `system_identifier` meets at the
+/// archive of `identity`, if it is another database.
+pub fn mismatch(
+    identity: &RepoIdentity,
+    system_identifier: u64,
+    pg_version: Option<u32>,
+) -> Option<walden_contract::api::IdentityMismatch> {
+    let server = system_identifier.to_string();
+    (identity.system_identifier != server).then(|| walden_contract::api::IdentityMismatch {
+        server_system_identifier: server,
+        server_pg_version: pg_version,
+        archive_system_identifier: identity.system_identifier.clone(),
+        archive_pg_version: identity.pg_version,
+    })
+}
+
 /// Reads `walden.json`; `None` when the prefix holds no repository yet.
 pub async fn load(storage: &dyn Storage) -> Result<Option<RepoIdentity>, RepoError> {
     let url = storage.url();
@@ -219,4 +235,30 @@ pub async fn ensure_identity(
         });
     }
     Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_database_is_a_mismatch_naming_both() {
+        let archive = RepoIdentity::new(111, Some(15), 16 << 20);
+        assert_eq!(mismatch(&archive, 111, Some(15)), None);
+        assert_eq!(mismatch(&archive, 111, Some(18)), None, "one database");
+        let m = mismatch(&archive, 222, Some(18)).expect("another database");
+        assert_eq!(
+            (
+                m.server_system_identifier.as_str(),
+                m.server_pg_version,
+                m.archive_system_identifier.as_str(),
+                m.archive_pg_version
+            ),
+            ("222", Some(18), "111", Some(15))
+        );
+        assert_eq!(
+            mismatch(&archive, 222, None).and_then(|m| m.server_pg_version),
+            None
+        );
+    }
 }

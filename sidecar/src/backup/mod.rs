@@ -69,17 +69,6 @@ pub struct BackupOptions {
     pub wal_wait: Option<Duration>,
 }
 
-/// The system identifier at the start of `global/pg_control`, to be sure the
-/// directory read is the data directory of the server being backed up.
-fn control_system_identifier(pgdata: &Path) -> io::Result<u64> {
-    let bytes = std::fs::read(pgdata.join("global/pg_control"))?;
-    let head: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| io::Error::other("pg_control is too short"))?;
-    Ok(u64::from_le_bytes(head))
-}
-
 /// The latest checkpoint location recorded in `global/pg_control` (its
 /// fifth field, at the same offset in every supported PostgreSQL version).
 fn control_checkpoint(pgdata: &Path) -> io::Result<u64> {
@@ -229,7 +218,8 @@ pub async fn push(
         .pgdata
         .clone()
         .unwrap_or_else(|| PathBuf::from(&info.data_directory));
-    match control_system_identifier(&pgdata) {
+    // To be sure the directory read is the data directory of the server backed up.
+    match crate::pg::control_system_identifier(&pgdata) {
         Ok(id) if id == info.system_identifier => {}
         Ok(id) => {
             return Err(BackupError::Invalid(format!(

@@ -332,6 +332,37 @@ impl Archiver {
         Ok(())
     }
 
+    /// Whether the archive refuses this server as another database, known
+    /// before any push or backup meets it: the server's identity (PGDATA's
+    /// `pg_control` and `PG_VERSION`) against `walden.json`. A refusal a push
+    /// met stands first.
+    pub async fn identity_mismatch(&self) -> Option<IdentityMismatch> {
+        if let Some(m) = self.status().identity_mismatch {
+            return Some(m);
+        }
+        let pgdata = self.pg_wal_root.as_ref()?.parent()?.to_path_buf();
+        let identity = match crate::repo::load(self.storage.as_ref()).await {
+            Ok(id) => id?,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the repository identity for status");
+                return None;
+            }
+        };
+        let server = tokio::task::spawn_blocking(move || {
+            let id = crate::pg::control_system_identifier(&pgdata)?;
+            Ok::<_, std::io::Error>((id, crate::pg::data_dir_version(&pgdata).ok()))
+        })
+        .await
+        .ok()?;
+        match server {
+            Ok((id, version)) => crate::repo::mismatch(&identity, id, version),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the server's pg_control for status");
+                None
+            }
+        }
+    }
+
     /// Keeps a refusal of this server as another database in typed form: the
     /// operator reads it to start a new archive after pg_upgrade. A stored
     /// file clears it; other errors say nothing about identity.

@@ -200,7 +200,7 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
             failed_count: a.failed_count,
             ready_count: ready as u64,
             oldest_ready_time: oldest_ready.map(time),
-            identity_mismatch: a.identity_mismatch,
+            identity_mismatch: api.archiver.identity_mismatch().await,
         },
         last_backup: catalog.last_backup,
         backup_in_progress,
