@@ -749,7 +749,8 @@ class Suite:
                           and condition(c, "Ready").get("status") == "True"
                           and (c["status"].get("lastBackup") or {}).get("id"))
             kept = kubectl("exec", "deploy/s3", "--", "sh", "-c", f"cat {old_dir}/walden.json; echo; ls {old_dir}")
-            if json.loads(kept.split("\n")[0]) != json.loads(identity) or sorted(kept.split()[1:]) != sorted(
+            lines = kept.splitlines()
+            if json.loads(lines[0]) != json.loads(identity) or sorted(lines[1:]) != sorted(
                     ["walden.json", f"pg{major}-{sysid}"]):
                 raise StepFailed(f"the old archive changed: {kept}")
             if not ledger_ids("pgu-0") >= rows:
@@ -764,6 +765,8 @@ class Suite:
                 kubectl("delete", "cb", "pgu", "--wait=false", check=False)
                 poll("the ContinuousBackup pgu gone", lambda: get("cb", "pgu", check=False) is None)
                 kubectl("delete", "statefulset", "pgu", "--wait=false", check=False)
+                poll("pgu's and its fork's pods gone", lambda: not kubectl(
+                    "get", "pods", "-o", "name", check=False).count("pod/pgu"))
 
     # 6. lifecycle
 
