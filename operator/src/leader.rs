@@ -145,6 +145,52 @@ impl LeaderElector {
         }
     }
 
+    /// Competes until this replica leads (errors are logged and retried).
+    pub async fn acquire(&self) {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "leader election"),
+            }
+            tokio::time::sleep(self.renew_interval()).await;
+        }
+    }
+
+    /// Renews while leading; returns when leadership is lost: another
+    /// replica holds the Lease, or no renewal succeeded for a whole TTL.
+    pub async fn hold(&self) {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.renew_interval()).await;
+            match self.try_acquire_or_renew().await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!("leadership lost to another replica");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the Lease");
+                    if last_ok.elapsed() > self.ttl {
+                        tracing::error!("could not renew the Lease in time");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frees the Lease on a graceful stop, so that another replica leads at
+    /// once instead of after the TTL; bounded, and only logged.
+    pub async fn step_down(&self) {
+        match tokio::time::timeout(Duration::from_secs(5), self.release()).await {
+            Ok(Ok(true)) => tracing::info!("Lease released"),
+            Ok(Ok(false)) => tracing::info!("Lease not ours any more; nothing to release"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease"),
+            Err(_) => tracing::warn!("releasing the Lease timed out"),
+        }
+    }
+
     /// Gives the Lease up on a graceful stop. `Ok(true)` when it was ours
     /// and is now free; `Ok(false)` when someone else holds it (or took it
     /// concurrently).

@@ -133,14 +133,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.lease_seconds),
     ));
     tracing::info!(lease = %args.lease_name, identity = %identity, "waiting for leadership");
-    loop {
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "leader election"),
-        }
-        tokio::time::sleep(elector.renew_interval()).await;
-    }
+    elector.acquire().await;
     tracing::info!("leading");
     metrics.leader.set(1);
     ready.store(true, Ordering::Relaxed);
@@ -168,28 +161,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Leadership lost, or a signal: stop reconciling and exit so that the
     // pod restarts as a follower of the Lease.
     let renewing = elector.clone();
-    let lost = async move {
-        let elector = renewing;
-        let deadline = Duration::from_secs(args.lease_seconds);
-        let mut last_ok = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(elector.renew_interval()).await;
-            match elector.try_acquire_or_renew().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!("leadership lost to another replica");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "renewing the Lease");
-                    if last_ok.elapsed() > deadline {
-                        tracing::error!("could not renew the Lease in time");
-                        return;
-                    }
-                }
-            }
-        }
-    };
+    let lost = async move { renewing.hold().await };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let lost_leadership = Arc::new(AtomicBool::new(false));
@@ -208,14 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Exit non-zero: the pod restarts and competes for the Lease again.
         anyhow::bail!("leadership lost; controllers stopped");
     }
-    // A graceful stop frees the Lease so that another replica leads at once
-    // instead of after lease_seconds.
-    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
-        Ok(Ok(true)) => tracing::info!("Lease released"),
-        Ok(Ok(false)) => tracing::info!("Lease not ours any more; nothing to release"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease"),
-        Err(_) => tracing::warn!("releasing the Lease timed out"),
-    }
+    elector.step_down().await;
     tracing::info!("controllers stopped");
     Ok(())
 }

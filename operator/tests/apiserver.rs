@@ -517,6 +517,19 @@ async fn operator_on_a_real_apiserver() {
         !first.try_acquire_or_renew().await.expect("compete again"),
         "the old holder now waits"
     );
+    // The loops the binary runs: the old holder's `hold` ends at its next
+    // renewal (another replica leads); a step-down frees the Lease and the
+    // waiting replica's `acquire` returns.
+    tokio::time::timeout(Duration::from_secs(60), first.hold())
+        .await
+        .expect("hold returns once another replica leads");
+    tokio::time::timeout(Duration::from_secs(60), second.acquire())
+        .await
+        .expect("the holder acquires at once");
+    second.step_down().await;
+    tokio::time::timeout(Duration::from_secs(60), first.acquire())
+        .await
+        .expect("acquire returns once the Lease is free");
 
     // Objects the users own.
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
