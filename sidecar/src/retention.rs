@@ -854,6 +854,79 @@ mod tests {
         assert_eq!(p.in_progress_backups, ["Y"]);
     }
 
+    /// `execute` deletes batch by batch in the plan's order (manifests, then
+    /// parts, then WAL): a batch that keeps failing stops the run with every
+    /// later key still stored and says how far it got; a transient failure
+    /// is retried; a re-run of the rest finishes.
+    #[tokio::test]
+    async fn execute_deletes_in_order_and_stops_at_a_failing_batch() {
+        use crate::storage::memory::MemoryStorage;
+        let storage = MemoryStorage::default();
+        let mut keys = vec!["backups/A/backup.json".to_string()];
+        keys.extend((0..DELETE_BATCH + 10).map(|i| format!("backups/A/part-{i:05}.tar.zst")));
+        keys.extend((1..=5).map(|n| format!("wal/0000000100000000/{}.zst", seg(1, n))));
+        for k in &keys {
+            storage
+                .create(k, Box::pin(std::io::Cursor::new(b"x".to_vec())))
+                .await
+                .unwrap();
+        }
+        let plan = Plan {
+            policy: "full 1".into(),
+            now: ts("2026-01-03T13:00:00Z"),
+            kept_backups: Vec::new(),
+            deleted_backups: vec!["A".into()],
+            abandoned_backups: Vec::new(),
+            in_progress_backups: Vec::new(),
+            damaged_backups: Vec::new(),
+            wal_kept_from: BTreeMap::new(),
+            deleted_wal_objects: 5,
+            deleted_bytes: 0,
+            delete: keys.clone(),
+            stale_temporaries: Vec::new(),
+        };
+        let retry = RetryPolicy {
+            retries: 2,
+            base_delay: std::time::Duration::from_millis(1),
+            max_delay: std::time::Duration::from_millis(1),
+        };
+        // The first batch (the manifest and parts) goes; the second keeps failing.
+        storage.fail_deletes_after(1, 3);
+        let err = execute(&storage, &plan, &retry).await.unwrap_err();
+        let RetainError::Delete {
+            done,
+            total,
+            ref first,
+            ..
+        } = err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!((done, total), (DELETE_BATCH, keys.len()));
+        assert_eq!(first, &keys[DELETE_BATCH]);
+        assert!(err.to_string().contains("run retain again"), "{err}");
+        assert_eq!(
+            storage.keys(),
+            keys[DELETE_BATCH..].to_vec(),
+            "deleted out of order"
+        );
+        assert!(
+            storage.object("backups/A/backup.json").is_none(),
+            "the manifest went first"
+        );
+        // One transient failure is retried; the re-run of the rest finishes.
+        storage.fail_deletes_after(0, 1);
+        let rest = Plan {
+            delete: keys[DELETE_BATCH..].to_vec(),
+            ..plan
+        };
+        assert_eq!(
+            execute(&storage, &rest, &retry).await.unwrap(),
+            keys.len() - DELETE_BATCH
+        );
+        assert!(storage.keys().is_empty());
+    }
+
     #[test]
     fn only_this_archives_leftovers_older_than_the_grace_period_are_removed() {
         let backups = three_daily();

@@ -36,6 +36,9 @@ impl Default for MemoryStorage {
 struct Faults {
     creates: usize,
     gets: usize,
+    /// Delete calls that succeed before the failing ones start.
+    deletes_first_ok: usize,
+    deletes: usize,
     /// Stored under the next created key just before that create: another
     /// writer that won the race between a caller's check and its upload.
     racing_writer: Option<Vec<u8>>,
@@ -54,6 +57,14 @@ impl MemoryStorage {
     /// The next `n` reads fail with a transient error.
     pub fn fail_gets(&self, n: usize) {
         lock(&self.faults).gets = n;
+    }
+
+    /// After `ok` more delete calls succeed, the next `n` fail (transient)
+    /// without deleting anything.
+    pub fn fail_deletes_after(&self, ok: usize, n: usize) {
+        let mut faults = lock(&self.faults);
+        faults.deletes_first_ok = ok;
+        faults.deletes = n;
     }
 
     /// The next create finds `bytes` already stored under its key, as if
@@ -178,6 +189,16 @@ impl Storage for MemoryStorage {
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        let skip = {
+            let mut faults = lock(&self.faults);
+            let skip = faults.deletes_first_ok > 0;
+            faults.deletes_first_ok = faults.deletes_first_ok.saturating_sub(1);
+            skip
+        };
+        if !skip {
+            let first = keys.first().map_or("", String::as_str);
+            self.injected("delete", first, |f| &mut f.deletes)?;
+        }
         let mut objects = lock(&self.objects);
         for k in keys {
             objects.remove(k);
