@@ -57,10 +57,7 @@ fn recorded<'a>(
 
 /// `s3://bucket/prefix` of a recorded archive.
 pub fn url(archive: &ArchiveRecord) -> String {
-    match archive.prefix.as_deref().map(|p| p.trim_matches('/')) {
-        Some(p) if !p.is_empty() => format!("s3://{}/{p}", archive.bucket),
-        _ => format!("s3://{}", archive.bucket),
-    }
+    crate::specs::s3_url(&archive.bucket, archive.prefix.as_deref())
 }
 
 /// The storage the injection writes now: the archive the operator moved to

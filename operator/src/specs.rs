@@ -176,16 +176,16 @@ pub fn restricted_security_context(uid: i64, read_only_root: bool) -> SecurityCo
 
 /// `s3://bucket/prefix`, the storage URL of design §3.
 pub fn storage_url(storage: &StorageSpec) -> String {
-    let prefix = storage
-        .s3
-        .prefix
-        .as_deref()
-        .unwrap_or_default()
-        .trim_matches('/');
+    s3_url(&storage.s3.bucket, storage.s3.prefix.as_deref())
+}
+
+/// The storage URL of a bucket and an optional key prefix (slashes trimmed).
+pub fn s3_url(bucket: &str, prefix: Option<&str>) -> String {
+    let prefix = prefix.unwrap_or_default().trim_matches('/');
     if prefix.is_empty() {
-        format!("s3://{}", storage.s3.bucket)
+        format!("s3://{bucket}")
     } else {
-        format!("s3://{}/{}", storage.s3.bucket, prefix)
+        format!("s3://{bucket}/{prefix}")
     }
 }
 
