@@ -56,6 +56,14 @@ pub struct ContinuousBackupSpec {
     /// What to do when scheduled backups were missed (operator down): take one now, or skip to the next.
     #[serde(default)]
     pub missed_backup_policy: MissedBackupPolicy,
+    /// Each scheduled backup starts at a fixed point within this window
+    /// after its scheduled time (derived from the resource's UID, shown in
+    /// status.nextBackupTime), so that databases sharing a schedule do not
+    /// all start at once; e.g. "30m", "2h". At most half the time between
+    /// runs is used. Default: the operator's --backup-window (1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = walden_contract::duration::PATTERN), length(min = 1))]
+    pub backup_window: Option<String>,
     /// Which backups the archive keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionSpec>,

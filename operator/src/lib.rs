@@ -6,6 +6,7 @@ pub mod archives;
 pub mod controllers;
 pub mod daemon_client;
 pub mod events;
+pub mod fleet;
 pub mod leader;
 pub mod metrics;
 pub mod restore_test;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use walden_operator::controllers::{self, Context};
 use walden_operator::daemon_client::HttpDaemonClient;
 use walden_operator::events::{Recorder, Reporter};
+use walden_operator::fleet::{BackupGate, Failures, Fleet};
 use walden_operator::leader::LeaderElector;
 use walden_operator::metrics::Metrics;
 use walden_operator::server::{self, ServerState};
@@ -68,6 +69,17 @@ struct RunArgs {
     daemon_timeout: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Reconciles running at once, per controller: bounds connections and
+    /// memory when thousands of resources re-sync after a restart.
+    #[arg(long, env = "WALDEN_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Base backups running at once across all ContinuousBackups; more wait.
+    #[arg(long, env = "WALDEN_MAX_CONCURRENT_BACKUPS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    max_concurrent_backups: u64,
+    /// The window scheduled backups are spread over after their scheduled
+    /// time, per resource (spec.backupWindow overrides it), e.g. 1h, 30m.
+    #[arg(long, env = "WALDEN_BACKUP_WINDOW", default_value = "1h", value_parser = walden_contract::duration::parse)]
+    backup_window: chrono::Duration,
 }
 
 #[tokio::main]
@@ -125,8 +137,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
+    // The Lease has its own connection pool: renewals are never queued
+    // behind a re-sync's reconciles, or throttled with them.
+    let lease_client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API for the Lease")?;
     let elector = Arc::new(LeaderElector::new(
-        client.clone(),
+        lease_client,
         &args.lease_namespace,
         &args.lease_name,
         &identity,
@@ -156,6 +173,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         clock: Arc::new(chrono::Utc::now),
         metrics: metrics.clone(),
         tokens: Arc::default(),
+        fleet: Arc::new(Fleet {
+            backups: BackupGate::new(
+                usize::try_from(args.max_concurrent_backups).unwrap_or(usize::MAX),
+            ),
+            failures: Failures::default(),
+            backup_window: args.backup_window,
+            resumed: chrono::Utc::now(),
+            concurrency: args.concurrency,
+            jitter: true,
+        }),
     });
 
     // Leadership lost, or a signal: stop reconciling and exit so that the

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub reconcile_duration: DurationFamily,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub backups_started: Counter,
+    /// Reconcile failures retried quietly (throttling, connection errors).
+    pub transient_errors: Counter,
+    /// Scheduled or requested backups held back by the concurrent-backup cap.
+    pub backups_queued: Counter,
     pub leader: Gauge,
     /// `walden_restore_test_*`: the restore proofs (the age of the last
     /// success is `time() - walden_restore_test_last_success_timestamp_seconds`).
@@ -119,6 +123,18 @@ impl Default for Metrics {
             "Base backups the operator asked a daemon to start",
             backups_started.clone(),
         );
+        let transient_errors = Counter::default();
+        registry.register(
+            "transient_errors",
+            "Reconcile failures retried without a status write (throttling, connection errors)",
+            transient_errors.clone(),
+        );
+        let backups_queued = Counter::default();
+        registry.register(
+            "backups_queued",
+            "Backup starts held back because the concurrent-backup cap was reached",
+            backups_queued.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -131,6 +147,8 @@ impl Default for Metrics {
             reconcile_duration,
             reconcile_errors,
             backups_started,
+            transient_errors,
+            backups_queued,
             leader,
             restore_test_result,
             restore_test_duration,

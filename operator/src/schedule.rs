@@ -51,6 +51,57 @@ impl Schedule {
     }
 }
 
+/// How one resource's runs are spread over time, so that thousands of
+/// resources on the same schedule do not all start their backups in the same
+/// second: each runs `offset` after its slot, and a catch-up after an outage
+/// runs `offset` after the controller resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spread {
+    /// The window runs are spread over (capped per slot at half the time to
+    /// the next slot, so a run never drifts into the following one).
+    pub window: Duration,
+    /// Where in the window this resource falls: stable per resource, e.g.
+    /// [`spread_key`] of its UID, so restarts do not move it.
+    pub key: u64,
+    /// When the controller started watching: a slot whose run time passed
+    /// before this was missed (an outage, not a slow reconcile).
+    pub resumed: DateTime<Utc>,
+}
+
+impl Spread {
+    /// No spreading: runs start at their slot.
+    pub fn none(resumed: DateTime<Utc>) -> Self {
+        Spread {
+            window: Duration::zero(),
+            key: 0,
+            resumed,
+        }
+    }
+
+    /// This resource's place in a window of `window`.
+    fn offset_in(&self, window: Duration) -> Duration {
+        let secs = window.num_seconds();
+        if secs <= 0 {
+            return Duration::zero();
+        }
+        // Both fit: secs > 0 and the remainder is below it.
+        Duration::seconds((self.key % secs.unsigned_abs()) as i64)
+    }
+}
+
+/// A stable, well-mixed number from a resource's identity (FNV-1a, then a
+/// finalizer, so UIDs that differ in one character land far apart).
+pub fn spread_key(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
 /// What the controller should do now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -58,8 +109,25 @@ pub struct Decision {
     pub slot: Option<DateTime<Utc>>,
     /// Whether to start a base backup for `slot`.
     pub start_backup: bool,
-    /// The next slot after now, for `status.nextBackupTime` and the requeue.
+    /// When the next run starts (its slot plus this resource's offset), for
+    /// `status.nextBackupTime` and the requeue.
     pub next: Option<DateTime<Utc>>,
+}
+
+impl Schedule {
+    /// The window of `slot`'s run: at most half the time to the next slot,
+    /// so a run never drifts into the following one.
+    fn window_of(&self, slot: DateTime<Utc>, spread: &Spread) -> Duration {
+        match self.first_after(slot) {
+            Some(following) => spread.window.min((following - slot) / 2),
+            None => spread.window,
+        }
+    }
+
+    /// When the run for `slot` starts under `spread`.
+    fn run_time(&self, slot: DateTime<Utc>, spread: &Spread) -> DateTime<Utc> {
+        slot + spread.offset_in(self.window_of(slot, spread))
+    }
 }
 
 /// Decides whether a backup is due.
@@ -68,6 +136,11 @@ pub struct Decision {
 /// creation, so a new resource does not back up for slots before it existed).
 /// A backup that started after a slot (the first one, or one asked for with
 /// spec.backupRequest) already covers it: `last_backup_start` moves the base.
+///
+/// Runs start at their slot plus the resource's offset in `spread`. A run
+/// more than [`ON_TIME_GRACE`] late is skipped under `Skip`; under `RunOnce`
+/// it is taken, and if its time passed while the controller was away, at
+/// the same offset after the controller resumed, so catch-ups are spread too.
 pub fn decide(
     schedule: &Schedule,
     policy: MissedBackupPolicy,
@@ -75,32 +148,50 @@ pub fn decide(
     last_backup_start: Option<DateTime<Utc>>,
     anchor: DateTime<Utc>,
     now: DateTime<Utc>,
+    spread: &Spread,
 ) -> Decision {
     let base = last_slot
         .unwrap_or(anchor)
         .max(last_backup_start.unwrap_or(anchor));
-    let next = schedule.first_after(now);
+    let following = schedule
+        .first_after(now)
+        .map(|slot| schedule.run_time(slot, spread));
     let due = schedule
         .latest_at_or_before(now)
         .filter(|slot| *slot > base);
-    match due {
-        None => Decision {
+    let Some(slot) = due else {
+        return Decision {
             slot: None,
             start_backup: false,
-            next,
-        },
-        Some(slot) => {
-            let on_time = now - slot <= ON_TIME_GRACE;
-            let start_backup = match policy {
-                MissedBackupPolicy::RunOnce => true,
-                MissedBackupPolicy::Skip => on_time,
-            };
-            Decision {
+            next: following,
+        };
+    };
+    let run_at = schedule.run_time(slot, spread);
+    let late = run_at + ON_TIME_GRACE < now;
+    let start_at = match policy {
+        MissedBackupPolicy::Skip if late => {
+            return Decision {
                 slot: Some(slot),
-                start_backup,
-                next,
+                start_backup: false,
+                next: following,
             }
         }
+        MissedBackupPolicy::RunOnce if run_at + ON_TIME_GRACE < spread.resumed => {
+            spread.resumed + spread.offset_in(schedule.window_of(slot, spread))
+        }
+        _ => run_at,
+    };
+    if now < start_at {
+        return Decision {
+            slot: None,
+            start_backup: false,
+            next: Some(start_at),
+        };
+    }
+    Decision {
+        slot: Some(slot),
+        start_backup: true,
+        next: following,
     }
 }
 
@@ -211,7 +302,15 @@ mod tests {
             },
         ];
         for c in cases {
-            let d = decide(&daily, c.policy, c.last.map(t), None, created, t(c.now));
+            let d = decide(
+                &daily,
+                c.policy,
+                c.last.map(t),
+                None,
+                created,
+                t(c.now),
+                &Spread::none(created),
+            );
             assert_eq!(d.slot, c.slot.map(t), "{}: slot", c.name);
             assert_eq!(d.start_backup, c.start, "{}: start", c.name);
             assert_eq!(d.next, Some(t(c.next)), "{}: next", c.name);
@@ -228,6 +327,7 @@ mod tests {
             None,
             t("2020-01-01T00:00:00Z"),
             t("2025-01-01T00:00:30Z"),
+            &Spread::none(t("2020-01-01T00:00:00Z")),
         );
         assert_eq!(d.slot, Some(t("2025-01-01T00:00:00Z")));
         assert!(d.start_backup);
@@ -286,9 +386,210 @@ mod tests {
                 started.map(t),
                 created,
                 t(now),
+                &Spread::none(created),
             );
             assert_eq!(d.slot, slot.map(t), "{what}");
             assert_eq!(d.start_backup, slot.is_some(), "{what}");
         }
+    }
+
+    fn uids(n: usize) -> Vec<String> {
+        // Shaped like Kubernetes UIDs, differing only in their last digits.
+        (0..n)
+            .map(|i| format!("6f1c0e2a-93d4-4b7e-8a55-{i:012}"))
+            .collect()
+    }
+
+    fn spread(uid: &str, window_minutes: i64, resumed: &str) -> Spread {
+        Spread {
+            window: Duration::minutes(window_minutes),
+            key: spread_key(uid),
+            resumed: t(resumed),
+        }
+    }
+
+    /// The stampede test: 1,000 resources on `0 3 * * *` with a 1 h window
+    /// start over the whole hour, never two dozen in one minute, and each at
+    /// the time nextBackupTime announced.
+    #[test]
+    fn one_schedule_many_resources_spread_over_the_window() {
+        let daily = Schedule::parse("0 3 * * *").expect("schedule");
+        let created = t("2025-01-01T12:00:00Z");
+        let slot = t("2025-01-02T03:00:00Z");
+        let mut per_minute = [0usize; 60];
+        for uid in uids(1000) {
+            let sp = spread(&uid, 60, "2025-01-01T12:00:00Z");
+            let before = decide(
+                &daily,
+                MissedBackupPolicy::RunOnce,
+                None,
+                None,
+                created,
+                t("2025-01-02T02:59:00Z"),
+                &sp,
+            );
+            let start = before.next.expect("announced");
+            assert!(
+                start >= slot && start < slot + Duration::hours(1),
+                "{uid}: {start}"
+            );
+            per_minute[((start - slot).num_minutes()) as usize] += 1;
+            let early = decide(
+                &daily,
+                MissedBackupPolicy::RunOnce,
+                None,
+                None,
+                created,
+                start - Duration::seconds(1),
+                &sp,
+            );
+            assert!(!early.start_backup, "{uid}: a second early");
+            assert_eq!(early.next, Some(start), "{uid}: still announced");
+            let at = decide(
+                &daily,
+                MissedBackupPolicy::RunOnce,
+                None,
+                None,
+                created,
+                start,
+                &sp,
+            );
+            assert_eq!((at.slot, at.start_backup), (Some(slot), true), "{uid}");
+            // Stable across restarts: another resume time, same start.
+            let restarted = spread(&uid, 60, "2025-01-02T02:00:00Z");
+            let again = decide(
+                &daily,
+                MissedBackupPolicy::RunOnce,
+                None,
+                None,
+                created,
+                t("2025-01-02T02:59:00Z"),
+                &restarted,
+            );
+            assert_eq!(again.next, Some(start), "{uid}: moved by a restart");
+        }
+        let busiest = per_minute.iter().max().copied().unwrap_or_default();
+        let empty = per_minute.iter().filter(|n| **n == 0).count();
+        assert!(
+            busiest <= 35,
+            "{busiest} starts in one minute: {per_minute:?}"
+        );
+        assert_eq!(empty, 0, "minutes without a start: {per_minute:?}");
+    }
+
+    /// The window never reaches half-way to the next slot.
+    #[test]
+    fn the_window_is_capped_by_the_schedule() {
+        let cases = [
+            // (schedule, window minutes, slot, longest offset in seconds)
+            ("*/10 * * * *", 60, "2025-01-02T03:10:00Z", 300),
+            ("* * * * *", 60, "2025-01-02T03:10:00Z", 30),
+            ("0 3 * * *", 60, "2025-01-02T03:00:00Z", 3600),
+            ("0 3 * * *", 0, "2025-01-02T03:00:00Z", 0),
+        ];
+        for (expr, window, slot, longest) in cases {
+            let schedule = Schedule::parse(expr).expect("schedule");
+            let slot = t(slot);
+            let mut seen = 0;
+            for uid in uids(200) {
+                let sp = spread(&uid, window, "2025-01-01T00:00:00Z");
+                let d = decide(
+                    &schedule,
+                    MissedBackupPolicy::RunOnce,
+                    Some(slot - Duration::seconds(1)),
+                    None,
+                    t("2025-01-01T00:00:00Z"),
+                    slot,
+                    &sp,
+                );
+                let offset = match d.start_backup {
+                    true => 0,
+                    false => (d.next.expect("pending") - slot).num_seconds(),
+                };
+                assert!(offset <= longest.max(0), "{expr}: {offset}s");
+                seen = seen.max(offset);
+            }
+            assert!(
+                seen * 10 >= longest * 9,
+                "{expr}: offsets reach {seen}s of {longest}s"
+            );
+        }
+    }
+
+    /// After an outage that missed the slot, catch-ups start over the
+    /// window after the controller resumed, not all at once; under Skip
+    /// they are skipped, each exactly once.
+    #[test]
+    fn catch_ups_after_an_outage_are_spread() {
+        let daily = Schedule::parse("0 3 * * *").expect("schedule");
+        let created = t("2025-01-01T12:00:00Z");
+        let resumed = t("2025-01-02T09:00:00Z");
+        let mut first_minute = 0;
+        let mut latest = resumed;
+        for uid in uids(500) {
+            let sp = spread(&uid, 60, "2025-01-02T09:00:00Z");
+            let at_resume = decide(
+                &daily,
+                MissedBackupPolicy::RunOnce,
+                Some(t("2025-01-01T03:00:00Z")),
+                None,
+                created,
+                resumed,
+                &sp,
+            );
+            let start = match at_resume.start_backup {
+                true => resumed,
+                false => at_resume.next.expect("catch-up announced"),
+            };
+            assert!(start < resumed + Duration::hours(1), "{uid}: {start}");
+            if start < resumed + Duration::minutes(1) {
+                first_minute += 1;
+            }
+            latest = latest.max(start);
+            let taken = decide(
+                &daily,
+                MissedBackupPolicy::RunOnce,
+                Some(t("2025-01-01T03:00:00Z")),
+                None,
+                created,
+                start,
+                &sp,
+            );
+            assert_eq!(
+                (taken.slot, taken.start_backup),
+                (Some(t("2025-01-02T03:00:00Z")), true),
+                "{uid}"
+            );
+            let skipped = decide(
+                &daily,
+                MissedBackupPolicy::Skip,
+                Some(t("2025-01-01T03:00:00Z")),
+                None,
+                created,
+                resumed,
+                &sp,
+            );
+            assert_eq!(
+                (skipped.slot, skipped.start_backup),
+                (Some(t("2025-01-02T03:00:00Z")), false),
+                "{uid}: skip"
+            );
+        }
+        assert!(
+            first_minute <= 25,
+            "{first_minute} catch-ups in the first minute"
+        );
+        assert!(
+            latest > resumed + Duration::minutes(50),
+            "last catch-up {latest}"
+        );
+    }
+
+    #[test]
+    fn spread_keys_differ_and_are_stable() {
+        let keys: std::collections::HashSet<u64> =
+            uids(1000).iter().map(|u| spread_key(u)).collect();
+        assert_eq!(keys.len(), 1000);
+        assert_eq!(spread_key("abc"), spread_key("abc"));
     }
 }

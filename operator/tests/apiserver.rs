@@ -598,6 +598,7 @@ async fn operator_on_a_real_apiserver() {
         clock: Arc::new(chrono::Utc::now),
         metrics: metrics.clone(),
         tokens: Arc::default(),
+        fleet: Arc::new(walden_operator::fleet::Fleet::exact(chrono::Utc::now())),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = tokio::spawn(controllers::run(ctx, async move {

@@ -4,9 +4,9 @@
 //! a backup: the operator has no storage credentials at all.
 
 use super::{
-    apply_if_changed, apply_status, created_at, ensure_token, kube_err, namespace_of, publish,
-    report_error, report_invalid, set_condition, ApplyDecision, ConditionType, Context, Desired,
-    Error, PendingEvent, Status,
+    apply_if_changed, apply_status, backoff, conclude, controller_config, created_at, ensure_token,
+    kube_err, namespace_of, publish, report_invalid, set_condition, ApplyDecision, ConditionType,
+    Context, Desired, Error, PendingEvent, Status,
 };
 use crate::api::{
     ArchiveRecord, BackupInfo, ContinuousBackup, ContinuousBackupStatus, SidecarUpdatePolicy,
@@ -14,15 +14,17 @@ use crate::api::{
 };
 use crate::archives::{self, OnMismatch};
 use crate::daemon_client::{ApiToken, BackupState, DaemonStatus, Endpoint, Role, StartBackup};
-use crate::schedule::{decide, Schedule};
+use crate::schedule::{decide, spread_key, Schedule, Spread};
 use crate::specs::{self, FIELD_MANAGER};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller};
 use kube::ResourceExt;
 use std::sync::Arc;
@@ -41,19 +43,33 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<ContinuousBackup> = Api::all(ctx.client.clone());
-    Controller::new(api, watcher::Config::default())
+    let controller = Controller::new(api, watcher::Config::default());
+    // A change of a target StatefulSet (created, its pods becoming ready)
+    // wakes the ContinuousBackups waiting for it: they need not poll. Only
+    // metadata is watched, so memory stays small with many StatefulSets.
+    let protecting = controller.store();
+    controller
+        .watches(
+            Api::<PartialObjectMeta<StatefulSet>>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            move |sts| {
+                let (ns, name) = (sts.namespace(), sts.name_any());
+                protecting
+                    .state_filter(|cb| cb.namespace() == ns && cb.spec.target.stateful_set == name)
+                    .iter()
+                    .map(|cb| ObjectRef::from_obj(cb.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .with_config(controller_config(&ctx))
+        .run(reconcile, backoff, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(controller = CONTROLLER, error = %e, "reconcile failed");
             }
         })
         .await;
-}
-
-fn error_policy(_cb: Arc<ContinuousBackup>, _err: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(RETRY)
 }
 
 /// Reconciles one ContinuousBackup (finalizer first, then apply or cleanup).
@@ -75,12 +91,29 @@ pub async fn reconcile(cb: Arc<ContinuousBackup>, ctx: Arc<Context>) -> Result<A
     )
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    if let Err(err) = &result {
-        report_error(&ctx, cb.as_ref(), cb.status.as_ref(), err).await;
-    }
-    let error = result.as_ref().err().map(Error::reason);
-    ctx.metrics.reconciled(CONTROLLER, error, started.elapsed());
+    conclude(
+        &ctx,
+        CONTROLLER,
+        cb.as_ref(),
+        cb.status.as_ref(),
+        &result,
+        started,
+    )
+    .await;
     result
+}
+
+/// How long to wait before looking again at a resource that waits for its
+/// StatefulSet or primary: longer the longer it has waited, since a change
+/// of the StatefulSet (its pods becoming ready) wakes it anyway.
+fn waiting(status: &ContinuousBackupStatus, now: DateTime<Utc>) -> Duration {
+    let since = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "False")
+        .and_then(|c| DateTime::<Utc>::from_timestamp(c.last_transition_time.0.as_second(), 0))
+        .unwrap_or(now);
+    crate::fleet::wait_interval(now - since)
 }
 
 /// The outcome of asking the StatefulSet's pods who is primary.
@@ -183,7 +216,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             ) {
                 events.push(PendingEvent::warning("TargetNotFound", "Inject", msg));
             }
-            break 'outcome Action::requeue(RETRY);
+            break 'outcome ctx.fleet.requeue(waiting(&status, now));
         };
 
         let token = ensure_token(ctx, cb.as_ref()).await?;
@@ -212,7 +245,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 ) {
                     events.push(PendingEvent::warning(e.reason(), "Inject", e.to_string()));
                 }
-                break 'outcome Action::requeue(RETRY);
+                break 'outcome ctx.fleet.requeue(RETRY);
             }
         };
         match apply_if_changed(
@@ -265,7 +298,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 ) {
                     events.push(PendingEvent::warning("FieldConflict", "Inject", msg));
                 }
-                break 'outcome Action::requeue(REFRESH);
+                break 'outcome ctx.fleet.requeue(REFRESH);
             }
             Err(e) => return Err(kube_err(format!("applying StatefulSet {target}"))(e)),
         }
@@ -298,7 +331,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                 ) {
                     events.push(PendingEvent::warning("WaitingForPrimary", "Status", msg));
                 }
-                break 'outcome Action::requeue(RETRY);
+                break 'outcome ctx.fleet.requeue(waiting(&status, now));
             }
         };
         status.primary_pod = Some(primary.pod.clone());
@@ -312,7 +345,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
             Some(OnMismatch::Start { current, previous }) => {
                 start_new_archive(&cb, current, previous, &mut status, now, &mut events);
                 // The next pass applies the injection with the new archive.
-                break 'outcome Action::requeue(Duration::from_secs(1));
+                break 'outcome ctx.fleet.requeue(Duration::from_secs(1));
             }
             Some(OnMismatch::Moving) => {
                 let msg = format!("waiting for the pods of StatefulSet {target} to restart with the new archive after pg_upgrade");
@@ -325,7 +358,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
                     generation,
                     now,
                 );
-                break 'outcome Action::requeue(RETRY);
+                break 'outcome ctx.fleet.requeue(RETRY);
             }
             Some(OnMismatch::Refuse(why)) => Some(why),
             None => None,
@@ -341,6 +374,10 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
 
         let mut requeue = REFRESH;
         track_backup(ctx, &primary, &mut status, generation, now, &mut events).await;
+        match status.backup_in_progress {
+            Some(_) => ctx.fleet.backups.running(&backup_key(&cb)),
+            None => ctx.fleet.backups.finished(&backup_key(&cb)),
+        }
         extra_backup(ctx, &cb, &primary, &mut status, now, &mut events).await;
         if let Some(next) = schedule_backup(ctx, &cb, &primary, &mut status, now, &mut events).await
         {
@@ -353,7 +390,7 @@ async fn apply(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error
         if let Some(w) = proof_wait {
             requeue = requeue.min(w);
         }
-        Action::requeue(requeue)
+        ctx.fleet.requeue(requeue)
     };
 
     apply_status(&api, cb.as_ref(), cb.status.as_ref(), &status).await?;
@@ -708,6 +745,9 @@ async fn extra_backup(
         ExtraBackup::Requested(token) => format!("for spec.backupRequest {token:?}"),
         ExtraBackup::First => "as the first one (no base backup existed)".to_string(),
     };
+    if !take_backup_place(ctx, cb) {
+        return;
+    }
     match ctx.daemon.start_backup(&primary.endpoint).await {
         Ok(StartBackup::Started(id)) | Ok(StartBackup::AlreadyRunning(id)) => {
             ctx.metrics.backups_started.inc();
@@ -722,6 +762,7 @@ async fn extra_backup(
             ));
         }
         Err(e) => {
+            ctx.fleet.backups.finished(&backup_key(cb));
             let msg = format!("could not start a base backup {what}: {e}");
             set_condition(
                 &mut status.conditions,
@@ -816,6 +857,44 @@ async fn track_backup(
     }
 }
 
+/// Where in the backup window this resource's runs fall: stable per
+/// resource (its UID), the window from spec.backupWindow or the operator's.
+/// Restore proofs on a shared schedule are spread the same way.
+pub(super) fn spread_for(ctx: &Context, cb: &ContinuousBackup) -> Spread {
+    Spread {
+        window: cb
+            .spec
+            .backup_window
+            .as_deref()
+            .and_then(|w| walden_contract::duration::parse(w).ok())
+            .unwrap_or(ctx.fleet.backup_window),
+        key: spread_key(cb.metadata.uid.as_deref().unwrap_or(&backup_key(cb))),
+        resumed: ctx.fleet.resumed,
+    }
+}
+
+/// How soon a backup held back by the cap tries again.
+const QUEUED: Duration = Duration::from_secs(20);
+
+/// The key of a ContinuousBackup's place in the backup cap.
+fn backup_key(cb: &ContinuousBackup) -> String {
+    format!("{}/{}", cb.namespace().unwrap_or_default(), cb.name_any())
+}
+
+/// Takes a place under the operator's cap on concurrent backups; when all
+/// are taken the backup waits (its slot stays unhandled, so it is not lost).
+fn take_backup_place(ctx: &Context, cb: &ContinuousBackup) -> bool {
+    if ctx.fleet.backups.try_start(&backup_key(cb)) {
+        return true;
+    }
+    info!(
+        running = ctx.fleet.backups.in_use(),
+        "concurrent-backup cap reached; the backup waits"
+    );
+    ctx.metrics.backups_queued.inc();
+    false
+}
+
 /// Starts a scheduled backup when due; returns the next due time.
 async fn schedule_backup(
     ctx: &Context,
@@ -863,6 +942,7 @@ async fn schedule_backup(
         .as_ref()
         .map(|b| b.start_time)
         .max(status.last_backup.as_ref().map(|b| b.start_time));
+    let spread = spread_for(ctx, cb);
     let d = decide(
         &schedule,
         cb.spec.missed_backup_policy,
@@ -870,6 +950,7 @@ async fn schedule_backup(
         last_backup_start,
         anchor,
         now,
+        &spread,
     );
     status.next_backup_time = d.next;
     let Some(slot) = d.slot else {
@@ -888,6 +969,9 @@ async fn schedule_backup(
         // Taken when the running one finishes.
         return d.next;
     }
+    if !take_backup_place(ctx, cb) {
+        return Some(now + chrono::Duration::from_std(QUEUED).unwrap_or_default());
+    }
     match ctx.daemon.start_backup(&primary.endpoint).await {
         Ok(StartBackup::Started(id)) | Ok(StartBackup::AlreadyRunning(id)) => {
             ctx.metrics.backups_started.inc();
@@ -903,6 +987,7 @@ async fn schedule_backup(
             ));
         }
         Err(e) => {
+            ctx.fleet.backups.finished(&backup_key(cb));
             let msg = format!("could not start the base backup scheduled for {slot}: {e}");
             set_condition(
                 &mut status.conditions,
@@ -923,6 +1008,7 @@ async fn schedule_backup(
 /// operator cannot reach storage, and retention is the engine's business.
 async fn cleanup(cb: Arc<ContinuousBackup>, ctx: &Context) -> Result<Action, Error> {
     let ns = namespace_of(cb.as_ref())?;
+    ctx.fleet.backups.finished(&backup_key(&cb));
     if let Some(pod) = super::restore_test::cancel(ctx, cb.as_ref()).await? {
         publish(
             ctx,
@@ -1845,6 +1931,105 @@ mod tests {
         );
     }
 
+    fn starts(daemon: &FakeDaemon) -> usize {
+        daemon
+            .calls()
+            .iter()
+            .filter(|(w, _)| w == "start_backup")
+            .count()
+    }
+
+    /// With every place under the concurrent-backup cap taken, a due backup
+    /// waits (its slot stays unhandled and it retries soon); once a place is
+    /// free it starts for the same slot.
+    #[tokio::test]
+    async fn the_backup_cap_holds_a_due_backup_until_a_place_is_free() {
+        let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(primary_status()));
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250502T030005Z".into()));
+        let now = time("2025-05-02T03:00:05Z");
+        let Ok(mut ctx) = Arc::try_unwrap(context(&api, daemon.clone(), now)) else {
+            panic!("a fresh context is not shared");
+        };
+        ctx.fleet = Arc::new(crate::fleet::Fleet {
+            backups: crate::fleet::BackupGate::new(1),
+            ..crate::fleet::Fleet::exact(now)
+        });
+        let ctx = Arc::new(ctx);
+        ctx.fleet.backups.running("other/cb");
+        let action = reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        assert_eq!(starts(&daemon), 0, "no place: not started");
+        assert_eq!(action, Action::requeue(QUEUED + Duration::from_secs(1)));
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.last_scheduled_time, None, "the slot is still due");
+        assert_eq!(ctx.metrics.backups_queued.get(), 1);
+
+        ctx.fleet.backups.finished("other/cb");
+        reconcile(stored_cb(&api), ctx.clone())
+            .await
+            .expect("reconcile");
+        assert_eq!(starts(&daemon), 1);
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(
+            status.last_scheduled_time,
+            Some(time("2025-05-02T03:00:00Z"))
+        );
+        assert!(
+            !ctx.fleet.backups.try_start("third/cb"),
+            "the place is held"
+        );
+    }
+
+    /// With a backup window, the scheduled backup waits for this resource's
+    /// offset (from its UID) and nextBackupTime says when it will start.
+    #[tokio::test]
+    async fn a_backup_window_moves_the_start_and_shows_it() {
+        let (api, daemon) = setup(
+            json!({"schedule": "0 3 * * *", "backupWindow": "1h"}),
+            Some(primary_status()),
+        );
+        *daemon.start.lock().expect("lock") = Some(StartBackup::Started("20250502T030005Z".into()));
+        let spread = crate::schedule::Spread {
+            window: chrono::Duration::hours(1),
+            key: spread_key("cb-uid"),
+            resumed: time("2025-05-01T00:00:00Z"),
+        };
+        let slot = time("2025-05-02T03:00:00Z");
+        let start = crate::schedule::decide(
+            &Schedule::parse("0 3 * * *").expect("schedule"),
+            crate::api::MissedBackupPolicy::RunOnce,
+            Some(time("2025-05-01T03:00:00Z")),
+            None,
+            time("2025-05-01T00:00:00Z"),
+            slot,
+            &spread,
+        )
+        .next
+        .expect("pending");
+        assert!(
+            start > slot + chrono::Duration::seconds(1),
+            "offset {start}"
+        );
+        let ctx = |now| {
+            let Ok(mut c) = Arc::try_unwrap(context(&api, daemon.clone(), now)) else {
+                panic!("a fresh context is not shared");
+            };
+            c.fleet = Arc::new(crate::fleet::Fleet::exact(time("2025-05-01T00:00:00Z")));
+            Arc::new(c)
+        };
+        reconcile(stored_cb(&api), ctx(slot + chrono::Duration::seconds(1)))
+            .await
+            .expect("reconcile");
+        assert_eq!(starts(&daemon), 0, "before its offset");
+        let status = stored_cb(&api).status.clone().expect("status");
+        assert_eq!(status.next_backup_time, Some(start));
+        reconcile(stored_cb(&api), ctx(start))
+            .await
+            .expect("reconcile");
+        assert_eq!(starts(&daemon), 1, "at its offset");
+    }
+
     #[tokio::test]
     async fn schedule_starts_a_backup_and_follows_it_to_success() {
         let (api, daemon) = setup(json!({"schedule": "0 3 * * *"}), Some(primary_status()));
@@ -2284,7 +2469,7 @@ mod tests {
     #[tokio::test]
     async fn api_errors_end_in_a_condition_and_an_event() {
         let (api, daemon) = setup(json!({}), Some(primary_status()));
-        api.break_get(STS_PATH);
+        api.deny_get(STS_PATH);
         let ctx = context(&api, daemon, time("2025-05-01T10:05:00Z"));
         let err = reconcile(stored_cb(&api), ctx)
             .await
@@ -2295,10 +2480,76 @@ mod tests {
             (status.as_str(), reason.as_str()),
             ("False", "KubernetesApiError")
         );
-        assert!(message.contains("etcd is on fire"), "{message}");
+        assert!(message.contains("forbidden"), "{message}");
         assert!(api
             .event_reasons()
             .contains(&"KubernetesApiError".to_string()));
+    }
+
+    /// The same context (failure streaks, backup places) at another time.
+    fn later(
+        ctx: &Arc<Context>,
+        api: &FakeApi,
+        daemon: Arc<FakeDaemon>,
+        now: &str,
+    ) -> Arc<Context> {
+        let Ok(mut next) = Arc::try_unwrap(context(api, daemon, time(now))) else {
+            panic!("a fresh context is not shared");
+        };
+        next.fleet = ctx.fleet.clone();
+        Arc::new(next)
+    }
+
+    /// A restart's connection storm or a burst of 5xx/429 answers is retried
+    /// with growing backoff and writes nothing into status or Events; only
+    /// a failure that persists is reported, and success forgets the streak.
+    #[tokio::test]
+    async fn transient_errors_write_no_status_until_they_persist() {
+        let (api, daemon) = setup(json!({}), Some(primary_status()));
+        api.break_get(STS_PATH);
+        let first = context(&api, daemon.clone(), time("2025-05-01T10:05:00Z"));
+        let mut last = first.clone();
+        for (at, backoff_secs) in [("2025-05-01T10:05:00Z", 5), ("2025-05-01T10:05:30Z", 10)] {
+            let ctx = later(&first, &api, daemon.clone(), at);
+            let err = reconcile(stored_cb(&api), ctx.clone())
+                .await
+                .expect_err("GET fails");
+            assert!(err.transient(), "{err}");
+            assert_eq!(
+                backoff(stored_cb(&api), &err, ctx.clone()),
+                Action::requeue(Duration::from_secs(backoff_secs)),
+                "{at}"
+            );
+            last = ctx;
+        }
+        assert!(api.writes().is_empty(), "{:?}", api.writes());
+        assert!(api.event_reasons().is_empty());
+        // Each context has its own metrics: the last one saw one quiet retry.
+        assert_eq!(last.metrics.transient_errors.get(), 1);
+
+        let persisting = later(&first, &api, daemon.clone(), "2025-05-01T10:07:30Z");
+        reconcile(stored_cb(&api), persisting)
+            .await
+            .expect_err("still failing");
+        let (status, reason, _) = condition(&stored_cb(&api), "Ready");
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "KubernetesApiError")
+        );
+        assert!(api
+            .event_reasons()
+            .contains(&"KubernetesApiError".to_string()));
+
+        api.heal_get(STS_PATH);
+        let healed = later(&first, &api, daemon, "2025-05-01T10:08:00Z");
+        reconcile(stored_cb(&api), healed.clone())
+            .await
+            .expect("healed");
+        assert!(healed
+            .fleet
+            .failures
+            .current("ContinuousBackup/db/pg-backup")
+            .is_none());
     }
 
     #[tokio::test]

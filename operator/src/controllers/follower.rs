@@ -4,9 +4,9 @@
 
 use super::instance;
 use super::{
-    apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish, report_error,
-    report_invalid, resolve_source, set_condition, ConditionType, Context, Error, PendingEvent,
-    Status,
+    apply_status, backoff, conclude, controller_config, ensure_token, kube_err, namespace_of,
+    owner_reference, publish, report_invalid, resolve_source, set_condition, ConditionType,
+    Context, Error, PendingEvent, Status,
 };
 use crate::api::{Follower, FollowerStatus, ReplicaStatus};
 use crate::daemon_client::{Endpoint, Promotion, Role};
@@ -34,7 +34,8 @@ pub async fn run(
     Controller::new(followers, watcher::Config::default())
         .owns(Api::<StatefulSet>::all(ctx.client.clone()), owned)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |_, _, _| Action::requeue(POLL), ctx)
+        .with_config(controller_config(&ctx))
+        .run(reconcile, backoff, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(controller = CONTROLLER, error = %e, "reconcile failed");
@@ -47,11 +48,15 @@ pub async fn run(
 pub async fn reconcile(f: Arc<Follower>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = apply(&f, &ctx).await;
-    if let Err(err) = &result {
-        report_error(&ctx, f.as_ref(), f.status.as_ref(), err).await;
-    }
-    let error = result.as_ref().err().map(Error::reason);
-    ctx.metrics.reconciled(CONTROLLER, error, started.elapsed());
+    conclude(
+        &ctx,
+        CONTROLLER,
+        f.as_ref(),
+        f.status.as_ref(),
+        &result,
+        started,
+    )
+    .await;
     result
 }
 
@@ -278,7 +283,7 @@ async fn apply(f: &Follower, ctx: &Context) -> Result<Action, Error> {
 
     apply_status(&api, f, f.status.as_ref(), &status).await?;
     publish(ctx, f, &events).await;
-    Ok(Action::requeue(POLL))
+    Ok(ctx.fleet.requeue(POLL))
 }
 
 /// Where the checked replicas get their WAL from (pure).

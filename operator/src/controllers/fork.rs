@@ -4,9 +4,9 @@
 
 use super::instance::{self, source_gone};
 use super::{
-    apply_status, ensure_token, kube_err, namespace_of, owner_reference, publish, report_error,
-    report_invalid, resolve_source, set_condition, ConditionType, Context, Error, PendingEvent,
-    Status,
+    apply_status, backoff, conclude, controller_config, ensure_token, kube_err, namespace_of,
+    owner_reference, publish, report_invalid, resolve_source, set_condition, ConditionType,
+    Context, Error, PendingEvent, Status,
 };
 use crate::api::{Fork, ForkPhase, RecoveryTarget};
 use crate::daemon_client::{DaemonStatus, Endpoint, Role};
@@ -36,7 +36,8 @@ pub async fn run(
     Controller::new(forks, watcher::Config::default())
         .owns(Api::<StatefulSet>::all(ctx.client.clone()), owned)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |_, _, _| Action::requeue(POLL), ctx)
+        .with_config(controller_config(&ctx))
+        .run(reconcile, backoff, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(controller = CONTROLLER, error = %e, "reconcile failed");
@@ -234,11 +235,15 @@ pub fn observe_phase(
 pub async fn reconcile(fork: Arc<Fork>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = apply(&fork, &ctx).await;
-    if let Err(err) = &result {
-        report_error(&ctx, fork.as_ref(), fork.status.as_ref(), err).await;
-    }
-    let error = result.as_ref().err().map(Error::reason);
-    ctx.metrics.reconciled(CONTROLLER, error, started.elapsed());
+    conclude(
+        &ctx,
+        CONTROLLER,
+        fork.as_ref(),
+        fork.status.as_ref(),
+        &result,
+        started,
+    )
+    .await;
     result
 }
 
@@ -281,7 +286,7 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             // no longer needs its source (its objects are left as they are).
             Err(msg) if old_phase == Some(ForkPhase::Ready) => {
                 source_gone(&mut status.conditions, &msg, generation, now, &mut events);
-                break 'outcome Action::requeue(SETTLED);
+                break 'outcome ctx.fleet.requeue(SETTLED);
             }
             Err(msg) => {
                 status.phase = ForkPhase::Pending;
@@ -296,7 +301,7 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
                 ) {
                     events.push(PendingEvent::warning("SourceNotFound", "Resolve", msg));
                 }
-                break 'outcome Action::requeue(POLL);
+                break 'outcome ctx.fleet.requeue(POLL);
             }
         };
         let existing = sts_api
@@ -427,9 +432,9 @@ async fn apply(fork: &Fork, ctx: &Context) -> Result<Action, Error> {
             });
         }
         if phase == ForkPhase::Ready {
-            Action::requeue(SETTLED)
+            ctx.fleet.requeue(SETTLED)
         } else {
-            Action::requeue(POLL)
+            ctx.fleet.requeue(POLL)
         }
     };
 

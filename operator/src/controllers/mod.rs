@@ -45,6 +45,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Token Secrets as last read, so a rotation's old token stays known.
     pub tokens: Arc<TokenMemory>,
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 impl Context {
@@ -96,6 +97,26 @@ impl Error {
                 }
                 _ => "FinalizerFailed",
             },
+        }
+    }
+}
+
+impl Error {
+    /// A passing failure of the Kubernetes client (throttling, a failed
+    /// connection, an apiserver restart): retried quietly until it persists.
+    pub fn transient(&self) -> bool {
+        match self {
+            Error::Kube { source, .. } => crate::fleet::transient_kube(source),
+            Error::Finalizer(e) => match e.as_ref() {
+                FinalizerError::ApplyFailed(inner) | FinalizerError::CleanupFailed(inner) => {
+                    inner.transient()
+                }
+                FinalizerError::AddFinalizer(k) | FinalizerError::RemoveFinalizer(k) => {
+                    crate::fleet::transient_kube(k)
+                }
+                _ => false,
+            },
+            _ => false,
         }
     }
 }
@@ -342,6 +363,71 @@ where
         )],
     )
     .await;
+}
+
+/// The key of an object's failure streak.
+fn streak_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Ends a reconcile: a success forgets the object's failure streak; a
+/// failure extends it and goes into status and Events when it is real, or
+/// when a transient one has persisted (so a restart's connection storm or a
+/// burst of 429s writes nothing to thousands of objects).
+pub async fn conclude<K, S>(
+    ctx: &Context,
+    controller: &'static str,
+    obj: &K,
+    current: Option<&S>,
+    result: &Result<kube::runtime::controller::Action, Error>,
+    started: std::time::Instant,
+) where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+    S: WithConditions + Default + Clone + Serialize + PartialEq,
+{
+    let key = streak_key(obj);
+    match result {
+        Ok(_) => ctx.fleet.failures.succeeded(&key),
+        Err(err) => {
+            let streak = ctx.fleet.failures.failed(&key, ctx.now());
+            if streak.report(err.transient(), ctx.now()) {
+                report_error(ctx, obj, current, err).await;
+            } else {
+                tracing::info!(error = %err, failures = streak.count, "transient failure; retrying");
+                ctx.metrics.transient_errors.inc();
+            }
+        }
+    }
+    let error = result.as_ref().err().map(Error::reason);
+    ctx.metrics.reconciled(controller, error, started.elapsed());
+}
+
+/// Every controller's error policy: retry with exponential backoff and
+/// jitter along the object's failure streak.
+pub fn backoff<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    _err: &Error,
+    ctx: Arc<Context>,
+) -> kube::runtime::controller::Action {
+    let streak = ctx.fleet.failures.current(&streak_key(obj.as_ref()));
+    let wait = streak.map_or(crate::fleet::BACKOFF_FIRST, |s| s.backoff());
+    ctx.fleet.requeue(wait)
+}
+
+/// The controllers' shared runtime settings: how many reconciles run at
+/// once per controller (bounded, so a restart with thousands of objects
+/// does not open thousands of connections).
+pub fn controller_config(ctx: &Context) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(ctx.fleet.concurrency)
 }
 
 /// Patches the status subresource when it differs from the current one.

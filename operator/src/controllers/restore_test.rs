@@ -186,6 +186,7 @@ async fn start_if_due(
         status.last_restore_test.as_ref().map(|l| l.started_at),
         anchor,
         now,
+        &super::continuous_backup::spread_for(ctx, cb),
     );
     status.next_restore_test_time = d.next;
     let Some(slot) = d.slot else {

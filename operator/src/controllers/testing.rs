@@ -39,8 +39,8 @@ struct State {
     requests: Vec<Recorded>,
     /// Paths whose next apply answers 409 unless forced.
     conflicts: HashMap<String, String>,
-    /// Paths that answer 500 on GET.
-    broken: Vec<String>,
+    /// Paths whose GET fails, with the status code it answers.
+    broken: HashMap<String, u16>,
 }
 
 /// An in-memory Kubernetes API: GET/list, create, server-side apply (merge
@@ -151,8 +151,18 @@ impl FakeApi {
             .insert(path.to_string(), manager.to_string());
     }
 
+    /// GET of `path` answers 500 (a transient apiserver failure).
     pub fn break_get(&self, path: &str) {
-        lock(&self.state).broken.push(path.to_string());
+        lock(&self.state).broken.insert(path.to_string(), 500);
+    }
+
+    /// GET of `path` answers 403 (RBAC missing: a real error).
+    pub fn deny_get(&self, path: &str) {
+        lock(&self.state).broken.insert(path.to_string(), 403);
+    }
+
+    pub fn heal_get(&self, path: &str) {
+        lock(&self.state).broken.remove(path);
     }
 
     fn handle(&self, r: &Recorded) -> (StatusCode, Value) {
@@ -164,11 +174,20 @@ impl FakeApi {
         };
         match r.method.as_str() {
             "GET" => {
-                if st.broken.contains(&path) {
-                    return (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        status_error(500, "InternalError", "etcd is on fire"),
-                    );
+                match st.broken.get(&path) {
+                    Some(403) => {
+                        return (
+                            StatusCode::FORBIDDEN,
+                            status_error(403, "Forbidden", "statefulsets is forbidden for walden"),
+                        )
+                    }
+                    Some(_) => {
+                        return (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            status_error(500, "InternalError", "etcd is on fire"),
+                        )
+                    }
+                    None => {}
                 }
                 if let Some(o) = st.objects.get(&path) {
                     return (StatusCode::OK, o.clone());
@@ -429,6 +448,7 @@ pub fn context_with_image(
         clock: Arc::new(move || now),
         metrics: Arc::new(Metrics::default()),
         tokens: Arc::default(),
+        fleet: Arc::new(crate::fleet::Fleet::exact(now)),
     })
 }
 
